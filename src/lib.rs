@@ -1,0 +1,5 @@
+//! rudolph: a Rust implementation of RuDOLPH, the hyper-modal transformer that reads and writes
+//! one sequence `[left text | image tokens | right text]`.
+
+pub mod cli;
+pub mod config;
