@@ -8,9 +8,15 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config {path} is not a valid RuDOLPH config.json: {source}")]
-    Json { path: String, source: serde_json::Error },
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("unknown preset '{0}' (known: {known})", known = Config::PRESET_NAMES.join(", "))]
     UnknownPreset(String),
     #[error("inconsistent config: {0}")]
@@ -174,7 +180,7 @@ impl Config {
                 return fail(format!("{name} must be positive"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return fail(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -280,7 +286,10 @@ mod tests {
             let c = Config::preset(name).unwrap();
             assert_eq!(c.total_vocab(), width, "{name}");
             assert_eq!(c.total_seq_length(), seq, "{name}");
-            assert_eq!(c.matching_preset().map(|p| Config::preset(p).unwrap()), Some(c));
+            assert_eq!(
+                c.matching_preset().map(|p| Config::preset(p).unwrap()),
+                Some(c)
+            );
         }
     }
 

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "rudolph", version, about = "RuDOLPH, the hyper-modal transformer, in Rust")]
+#[command(
+    name = "rudolph",
+    version,
+    about = "RuDOLPH, the hyper-modal transformer, in Rust"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -1,0 +1,88 @@
+//! Self-attention with CogView's PB-relax and the original's additive −10000 masking.
+
+use crate::config::Config;
+use candle_core::{D, Result, Tensor};
+use candle_nn::{Linear, Module, VarBuilder, linear};
+
+/// PB-relax divides the scores by this before subtracting their maximum, then multiplies back.
+const PB_RELAX_ALPHA: f64 = 32.0;
+/// Masked scores become exactly −10000, not −inf: a fully masked row then attends uniformly to
+/// every key of the call (future ones included) instead of producing NaN, as the original does.
+pub const MASK_VALUE: f64 = 10000.0;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    query_key_value: Linear,
+    dense: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+/// A layer's effective mask for one call, pre-split into the two terms of `s·m − 10000·(1−m)`.
+#[derive(Debug, Clone)]
+pub struct AdditiveMask {
+    /// `[B, 1, Sq, Sk]` 0/1.
+    pub keep: Tensor,
+    /// `[B, 1, Sq, Sk]` 0 or 10000.
+    pub penalty: Tensor,
+}
+
+impl AdditiveMask {
+    pub fn new(keep: Tensor) -> Result<Self> {
+        let penalty = keep.affine(-MASK_VALUE, MASK_VALUE)?;
+        Ok(Self { keep, penalty })
+    }
+}
+
+impl Attention {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            query_key_value: linear(h, 3 * h, vb.pp("query_key_value"))?,
+            dense: linear(h, h, vb.pp("dense"))?,
+            num_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// `x`: `[B, Sq, H]` (the new rows). `past`: keys/values of the earlier rows, to which the
+    /// new ones are appended by the caller-provided `append`. Returns `[B, Sq, H]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: &AdditiveMask,
+        append: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, sq, h) = x.dims3()?;
+        let qkv = self.query_key_value.forward(x)?;
+        // [B, Sq, H] → [B, nh, Sq, hd]; q, k, v are contiguous thirds of the projection.
+        let heads = |i: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, i * h, h)?
+                .reshape((b, sq, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        // PB-relax scales q before the product rather than the scores after it.
+        let q = (heads(0)? / (self.head_dim as f64).sqrt())?;
+        let (k, v) = append(&heads(1)?, &heads(2)?)?;
+        let scores = q.matmul(&k.t()?)?; // [B, nh, Sq, Sk]
+        let scores = scores
+            .broadcast_mul(&mask.keep)?
+            .broadcast_sub(&mask.penalty)?;
+        // Subtracting the per-(sample, head) maximum over the whole matrix changes nothing
+        // mathematically; it is done as the original does so rounding stays alike.
+        let t = scores.affine(1.0 / PB_RELAX_ALPHA, 0.0)?;
+        let max = t
+            .detach()
+            .flatten_from(2)?
+            .max_keepdim(D::Minus1)?
+            .unsqueeze(D::Minus1)?;
+        let scores = t.broadcast_sub(&max)?.affine(PB_RELAX_ALPHA, 0.0)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = probs
+            .matmul(&v.contiguous()?)? // [B, nh, Sq, hd]
+            .transpose(1, 2)?
+            .reshape((b, sq, h))?;
+        self.dense.forward(&context)
+    }
+}

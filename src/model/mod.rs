@@ -1,0 +1,284 @@
+//! The RuDOLPH transformer: embeddings → decoder blocks with per-layer sparse masks → final
+//! LayerNorm → head (LayerNorm → Linear) over `[text classes | image classes]`.
+//!
+//! Tensor names are the original state-dict names (`transformer.layers.3.mlp.dense_h_to_4h.weight`
+//! …), so a `VarBuilder` over an original checkpoint builds the model directly.
+
+pub mod attention;
+pub mod cache;
+pub mod embeddings;
+pub mod layer;
+pub mod loss;
+pub mod masks;
+
+pub use cache::KvCache;
+pub use loss::{Labels, Loss, LossWeights};
+pub use masks::{LayerMaskKind, LayerMasks, MaskVariant};
+
+use crate::config::Config;
+use attention::AdditiveMask;
+use candle_core::{DType, Device, Result, Tensor, bail};
+use candle_nn::{LayerNorm, Linear, Module, VarBuilder, layer_norm, linear};
+use embeddings::Embeddings;
+use layer::{LAYER_NORM_EPS, Layer};
+
+#[derive(Debug, Clone)]
+pub struct Rudolph {
+    cfg: Config,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    final_layernorm: LayerNorm,
+    head_layernorm: LayerNorm,
+    head: Linear,
+    masks: LayerMasks,
+}
+
+/// What a forward pass can hand back besides the logits.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// `[B, S, V + Vi]`.
+    pub logits: Tensor,
+    /// Input of the first layer, `[B, S, H]` (only when hidden states were asked for).
+    pub embeddings: Option<Tensor>,
+    /// Output of every layer before the final LayerNorm, each `[B, S, H]`.
+    pub hidden_states: Vec<Tensor>,
+    /// Transformer output after the final LayerNorm, `[B, S, H]` (only when asked for).
+    pub final_hidden: Option<Tensor>,
+}
+
+impl Rudolph {
+    /// Builds the model from tensors named as in the original state dict. The layer masks are
+    /// passed separately because checkpoints carry their own (see [`Rudolph::masks_from`]).
+    pub fn new(cfg: &Config, vb: VarBuilder, masks: LayerMasks) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::wrap)?;
+        let h = cfg.hidden_size;
+        let tvb = vb.pp("transformer");
+        let layers = (0..cfg.num_layers)
+            .map(|i| Layer::new(cfg, tvb.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embeddings: Embeddings::new(cfg, vb.clone())?,
+            layers,
+            final_layernorm: layer_norm(h, LAYER_NORM_EPS, tvb.pp("final_layernorm"))?,
+            head_layernorm: layer_norm(h, LAYER_NORM_EPS, vb.pp("to_logits.0"))?,
+            head: linear(h, cfg.total_vocab(), vb.pp("to_logits.1"))?,
+            masks,
+        })
+    }
+
+    /// Reads the four `transformer.*_mask` buffers (stored as bool or as 0/1 floats).
+    pub fn masks_from(cfg: &Config, vb: &VarBuilder) -> Result<LayerMasks> {
+        let t = cfg.total_seq_length();
+        let get = |kind: LayerMaskKind| -> Result<Tensor> {
+            let m = vb.get_with_hints_dtype(
+                (t, t),
+                &format!("transformer.{}", kind.buffer_name()),
+                Default::default(),
+                DType::F32,
+            )?;
+            m.ne(0f32)?.to_dtype(DType::F32)
+        };
+        Ok(LayerMasks::new([
+            get(LayerMaskKind::Row)?,
+            get(LayerMaskKind::Col)?,
+            get(LayerMaskKind::Conv)?,
+            get(LayerMaskKind::LastConv)?,
+        ]))
+    }
+
+    /// Every tensor of the original state dict with its shape, in the original order
+    /// (parameters, then the four mask buffers among them as the original registers them).
+    pub fn tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+        let (h, t) = (cfg.hidden_size, cfg.total_seq_length());
+        let d = cfg.image_tokens_per_dim;
+        let mut out: Vec<(String, Vec<usize>)> = vec![
+            ("text_embeddings.weight".into(), vec![cfg.text_vocab(), h]),
+            ("image_embeddings.weight".into(), vec![cfg.image_vocab(), h]),
+            (
+                "l_text_pos_embeddings.weight".into(),
+                vec![cfg.l_text_seq_length + 1, h],
+            ),
+            (
+                "r_text_pos_embeddings.weight".into(),
+                vec![cfg.r_text_seq_length + 1, h],
+            ),
+            ("image_row_embeddings.weight".into(), vec![d, h]),
+            ("image_col_embeddings.weight".into(), vec![d, h]),
+            ("to_logits.0.weight".into(), vec![h]),
+            ("to_logits.0.bias".into(), vec![h]),
+            ("to_logits.1.weight".into(), vec![cfg.total_vocab(), h]),
+            ("to_logits.1.bias".into(), vec![cfg.total_vocab()]),
+        ];
+        for kind in LayerMaskKind::ALL {
+            out.push((format!("transformer.{}", kind.buffer_name()), vec![t, t]));
+        }
+        for i in 0..cfg.num_layers {
+            let p = format!("transformer.layers.{i}");
+            let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+            for ln in ["input_layernorm", "before_first_addition_layernorm"] {
+                add(&format!("{ln}.weight"), vec![h]);
+                add(&format!("{ln}.bias"), vec![h]);
+            }
+            add("attention.query_key_value.weight", vec![3 * h, h]);
+            add("attention.query_key_value.bias", vec![3 * h]);
+            add("attention.dense.weight", vec![h, h]);
+            add("attention.dense.bias", vec![h]);
+            for ln in [
+                "post_attention_layernorm",
+                "before_second_addition_layernorm",
+            ] {
+                add(&format!("{ln}.weight"), vec![h]);
+                add(&format!("{ln}.bias"), vec![h]);
+            }
+            add("mlp.dense_h_to_4h.weight", vec![4 * h, h]);
+            add("mlp.dense_h_to_4h.bias", vec![4 * h]);
+            add("mlp.dense_4h_to_h.weight", vec![h, 4 * h]);
+            add("mlp.dense_4h_to_h.bias", vec![h]);
+        }
+        out.push(("transformer.final_layernorm.weight".into(), vec![h]));
+        out.push(("transformer.final_layernorm.bias".into(), vec![h]));
+        out
+    }
+
+    /// Number of parameters (mask buffers excluded).
+    pub fn parameter_count(cfg: &Config) -> usize {
+        Self::tensor_shapes(cfg)
+            .iter()
+            .filter(|(name, _)| !name.ends_with("_mask"))
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn masks(&self) -> &LayerMasks {
+        &self.masks
+    }
+
+    pub fn device(&self) -> &Device {
+        self.masks.get(LayerMaskKind::Row).device()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.cfg)
+    }
+
+    /// Logits `[B, S, V + Vi]` for `input_ids` `[B, S]` (u32) under a pipeline mask
+    /// `[B, 1, ≥S, ≥S]` of 0/1 floats.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        Ok(self.run(input_ids, attention_mask, None, false)?.logits)
+    }
+
+    /// As [`Rudolph::forward`], also returning the embeddings and every layer's output.
+    pub fn forward_with_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Forward> {
+        self.run(input_ids, attention_mask, None, true)
+    }
+
+    /// Processes only `new_ids` `[B, s]`, the positions `cache.len()..cache.len() + s`, and
+    /// returns their logits `[B, s, V + Vi]`. Earlier positions come from the cache, so the result
+    /// equals the rows of a full forward over the whole prefix.
+    pub fn forward_cached(
+        &self,
+        new_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        Ok(self
+            .run(new_ids, attention_mask, Some(cache), false)?
+            .logits)
+    }
+
+    /// The three-part training loss of full sequences `[B, T]`.
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        weights: LossWeights,
+        labels: Labels,
+    ) -> Result<Loss> {
+        let input_ids = &input_ids.to_dtype(DType::U32)?;
+        let logits = self.forward(input_ids, attention_mask)?;
+        let l = self.cfg.l_text_seq_length;
+        let left = self
+            .embeddings
+            .replace_left_pads(&input_ids.narrow(1, 0, l)?, 0)?;
+        let rest = input_ids.narrow(1, l, input_ids.dim(1)? - l)?;
+        let labels_source = Tensor::cat(&[left, rest], 1)?;
+        loss::rudolph_loss(&self.cfg, &logits, &labels_source, weights, labels)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        keep_hidden: bool,
+    ) -> Result<Forward> {
+        let ids = ids.to_dtype(DType::U32)?;
+        let (b, s) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let end = start + s;
+        let mask_dims = attention_mask.dims();
+        if mask_dims.len() != 4
+            || mask_dims[1] != 1
+            || (mask_dims[0] != b && mask_dims[0] != 1)
+            || mask_dims[2] < end
+            || mask_dims[3] < end
+        {
+            bail!(
+                "attention mask has shape {mask_dims:?}, expected [{b} (or 1), 1, ≥{end}, ≥{end}]"
+            );
+        }
+        let pipeline = attention_mask
+            .narrow(2, start, s)?
+            .narrow(3, 0, end)?
+            .to_dtype(DType::F32)?;
+        // One effective mask per kind used; layers of the same kind share it.
+        let mut effective: [Option<AdditiveMask>; 4] = Default::default();
+        for i in 0..self.cfg.num_layers {
+            let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers);
+            if effective[kind as usize].is_none() {
+                let layer = self
+                    .masks
+                    .get(kind)
+                    .narrow(0, start, s)?
+                    .narrow(1, 0, end)?;
+                let keep = pipeline.broadcast_mul(&layer.unsqueeze(0)?.unsqueeze(0)?)?;
+                effective[kind as usize] = Some(AdditiveMask::new(keep)?);
+            }
+        }
+
+        let mut h = self.embeddings.forward(&ids, start)?;
+        let embeddings = keep_hidden.then(|| h.clone());
+        let mut hidden_states = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers);
+            let mask = effective[kind as usize].as_ref().expect("built above");
+            h = match cache.as_deref_mut() {
+                Some(c) => layer.forward(&h, mask, |k, v| c.append(i, k, v))?,
+                None => layer.forward(&h, mask, |k, v| Ok((k.clone(), v.clone())))?,
+            };
+            if keep_hidden {
+                hidden_states.push(h.clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.advance(s);
+        }
+        let h = self.final_layernorm.forward(&h)?;
+        let logits = self.head.forward(&self.head_layernorm.forward(&h)?)?;
+        Ok(Forward {
+            logits,
+            embeddings,
+            hidden_states,
+            final_hidden: keep_hidden.then_some(h),
+        })
+    }
+}

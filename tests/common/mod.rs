@@ -1,0 +1,110 @@
+//! Shared helpers of the integration tests: where the fixtures are, reading goldens, comparing.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// The golden fixture folder: `$RUDOLPH_FIXTURES`, else `../shared/fixtures`. A missing folder
+/// fails the test: parity that was not checked must not look green.
+pub fn fixtures() -> PathBuf {
+    let dir = match std::env::var_os("RUDOLPH_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "fixture folder {} is missing or incomplete (set RUDOLPH_FIXTURES to the golden fixtures)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = fixtures().join(rel);
+    assert!(p.exists(), "fixture {} is missing", p.display());
+    p
+}
+
+pub fn json(rel: &str) -> serde_json::Value {
+    let p = fixture(rel);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+pub fn goldens(rel: &str) -> HashMap<String, Tensor> {
+    let p = fixture(rel);
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+pub fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
+    map.get(key)
+        .unwrap_or_else(|| panic!("golden tensor '{key}' is missing"))
+}
+
+/// Asserts `|got − want| ≤ atol + rtol·|want|` everywhere, reporting the worst element.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g: Vec<f64> = flat_f64(got);
+    let w: Vec<f64> = flat_f64(want);
+    let mut worst = (0.0f64, 0usize);
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        let excess = (a - b).abs() - (atol + rtol * b.abs());
+        if excess > worst.0 || a.is_nan() != b.is_nan() {
+            worst = (excess.max(f64::MIN_POSITIVE), i);
+        }
+    }
+    assert!(
+        worst.0 <= 0.0,
+        "{what}: element {} differs: got {}, want {} (rtol {rtol}, atol {atol})",
+        worst.1,
+        g[worst.1],
+        w[worst.1]
+    );
+}
+
+pub fn flat_f64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+pub fn flat_u32(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| u32::try_from(v).unwrap())
+        .collect()
+}
+
+pub fn tiny_config() -> rudolph::config::Config {
+    rudolph::config::Config::from_json_file(&fixture("rudolph_tiny/config.json")).unwrap()
+}
+
+/// The tiny fixture model, read from its safetensors file.
+pub fn tiny_model() -> rudolph::model::Rudolph {
+    let cfg = tiny_config();
+    let path = fixture("rudolph_tiny/model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut map = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = if view.dtype() == safetensors::Dtype::BOOL {
+            Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), &Device::Cpu).unwrap()
+        } else {
+            candle_core::safetensors::Load::load(&view, &Device::Cpu).unwrap()
+        };
+        map.insert(name, t.to_dtype(DType::F32).unwrap());
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+    let masks = rudolph::model::Rudolph::masks_from(&cfg, &vb).unwrap();
+    rudolph::model::Rudolph::new(&cfg, vb, masks).unwrap()
+}
