@@ -4,4 +4,6 @@
 pub mod cli;
 pub mod config;
 pub mod model;
+pub mod pipelines;
+pub mod progress;
 pub mod sampling;

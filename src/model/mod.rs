@@ -195,6 +195,20 @@ impl Rudolph {
             .logits)
     }
 
+    /// As [`Rudolph::forward_cached`] but returns only the last position's logits `[B, V + Vi]`,
+    /// skipping the head for the others (what sampling needs).
+    pub fn forward_cached_last(
+        &self,
+        new_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let s = new_ids.dim(1)?;
+        let h = self.run_hidden(new_ids, attention_mask, Some(cache), false)?;
+        let last = h.final_hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
+        self.head.forward(&self.head_layernorm.forward(&last)?)
+    }
+
     /// The three-part training loss of full sequences `[B, T]`.
     pub fn loss(
         &self,
@@ -218,9 +232,29 @@ impl Rudolph {
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         keep_hidden: bool,
     ) -> Result<Forward> {
+        let h = self.run_hidden(ids, attention_mask, cache, keep_hidden)?;
+        let logits = self
+            .head
+            .forward(&self.head_layernorm.forward(&h.final_hidden)?)?;
+        Ok(Forward {
+            logits,
+            embeddings: h.embeddings,
+            hidden_states: h.hidden_states,
+            final_hidden: keep_hidden.then_some(h.final_hidden),
+        })
+    }
+
+    /// Everything up to the transformer output (after the final LayerNorm).
+    fn run_hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        keep_hidden: bool,
+    ) -> Result<Hidden> {
         let ids = ids.to_dtype(DType::U32)?;
         let (b, s) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len());
@@ -272,13 +306,16 @@ impl Rudolph {
         if let Some(c) = cache {
             c.advance(s);
         }
-        let h = self.final_layernorm.forward(&h)?;
-        let logits = self.head.forward(&self.head_layernorm.forward(&h)?)?;
-        Ok(Forward {
-            logits,
+        Ok(Hidden {
             embeddings,
             hidden_states,
-            final_hidden: keep_hidden.then_some(h),
+            final_hidden: self.final_layernorm.forward(&h)?,
         })
     }
+}
+
+struct Hidden {
+    embeddings: Option<Tensor>,
+    hidden_states: Vec<Tensor>,
+    final_hidden: Tensor,
 }

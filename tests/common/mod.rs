@@ -91,6 +91,11 @@ pub fn tiny_config() -> rudolph::config::Config {
 
 /// The tiny fixture model, read from its safetensors file.
 pub fn tiny_model() -> rudolph::model::Rudolph {
+    tiny_model_with_bias(&serde_json::Value::Null)
+}
+
+/// The tiny model with a golden's `logit_bias` (`{token_id: delta}`) added to the head bias.
+pub fn tiny_model_with_bias(logit_bias: &serde_json::Value) -> rudolph::model::Rudolph {
     let cfg = tiny_config();
     let path = fixture("rudolph_tiny/model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
@@ -103,6 +108,14 @@ pub fn tiny_model() -> rudolph::model::Rudolph {
             candle_core::safetensors::Load::load(&view, &Device::Cpu).unwrap()
         };
         map.insert(name, t.to_dtype(DType::F32).unwrap());
+    }
+    if let Some(bias) = logit_bias.as_object() {
+        let head = map.get_mut("to_logits.1.bias").unwrap();
+        let mut values = head.to_vec1::<f32>().unwrap();
+        for (id, delta) in bias {
+            values[id.parse::<usize>().unwrap()] += delta.as_f64().unwrap() as f32;
+        }
+        *head = Tensor::new(values, &Device::Cpu).unwrap();
     }
     let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     let masks = rudolph::model::Rudolph::masks_from(&cfg, &vb).unwrap();

@@ -1,0 +1,77 @@
+//! The autoregressive loop every generator shares: items are produced in chunks of `batch`,
+//! each chunk with a fresh KV cache; each step either appends a forced token (image prompts,
+//! without a model call, as the original does) or samples one from a slice of the logits.
+
+use crate::model::Rudolph;
+use crate::progress::Progress;
+use crate::sampling::{Sampler, SamplingParams};
+use candle_core::{DType, Result, Tensor};
+use std::ops::Range;
+
+/// What to generate after a shared prefix.
+pub struct Plan<'a> {
+    /// Tokens every item starts from (absolute positions `0..prefix.len()`).
+    pub prefix: &'a [u32],
+    /// Per step: a forced token, or `None` to sample.
+    pub steps: Vec<Option<u32>>,
+    /// Columns of the logits to sample from; the sampled index is relative to `classes.start`.
+    pub classes: Range<usize>,
+    /// Applied to each sampled id before it is appended (special-id replacement).
+    pub post: &'a dyn Fn(u32) -> u32,
+    /// Pipeline mask `[1 or B, 1, T, T]`.
+    pub mask: &'a Tensor,
+}
+
+/// Generates `count` items and returns each item's generated tokens (`plan.steps.len()` each).
+/// Item `i` draws from stream `(seed, i)`, so results do not depend on `batch`.
+pub fn generate(
+    model: &Rudolph,
+    plan: &Plan,
+    count: usize,
+    batch: usize,
+    params: &SamplingParams,
+    seed: u64,
+    progress: &Progress,
+) -> Result<Vec<Vec<u32>>> {
+    params.validate().map_err(candle_core::Error::msg)?;
+    if batch == 0 {
+        candle_core::bail!("batch size must be at least 1");
+    }
+    let device = model.device();
+    let mut results = Vec::with_capacity(count);
+    for chunk_start in (0..count).step_by(batch) {
+        let rows = batch.min(count - chunk_start);
+        let mut samplers: Vec<Sampler> = (chunk_start..chunk_start + rows)
+            .map(|i| Sampler::new(seed, i as u64))
+            .collect();
+        let mut generated = vec![Vec::with_capacity(plan.steps.len()); rows];
+        let mut cache = model.new_cache();
+        // Tokens appended since the last model call, the same for every row until sampling.
+        let mut pending: Vec<Vec<u32>> = vec![plan.prefix.to_vec(); rows];
+        for step in &plan.steps {
+            if let Some(token) = step {
+                for (row, p) in generated.iter_mut().zip(&mut pending) {
+                    row.push(*token);
+                    p.push(*token);
+                }
+                continue;
+            }
+            let width = pending[0].len();
+            let flat: Vec<u32> = pending.concat();
+            let ids = Tensor::from_vec(flat, (rows, width), device)?;
+            let logits = model
+                .forward_cached_last(&ids, plan.mask, &mut cache)?
+                .narrow(1, plan.classes.start, plan.classes.len())?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (r, row_logits) in logits.iter().enumerate() {
+                let token = (plan.post)(samplers[r].sample(row_logits, params) as u32);
+                generated[r].push(token);
+                pending[r] = vec![token];
+            }
+            progress.inc(rows as u64);
+        }
+        results.extend(generated);
+    }
+    Ok(results)
+}

@@ -1,0 +1,106 @@
+//! Text → image codes (rc1 `generate_codebooks`), optionally continuing a picture's borders
+//! (ruDALL-E `ImagePrompts`).
+
+use super::generate::{Plan, generate};
+use crate::model::{Rudolph, masks};
+use crate::progress::Progress;
+use crate::sampling::SamplingParams;
+use candle_core::Result;
+
+/// Known image cells that generation copies instead of sampling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagePrompt {
+    /// `N` codes, row-major; only those with `known` set are used.
+    pub codes: Vec<u32>,
+    pub known: Vec<bool>,
+}
+
+/// Borders of a picture, in tokens (one token = 8 pixels).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Borders {
+    pub up: usize,
+    pub left: usize,
+    pub right: usize,
+    pub down: usize,
+}
+
+impl Borders {
+    /// The cells inside the borders of a `side × side` grid, row-major.
+    pub fn mask(&self, side: usize) -> Result<Vec<bool>> {
+        for (name, v) in [
+            ("up", self.up),
+            ("left", self.left),
+            ("right", self.right),
+            ("down", self.down),
+        ] {
+            if v > side {
+                candle_core::bail!(
+                    "border {name} = {v} tokens is larger than the image ({side} tokens)"
+                );
+            }
+        }
+        Ok((0..side * side)
+            .map(|i| {
+                let (r, c) = (i / side, i % side);
+                r < self.up || r >= side - self.down || c >= side - self.right || c < self.left
+            })
+            .collect())
+    }
+}
+
+/// Generates `count` code grids (`N` codes each) after the left text `left_ids` (`l` ids).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_image_codes(
+    model: &Rudolph,
+    left_ids: &[u32],
+    count: usize,
+    prompt: Option<&ImagePrompt>,
+    batch: usize,
+    params: &SamplingParams,
+    seed: u64,
+    progress: &Progress,
+) -> Result<Vec<Vec<u32>>> {
+    let cfg = model.config();
+    let (l, n) = (cfg.l_text_seq_length, cfg.image_seq_length());
+    if left_ids.len() != l {
+        candle_core::bail!("the left text must be {l} ids, got {}", left_ids.len());
+    }
+    let steps = match prompt {
+        Some(p) => {
+            if p.codes.len() != n || p.known.len() != n {
+                candle_core::bail!(
+                    "an image prompt must cover {n} cells, got {}",
+                    p.codes.len()
+                );
+            }
+            if let Some(&bad) = p
+                .codes
+                .iter()
+                .find(|&&c| c as usize >= cfg.image_vocab_size)
+            {
+                candle_core::bail!(
+                    "image prompt code {bad} is out of range ({} codes)",
+                    cfg.image_vocab_size
+                );
+            }
+            p.codes
+                .iter()
+                .zip(&p.known)
+                .map(|(&c, &k)| k.then_some(c))
+                .collect()
+        }
+        None => vec![None; n],
+    };
+    let mask = masks::causal_mask(1, cfg.total_seq_length(), model.device())?;
+    let identity = |id: u32| id;
+    let v = cfg.text_vocab();
+    let plan = Plan {
+        prefix: left_ids,
+        steps,
+        // rc10 models append image special tokens after the real codes; they are never drawn.
+        classes: v..v + cfg.image_vocab_size,
+        post: &identity,
+        mask: &mask,
+    };
+    generate(model, &plan, count, batch, params, seed, progress)
+}

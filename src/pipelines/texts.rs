@@ -1,0 +1,111 @@
+//! Text generation in the left-text segment (rc1 `generate_texts`), ranked by perplexity.
+
+use super::generate::{Plan, generate};
+use super::perplexity::{ce_to_ppl, token_cross_entropy};
+use crate::model::{Rudolph, masks};
+use crate::progress::Progress;
+use crate::sampling::SamplingParams;
+use candle_core::{Result, Tensor};
+
+pub const BOS: u32 = 2;
+pub const EOS: u32 = 3;
+
+/// Which sampled ids become EOS. The original's `generate_texts` replaces ids `> V − l`, so the
+/// first position token survives (and crashes the decoder); `generate_captions` uses `≥`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialIds {
+    /// `id > V − l` → EOS (rc1 `generate_texts`).
+    OriginalTexts,
+    /// `id ≥ V − l` → EOS: every left-text position token (rc1 `generate_captions`, and our fix).
+    AllPositionTokens,
+}
+
+/// Where a generated text ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEnd {
+    /// rc1: the row is cut at the *number* of EOS ids it contains (whole row if none).
+    EosCount,
+    /// Fixed: the row is cut at its first EOS.
+    FirstEos,
+}
+
+/// The replacement of special ids for a model whose position tokens start at `first_position`.
+pub fn special_to_eos(first_position: u32, rule: SpecialIds) -> impl Fn(u32) -> u32 {
+    move |id| {
+        let special = match rule {
+            SpecialIds::OriginalTexts => id > first_position,
+            SpecialIds::AllPositionTokens => id >= first_position,
+        };
+        if special { EOS } else { id }
+    }
+}
+
+/// The tokens of a generated row that make up its text.
+pub fn cut_text(row: &[u32], end: TextEnd) -> &[u32] {
+    let cut = match end {
+        TextEnd::EosCount => match row.iter().filter(|&&t| t == EOS).count() {
+            0 => row.len(),
+            n => n.min(row.len()),
+        },
+        TextEnd::FirstEos => row.iter().position(|&t| t == EOS).unwrap_or(row.len()),
+    };
+    &row[..cut]
+}
+
+/// Generates `count` left texts after `prefix` (`[BOS, template…]`), each a row of `l` ids.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_text_ids(
+    model: &Rudolph,
+    prefix: &[u32],
+    count: usize,
+    batch: usize,
+    params: &SamplingParams,
+    seed: u64,
+    rule: SpecialIds,
+    progress: &Progress,
+) -> Result<Vec<Vec<u32>>> {
+    let cfg = model.config();
+    let l = cfg.l_text_seq_length;
+    if prefix.is_empty() || prefix.len() > l {
+        candle_core::bail!(
+            "a text prefix needs 1 to {l} tokens (BOS + template), got {}",
+            prefix.len()
+        );
+    }
+    let mask = masks::t2t_mask(cfg, 1, model.device())?;
+    let post = special_to_eos(cfg.left_position_token(0), rule);
+    let plan = Plan {
+        prefix,
+        steps: vec![None; l - prefix.len()],
+        classes: 0..cfg.text_vocab(),
+        post: &post,
+        mask: &mask,
+    };
+    let rows = generate(model, &plan, count, batch, params, seed, progress)?;
+    Ok(rows
+        .into_iter()
+        .map(|generated| [prefix, &generated].concat())
+        .collect())
+}
+
+/// Perplexity of left texts (each `l` ids, `[BOS, …, EOS, 0…]`), as generate_texts re-scores
+/// them: t2t mask, next-token targets, pads ignored.
+pub fn left_text_perplexities(
+    model: &Rudolph,
+    texts: &[Vec<u32>],
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let cfg = model.config();
+    let l = cfg.l_text_seq_length;
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch.max(1)) {
+        let b = chunk.len();
+        let ids = Tensor::from_vec(chunk.concat(), (b, l), model.device())?;
+        let mask = masks::t2t_mask(cfg, b, model.device())?;
+        let logits = model.forward(&ids, &mask)?;
+        let targets = ids.narrow(1, 1, l - 1)?;
+        let ce = token_cross_entropy(&logits, 0..l - 1, 0..cfg.text_vocab(), &targets, Some(0))?;
+        out.extend(ce.iter().map(|row| ce_to_ppl(row)));
+    }
+    Ok(out)
+}
