@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "rudolph",
@@ -17,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Print a configuration preset (or a config.json) as the original constructor arguments.
     Config(ConfigArgs),
+    /// Time a task (image, caption, rerank, forward) on a preset with random weights.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -32,5 +36,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             Ok(())
         }
+        Command::Bench(args) => bench::run(args),
     }
+}
+
+/// Sets the number of worker threads for tensor work; must run before any tensor work.
+pub fn set_threads(n: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(n > 0, "--threads must be at least 1");
+    // candle's CPU kernels read RAYON_NUM_THREADS; the global pool is built from it too.
+    // SAFETY: called at start-up, before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    Ok(())
 }

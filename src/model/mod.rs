@@ -141,6 +141,30 @@ impl Rudolph {
         out
     }
 
+    /// A model with random weights (normal, std 0.02; LayerNorms at 1 and 0) and the rc1 masks:
+    /// for benchmarks and for training from scratch.
+    pub fn random(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::wrap)?;
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape) in Self::tensor_shapes(cfg) {
+            if name.ends_with("_mask") {
+                continue;
+            }
+            let is_norm = name.contains("layernorm") || name.starts_with("to_logits.0");
+            let t = if name.ends_with(".bias") {
+                Tensor::zeros(shape, dtype, device)?
+            } else if is_norm {
+                Tensor::ones(shape, dtype, device)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
+            };
+            tensors.insert(name, t);
+        }
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let masks = LayerMasks::build(cfg, MaskVariant::Rc1, device)?;
+        Self::new(cfg, vb, masks)
+    }
+
     /// Number of parameters (mask buffers excluded).
     pub fn parameter_count(cfg: &Config) -> usize {
         Self::tensor_shapes(cfg)

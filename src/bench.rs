@@ -1,0 +1,147 @@
+//! Benchmarks on random weights (no download): the measured work of each task, timed apart
+//! from model construction, with the process's peak memory.
+
+use crate::config::Config;
+use crate::model::{Rudolph, masks};
+use crate::pipelines::{captions, images, rerank};
+use crate::progress::Progress;
+use crate::sampling::SamplingParams;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// One full forward of `batch` full-length sequences.
+    Forward,
+    /// Text → image codes for `images` pictures, `batch` at a time, with the KV cache.
+    Image,
+    /// Captions of one picture, `images` of them, `batch` at a time.
+    Caption,
+    /// Perplexity of `images` (picture, text) pairs.
+    Rerank,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub task: Task,
+    pub preset: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub images: usize,
+    pub batch_size: usize,
+    /// Wall time of the measured work, model construction excluded.
+    pub seconds: f64,
+    /// Tokens produced (generation) or processed (forward, rerank) per second.
+    pub tokens_per_second: f64,
+    pub seconds_per_image: f64,
+    pub peak_rss_bytes: u64,
+    pub build_seconds: f64,
+}
+
+/// Runs `task` on a randomly initialised `cfg` model.
+pub fn run(
+    cfg: &Config,
+    preset: &str,
+    task: Task,
+    images: usize,
+    batch: usize,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        images > 0 && batch > 0,
+        "--images and --batch-size must be positive"
+    );
+    let t0 = Instant::now();
+    let model = Rudolph::random(cfg, dtype, device)?;
+    let build_seconds = t0.elapsed().as_secs_f64();
+    let (l, n, r) = (
+        cfg.l_text_seq_length,
+        cfg.image_seq_length(),
+        cfg.r_text_seq_length,
+    );
+    let t = cfg.total_seq_length();
+    let params = SamplingParams {
+        top_k: 1024.min(cfg.image_vocab_size),
+        top_p: 0.975,
+        temperature: 1.0,
+    };
+    // A short prompt followed by pads, like an encoded caption.
+    let mut left = vec![2u32, 100, 200, 300, 3];
+    left.resize(l, 0);
+    let codes: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 37) % cfg.image_vocab_size as u32)
+        .collect();
+    let quiet = Progress::hidden();
+    let start = Instant::now();
+    let tokens = match task {
+        Task::Forward => {
+            let ids: Vec<u32> = [left.clone(), codes.clone(), left.clone()].concat();
+            let ids = Tensor::new(ids, device)?.unsqueeze(0)?.repeat((batch, 1))?;
+            let mask = masks::causal_mask(1, t, device)?;
+            model
+                .forward(&ids, &mask)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            batch * t
+        }
+        Task::Image => {
+            images::generate_image_codes(&model, &left, images, None, batch, &params, 0, &quiet)?;
+            images * n
+        }
+        Task::Caption => {
+            let text_params = SamplingParams {
+                top_k: 32,
+                top_p: 0.6,
+                temperature: 1.0,
+            };
+            captions::generate_caption_ids(
+                &model,
+                &codes,
+                &[2],
+                images,
+                batch,
+                &text_params,
+                0,
+                &quiet,
+            )?;
+            images * (r - 1)
+        }
+        Task::Rerank => {
+            let text: Vec<u32> = left.clone();
+            let pairs: Vec<(&[u32], &[u32])> =
+                (0..images).map(|_| (&codes[..], &text[..])).collect();
+            rerank::score_pairs(&model, &pairs, 1, batch)?;
+            images * t
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        task,
+        preset: preset.to_string(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        threads: candle_core::utils::get_num_threads(),
+        images: if task == Task::Forward { batch } else { images },
+        batch_size: batch,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        seconds_per_image: seconds / if task == Task::Forward { batch } else { images } as f64,
+        peak_rss_bytes: peak_rss_bytes(),
+        build_seconds,
+    })
+}
+
+/// The process's peak resident set (`VmHWM`), 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

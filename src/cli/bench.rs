@@ -1,0 +1,60 @@
+//! `rudolph bench`: time a task on a preset with random weights.
+
+use crate::bench::{self, Task};
+use crate::config::Config;
+use candle_core::{DType, Device};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Configuration preset (or config.json) to build with random weights.
+    #[arg(long, default_value = "350m")]
+    pub preset: String,
+    #[arg(long, value_enum, default_value = "image")]
+    pub task: Task,
+    /// Pictures (or captions, or reranked pairs) to produce.
+    #[arg(long, default_value_t = 8)]
+    pub images: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Worker threads for tensor work (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        super::set_threads(n)?;
+    }
+    let cfg = Config::from_name_or_path(&args.preset)?;
+    let report = bench::run(
+        &cfg,
+        &args.preset,
+        args.task,
+        args.images,
+        args.batch_size,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{:?} on {} ({}, {} threads): {:.3} s for {} items at batch {} — {:.1} tokens/s, {:.3} s/item, peak RSS {:.0} MiB (model built in {:.1} s)",
+            report.task,
+            report.preset,
+            report.dtype,
+            report.threads,
+            report.seconds,
+            report.images,
+            report.batch_size,
+            report.tokens_per_second,
+            report.seconds_per_image,
+            report.peak_rss_bytes as f64 / (1 << 20) as f64,
+            report.build_seconds,
+        );
+    }
+    Ok(())
+}
