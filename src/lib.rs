@@ -8,3 +8,4 @@ pub mod model;
 pub mod pipelines;
 pub mod progress;
 pub mod sampling;
+pub mod train;

@@ -1,5 +1,6 @@
 //! Self-attention with CogView's PB-relax and the original's additive −10000 masking.
 
+use super::layer::Ops;
 use crate::config::Config;
 use candle_core::{D, Result, Tensor};
 use candle_nn::{Linear, Module, VarBuilder, linear};
@@ -51,6 +52,7 @@ impl Attention {
         &self,
         x: &Tensor,
         mask: &AdditiveMask,
+        ops: Ops,
         append: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, sq, h) = x.dims3()?;
@@ -78,7 +80,11 @@ impl Attention {
             .max_keepdim(D::Minus1)?
             .unsqueeze(D::Minus1)?;
         let scores = t.broadcast_sub(&max)?.affine(PB_RELAX_ALPHA, 0.0)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if ops.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let context = probs
             .matmul(&v.contiguous()?)? // [B, nh, Sq, hd]
             .transpose(1, 2)?

@@ -2,10 +2,51 @@
 
 use super::attention::{AdditiveMask, Attention};
 use crate::config::Config;
-use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder, layer_norm, linear};
+use candle_core::{D, Result, Tensor};
+use candle_nn::{Linear, Module, VarBuilder, linear};
 
 pub const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// How a forward pass computes: inference uses candle's fused kernels, which have no backward
+/// pass (their gradients silently come back empty); training needs the composite forms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ops {
+    pub differentiable: bool,
+}
+
+/// LayerNorm (biased variance, affine), fused for inference and composite for training.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Norm {
+    pub fn new(size: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        if !ops.differentiable {
+            return candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                LAYER_NORM_EPS as f32,
+            );
+        }
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        centred
+            .broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -33,18 +74,18 @@ impl Module for Mlp {
 
 #[derive(Debug, Clone)]
 pub struct Layer {
-    input_layernorm: LayerNorm,
+    input_layernorm: Norm,
     attention: Attention,
-    before_first_addition_layernorm: LayerNorm,
-    post_attention_layernorm: LayerNorm,
+    before_first_addition_layernorm: Norm,
+    post_attention_layernorm: Norm,
     mlp: Mlp,
-    before_second_addition_layernorm: LayerNorm,
+    before_second_addition_layernorm: Norm,
 }
 
 impl Layer {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        let ln = |name: &str| layer_norm(h, LAYER_NORM_EPS, vb.pp(name));
+        let ln = |name: &str| Norm::new(h, vb.pp(name));
         Ok(Self {
             input_layernorm: ln("input_layernorm")?,
             attention: Attention::new(cfg, vb.pp("attention"))?,
@@ -60,15 +101,15 @@ impl Layer {
         &self,
         h: &Tensor,
         mask: &AdditiveMask,
+        ops: Ops,
         append: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let a = self
-            .attention
-            .forward(&self.input_layernorm.forward(h)?, mask, append)?;
-        let h = (h + self.before_first_addition_layernorm.forward(&a)?)?;
+        let x = self.input_layernorm.forward(h, ops)?;
+        let a = self.attention.forward(&x, mask, ops, append)?;
+        let h = (h + self.before_first_addition_layernorm.forward(&a, ops)?)?;
         let y = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?)?;
-        h + self.before_second_addition_layernorm.forward(&y)?
+            .forward(&self.post_attention_layernorm.forward(&h, ops)?)?;
+        h + self.before_second_addition_layernorm.forward(&y, ops)?
     }
 }

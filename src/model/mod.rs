@@ -18,17 +18,17 @@ pub use masks::{LayerMaskKind, LayerMasks, MaskVariant};
 use crate::config::Config;
 use attention::AdditiveMask;
 use candle_core::{DType, Device, Result, Tensor, bail};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder, layer_norm, linear};
+use candle_nn::{Linear, Module, VarBuilder, linear};
 use embeddings::Embeddings;
-use layer::{LAYER_NORM_EPS, Layer};
+use layer::{Layer, Norm, Ops};
 
 #[derive(Debug, Clone)]
 pub struct Rudolph {
     cfg: Config,
     embeddings: Embeddings,
     layers: Vec<Layer>,
-    final_layernorm: LayerNorm,
-    head_layernorm: LayerNorm,
+    final_layernorm: Norm,
+    head_layernorm: Norm,
     head: Linear,
     masks: LayerMasks,
 }
@@ -60,8 +60,8 @@ impl Rudolph {
             cfg: cfg.clone(),
             embeddings: Embeddings::new(cfg, vb.clone())?,
             layers,
-            final_layernorm: layer_norm(h, LAYER_NORM_EPS, tvb.pp("final_layernorm"))?,
-            head_layernorm: layer_norm(h, LAYER_NORM_EPS, vb.pp("to_logits.0"))?,
+            final_layernorm: Norm::new(h, tvb.pp("final_layernorm"))?,
+            head_layernorm: Norm::new(h, vb.pp("to_logits.0"))?,
             head: linear(h, cfg.total_vocab(), vb.pp("to_logits.1"))?,
             masks,
         })
@@ -193,7 +193,9 @@ impl Rudolph {
     /// Logits `[B, S, V + Vi]` for `input_ids` `[B, S]` (u32) under a pipeline mask
     /// `[B, 1, ≥S, ≥S]` of 0/1 floats.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        Ok(self.run(input_ids, attention_mask, None, false)?.logits)
+        Ok(self
+            .run(input_ids, attention_mask, None, false, Ops::default())?
+            .logits)
     }
 
     /// As [`Rudolph::forward`], also returning the embeddings and every layer's output.
@@ -202,7 +204,7 @@ impl Rudolph {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Forward> {
-        self.run(input_ids, attention_mask, None, true)
+        self.run(input_ids, attention_mask, None, true, Ops::default())
     }
 
     /// Processes only `new_ids` `[B, s]`, the positions `cache.len()..cache.len() + s`, and
@@ -215,7 +217,7 @@ impl Rudolph {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         Ok(self
-            .run(new_ids, attention_mask, Some(cache), false)?
+            .run(new_ids, attention_mask, Some(cache), false, Ops::default())?
             .logits)
     }
 
@@ -228,9 +230,10 @@ impl Rudolph {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let s = new_ids.dim(1)?;
-        let h = self.run_hidden(new_ids, attention_mask, Some(cache), false)?;
+        let ops = Ops::default();
+        let h = self.run_hidden(new_ids, attention_mask, Some(cache), false, ops)?;
         let last = h.final_hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
-        self.head.forward(&self.head_layernorm.forward(&last)?)
+        self.head.forward(&self.head_layernorm.forward(&last, ops)?)
     }
 
     /// The three-part training loss of full sequences `[B, T]`.
@@ -242,7 +245,13 @@ impl Rudolph {
         labels: Labels,
     ) -> Result<Loss> {
         let input_ids = &input_ids.to_dtype(DType::U32)?;
-        let logits = self.forward(input_ids, attention_mask)?;
+        // Composite ops: the loss is what training differentiates.
+        let ops = Ops {
+            differentiable: true,
+        };
+        let logits = self
+            .run(input_ids, attention_mask, None, false, ops)?
+            .logits;
         let l = self.cfg.l_text_seq_length;
         let left = self
             .embeddings
@@ -258,11 +267,12 @@ impl Rudolph {
         attention_mask: &Tensor,
         cache: Option<&mut KvCache>,
         keep_hidden: bool,
+        ops: Ops,
     ) -> Result<Forward> {
-        let h = self.run_hidden(ids, attention_mask, cache, keep_hidden)?;
+        let h = self.run_hidden(ids, attention_mask, cache, keep_hidden, ops)?;
         let logits = self
             .head
-            .forward(&self.head_layernorm.forward(&h.final_hidden)?)?;
+            .forward(&self.head_layernorm.forward(&h.final_hidden, ops)?)?;
         Ok(Forward {
             logits,
             embeddings: h.embeddings,
@@ -278,6 +288,7 @@ impl Rudolph {
         attention_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         keep_hidden: bool,
+        ops: Ops,
     ) -> Result<Hidden> {
         let ids = ids.to_dtype(DType::U32)?;
         let (b, s) = ids.dims2()?;
@@ -320,8 +331,8 @@ impl Rudolph {
             let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers);
             let mask = effective[kind as usize].as_ref().expect("built above");
             h = match cache.as_deref_mut() {
-                Some(c) => layer.forward(&h, mask, |k, v| c.append(i, k, v))?,
-                None => layer.forward(&h, mask, |k, v| Ok((k.clone(), v.clone())))?,
+                Some(c) => layer.forward(&h, mask, ops, |k, v| c.append(i, k, v))?,
+                None => layer.forward(&h, mask, ops, |k, v| Ok((k.clone(), v.clone())))?,
             };
             if keep_hidden {
                 hidden_states.push(h.clone());
@@ -333,7 +344,7 @@ impl Rudolph {
         Ok(Hidden {
             embeddings,
             hidden_states,
-            final_hidden: self.final_layernorm.forward(&h)?,
+            final_hidden: self.final_layernorm.forward(&h, ops)?,
         })
     }
 }

@@ -94,9 +94,8 @@ pub fn tiny_model() -> rudolph::model::Rudolph {
     tiny_model_with_bias(&serde_json::Value::Null)
 }
 
-/// The tiny model with a golden's `logit_bias` (`{token_id: delta}`) added to the head bias.
-pub fn tiny_model_with_bias(logit_bias: &serde_json::Value) -> rudolph::model::Rudolph {
-    let cfg = tiny_config();
+/// Every tensor of the tiny model's safetensors file as f32 (bool masks as 0/1).
+pub fn tiny_tensors() -> HashMap<String, Tensor> {
     let path = fixture("rudolph_tiny/model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -109,6 +108,13 @@ pub fn tiny_model_with_bias(logit_bias: &serde_json::Value) -> rudolph::model::R
         };
         map.insert(name, t.to_dtype(DType::F32).unwrap());
     }
+    map
+}
+
+/// The tiny model with a golden's `logit_bias` (`{token_id: delta}`) added to the head bias.
+pub fn tiny_model_with_bias(logit_bias: &serde_json::Value) -> rudolph::model::Rudolph {
+    let cfg = tiny_config();
+    let mut map = tiny_tensors();
     if let Some(bias) = logit_bias.as_object() {
         let head = map.get_mut("to_logits.1.bias").unwrap();
         let mut values = head.to_vec1::<f32>().unwrap();

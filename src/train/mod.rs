@@ -1,0 +1,3 @@
+//! Fine-tuning RuDOLPH: the optimizer (and, in later files, data, schedules and the loop).
+
+pub mod optim;
