@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = Config::preset("350m")?;
     let dev = Device::Cpu;
     let t0 = Instant::now();
-    let model = Rudolph::random(&cfg, DType::F32, &dev)?;
+    let model = Rudolph::random(&cfg, 0, DType::F32, &dev)?;
     println!("build {:?}", t0.elapsed());
     let t = cfg.total_seq_length();
     let mask = masks::causal_mask(1, t, &dev)?;

@@ -55,7 +55,7 @@ pub fn run(
         "--images and --batch-size must be positive"
     );
     let t0 = Instant::now();
-    let model = Rudolph::random(cfg, dtype, device)?;
+    let model = Rudolph::random(cfg, 0, dtype, device)?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let (l, n, r) = (
         cfg.l_text_seq_length,

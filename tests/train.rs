@@ -128,3 +128,77 @@ fn one_adamw_step_matches_torch() {
         }
     }
 }
+
+fn tiny_trainer(options: rudolph::train::TrainOptions) -> rudolph::train::Trainer {
+    let cfg = tiny_config();
+    let tensors = tiny_tensors();
+    let masks_vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+    let masks = Rudolph::masks_from(&cfg, &masks_vb).unwrap();
+    rudolph::train::Trainer::new(&cfg, Some(tensors), masks, options, &Device::Cpu).unwrap()
+}
+
+fn overfit_options(steps: u64) -> rudolph::train::TrainOptions {
+    rudolph::train::TrainOptions {
+        steps,
+        lr: 3e-3,
+        schedule: rudolph::train::schedule::Schedule::Constant,
+        dropout: 0.1,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn overfitting_a_few_samples_drives_the_loss_down() {
+    let input = goldens("model_goldens/forward.safetensors");
+    let batch = vec![(
+        get(&input, "input_ids").clone(),
+        get(&input, "attention_mask_default").clone(),
+    )];
+    let mut trainer = tiny_trainer(overfit_options(80));
+    let before = trainer.evaluate(&batch).unwrap()[0];
+    let mut last = None;
+    for _ in 0..80 {
+        last = Some(trainer.train_step(&batch).unwrap());
+    }
+    let after = trainer.evaluate(&batch).unwrap()[0];
+    let last = last.unwrap();
+    assert_eq!(last.step, 80);
+    assert!(
+        after < before / 4.0,
+        "loss went from {before} to {after} only"
+    );
+}
+
+#[test]
+fn frozen_parameters_do_not_move() {
+    let input = goldens("model_goldens/forward.safetensors");
+    let batch = vec![(
+        get(&input, "input_ids").clone(),
+        get(&input, "attention_mask_default").clone(),
+    )];
+    let options = rudolph::train::TrainOptions {
+        freeze: rudolph::train::Freeze::AttentionMlp,
+        ..overfit_options(3)
+    };
+    let mut trainer = tiny_trainer(options);
+    // Values, not tensors: the state dict shares storage with the live parameters.
+    let before: Vec<(String, Vec<f64>)> = trainer
+        .state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, flat_f64(&t)))
+        .collect();
+    trainer.train_step(&batch).unwrap();
+    let after: std::collections::HashMap<_, _> =
+        trainer.state_dict().unwrap().into_iter().collect();
+    let mut moved = 0;
+    for (name, t) in before {
+        let same = t == flat_f64(&after[&name]);
+        if name.contains(".attention.") || name.contains(".mlp.") || name.ends_with("_mask") {
+            assert!(same, "{name} is frozen but changed");
+        } else if !same {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "nothing trained");
+}

@@ -52,7 +52,7 @@ impl Attention {
         &self,
         x: &Tensor,
         mask: &AdditiveMask,
-        ops: Ops,
+        ops: Ops<'_>,
         append: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, sq, h) = x.dims3()?;
@@ -85,10 +85,11 @@ impl Attention {
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
+        let probs = ops.dropout(probs)?;
         let context = probs
             .matmul(&v.contiguous()?)? // [B, nh, Sq, hd]
             .transpose(1, 2)?
             .reshape((b, sq, h))?;
-        self.dense.forward(&context)
+        ops.dropout(self.dense.forward(&context)?)
     }
 }

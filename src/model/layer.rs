@@ -9,9 +9,20 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// How a forward pass computes: inference uses candle's fused kernels, which have no backward
 /// pass (their gradients silently come back empty); training needs the composite forms.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Ops {
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ops<'a> {
     pub differentiable: bool,
+    /// Training-time dropout on attention probabilities and sublayer outputs.
+    pub dropout: Option<&'a super::dropout::Dropout>,
+}
+
+impl Ops<'_> {
+    pub fn dropout(&self, x: Tensor) -> Result<Tensor> {
+        match self.dropout {
+            Some(d) => d.apply(&x),
+            None => Ok(x),
+        }
+    }
 }
 
 /// LayerNorm (biased variance, affine), fused for inference and composite for training.
@@ -29,7 +40,7 @@ impl Norm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ops: Ops<'_>) -> Result<Tensor> {
         if !ops.differentiable {
             return candle_nn::ops::layer_norm(
                 &x.contiguous()?,
@@ -101,7 +112,7 @@ impl Layer {
         &self,
         h: &Tensor,
         mask: &AdditiveMask,
-        ops: Ops,
+        ops: Ops<'_>,
         append: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let x = self.input_layernorm.forward(h, ops)?;
@@ -110,6 +121,7 @@ impl Layer {
         let y = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h, ops)?)?;
+        let y = ops.dropout(y)?;
         h + self.before_second_addition_layernorm.forward(&y, ops)?
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod dropout;
 pub mod embeddings;
 pub mod layer;
 pub mod loss;
@@ -141,28 +142,53 @@ impl Rudolph {
         out
     }
 
-    /// A model with random weights (normal, std 0.02; LayerNorms at 1 and 0) and the rc1 masks:
-    /// for benchmarks and for training from scratch.
-    pub fn random(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+    /// A model with random weights (see [`Rudolph::random_weights`]) and the rc1 masks: for
+    /// benchmarks.
+    pub fn random(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::wrap)?;
-        let mut tensors = std::collections::HashMap::new();
+        let tensors = Self::random_weights(cfg, seed, device)?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let masks = LayerMasks::build(cfg, MaskVariant::Rc1, device)?;
+        Self::new(cfg, vb, masks)
+    }
+
+    /// Every parameter, randomly initialised from `seed`: normal with std 0.02 for weights and
+    /// embeddings, zero biases, LayerNorms at 1 and 0.
+    pub fn random_weights(
+        cfg: &Config,
+        seed: u64,
+        device: &Device,
+    ) -> Result<std::collections::HashMap<String, Tensor>> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut unit = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let mut out = std::collections::HashMap::new();
         for (name, shape) in Self::tensor_shapes(cfg) {
             if name.ends_with("_mask") {
                 continue;
             }
+            let numel: usize = shape.iter().product();
             let is_norm = name.contains("layernorm") || name.starts_with("to_logits.0");
-            let t = if name.ends_with(".bias") {
-                Tensor::zeros(shape, dtype, device)?
+            let values: Vec<f32> = if name.ends_with(".bias") {
+                vec![0.0; numel]
             } else if is_norm {
-                Tensor::ones(shape, dtype, device)?
+                vec![1.0; numel]
             } else {
-                Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
+                // Box–Muller, from our own seeded stream.
+                (0..numel)
+                    .map(|_| {
+                        let (u1, u2) = (unit().max(f64::MIN_POSITIVE), unit());
+                        (0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                            as f32
+                    })
+                    .collect()
             };
-            tensors.insert(name, t);
+            out.insert(name, Tensor::from_vec(values, shape, device)?);
         }
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        let masks = LayerMasks::build(cfg, MaskVariant::Rc1, device)?;
-        Self::new(cfg, vb, masks)
+        Ok(out)
     }
 
     /// Number of parameters (mask buffers excluded).
@@ -236,7 +262,7 @@ impl Rudolph {
         self.head.forward(&self.head_layernorm.forward(&last, ops)?)
     }
 
-    /// The three-part training loss of full sequences `[B, T]`.
+    /// The three-part training loss of full sequences `[B, T]` (no dropout: evaluation mode).
     pub fn loss(
         &self,
         input_ids: &Tensor,
@@ -244,10 +270,23 @@ impl Rudolph {
         weights: LossWeights,
         labels: Labels,
     ) -> Result<Loss> {
+        self.loss_with_dropout(input_ids, attention_mask, weights, labels, None)
+    }
+
+    /// The loss in training mode: `dropout` (if any) applies where the original's does.
+    pub fn loss_with_dropout(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        weights: LossWeights,
+        labels: Labels,
+        dropout: Option<&dropout::Dropout>,
+    ) -> Result<Loss> {
         let input_ids = &input_ids.to_dtype(DType::U32)?;
         // Composite ops: the loss is what training differentiates.
         let ops = Ops {
             differentiable: true,
+            dropout,
         };
         let logits = self
             .run(input_ids, attention_mask, None, false, ops)?
@@ -267,7 +306,7 @@ impl Rudolph {
         attention_mask: &Tensor,
         cache: Option<&mut KvCache>,
         keep_hidden: bool,
-        ops: Ops,
+        ops: Ops<'_>,
     ) -> Result<Forward> {
         let h = self.run_hidden(ids, attention_mask, cache, keep_hidden, ops)?;
         let logits = self
@@ -288,7 +327,7 @@ impl Rudolph {
         attention_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         keep_hidden: bool,
-        ops: Ops,
+        ops: Ops<'_>,
     ) -> Result<Hidden> {
         let ids = ids.to_dtype(DType::U32)?;
         let (b, s) = ids.dims2()?;

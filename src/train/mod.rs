@@ -1,3 +1,7 @@
-//! Fine-tuning RuDOLPH: the optimizer (and, in later files, data, schedules and the loop).
+//! Fine-tuning RuDOLPH: PyTorch-exact AdamW, learning-rate schedules and the training step.
 
 pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use trainer::{Freeze, StepLog, TrainOptions, Trainer};

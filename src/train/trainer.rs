@@ -1,0 +1,343 @@
+//! The training loop's state: parameters (trainable ones as variables), AdamW, dropout and the
+//! step counter; one call per optimizer step.
+
+use super::optim::{AdamW, AdamWConfig};
+use super::schedule::{Schedule, learning_rate};
+use crate::config::Config;
+use crate::model::dropout::Dropout;
+use crate::model::{Labels, LayerMasks, Loss, LossWeights, Rudolph};
+use candle_core::{DType, Device, Result, Tensor, Var, bail};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+
+/// Which parameters train.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Freeze {
+    /// Everything trains.
+    Nothing,
+    /// Attention and MLP weights stay fixed; embeddings, LayerNorms and the head train (as in
+    /// the original's notebooks).
+    AttentionMlp,
+    /// Only embeddings and LayerNorms train.
+    AllButEmbeddingsAndNorms,
+    /// Only the last `n` layers, the final LayerNorm and the head train.
+    AllButLastLayers(usize),
+}
+
+impl Freeze {
+    /// Whether the parameter `name` (an original state-dict name) trains.
+    pub fn trains(&self, name: &str, num_layers: usize) -> bool {
+        let is_norm = name.contains("layernorm") || name.starts_with("to_logits.0");
+        let is_embedding = name.contains("embeddings");
+        match self {
+            Self::Nothing => true,
+            Self::AttentionMlp => !(name.contains(".attention.") || name.contains(".mlp.")),
+            Self::AllButEmbeddingsAndNorms => is_norm || is_embedding,
+            Self::AllButLastLayers(n) => match layer_index(name) {
+                Some(i) => i + n >= num_layers,
+                None => name.starts_with("to_logits") || name.contains("final_layernorm"),
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for Freeze {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Self::Nothing),
+            "attention-mlp" => Ok(Self::AttentionMlp),
+            "all-but-embeddings-norms" => Ok(Self::AllButEmbeddingsAndNorms),
+            _ => match s.strip_prefix("all-but-last:").map(str::parse) {
+                Some(Ok(n)) => Ok(Self::AllButLastLayers(n)),
+                _ => Err(format!(
+                    "unknown freeze '{s}' (none, attention-mlp, all-but-embeddings-norms, all-but-last:N)"
+                )),
+            },
+        }
+    }
+}
+
+fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("transformer.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainOptions {
+    /// Optimizer steps in the whole run (the schedule spans them).
+    pub steps: u64,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup: u64,
+    /// Micro-batches per optimizer step.
+    pub accumulate: usize,
+    /// Clip the global gradient norm to this (PyTorch's `clip_grad_norm_`).
+    pub clip_norm: Option<f64>,
+    pub loss_weights: [f64; 3],
+    pub corrected_labels: bool,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub freeze: Freeze,
+    /// Dropout probability in training (the config's, 0.1 for every published model).
+    pub dropout: f32,
+    pub seed: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            lr: 2e-5,
+            schedule: Schedule::OneCycle,
+            warmup: 0,
+            accumulate: 1,
+            clip_norm: Some(1.0),
+            loss_weights: [1.0, 7.0, 1.0],
+            corrected_labels: false,
+            weight_decay: 0.01,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            freeze: Freeze::Nothing,
+            dropout: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn weights(&self) -> LossWeights {
+        let [l_text, image, r_text] = self.loss_weights;
+        LossWeights {
+            l_text,
+            image,
+            r_text,
+        }
+    }
+
+    pub fn labels(&self) -> Labels {
+        if self.corrected_labels {
+            Labels::Corrected
+        } else {
+            Labels::Original
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub loss: f32,
+    pub l_text_loss: f32,
+    pub image_loss: f32,
+    pub r_text_loss: f32,
+    pub lr: f64,
+    pub grad_norm: f32,
+}
+
+pub struct Trainer {
+    cfg: Config,
+    model: Rudolph,
+    /// Every parameter by its original name; trainable ones are variables.
+    params: Vec<(String, Tensor)>,
+    masks: LayerMasks,
+    optimizer: AdamW,
+    dropout: Dropout,
+    options: TrainOptions,
+}
+
+impl Trainer {
+    /// Starts from `weights` (original names; masks ignored) or, if `None`, from random weights.
+    pub fn new(
+        cfg: &Config,
+        weights: Option<HashMap<String, Tensor>>,
+        masks: LayerMasks,
+        options: TrainOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut weights = match weights {
+            Some(w) => w,
+            None => Rudolph::random_weights(cfg, options.seed, device)?,
+        };
+        let mut params = Vec::new();
+        let mut trainable = Vec::new();
+        for (name, _) in Rudolph::tensor_shapes(cfg) {
+            if name.ends_with("_mask") {
+                continue;
+            }
+            let Some(t) = weights.remove(&name) else {
+                bail!("the starting weights have no tensor '{name}'");
+            };
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            if options.freeze.trains(&name, cfg.num_layers) {
+                let var = Var::from_tensor(&t)?;
+                params.push((name.clone(), var.as_tensor().clone()));
+                trainable.push((name, var));
+            } else {
+                params.push((name, t));
+            }
+        }
+        if trainable.is_empty() {
+            bail!("the freeze option leaves nothing to train");
+        }
+        let model = build(cfg, &params, &masks, device)?;
+        let optimizer = AdamW::new(
+            trainable,
+            AdamWConfig {
+                lr: options.lr,
+                beta1: options.betas[0],
+                beta2: options.betas[1],
+                eps: options.eps,
+                weight_decay: options.weight_decay,
+            },
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            model,
+            params,
+            masks,
+            dropout: Dropout::new(options.dropout, options.seed ^ 0x5eed),
+            optimizer,
+            options,
+        })
+    }
+
+    pub fn model(&self) -> &Rudolph {
+        &self.model
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.optimizer.step
+    }
+
+    /// Every parameter (current values) by its original name, plus the layer masks.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        for kind in crate::model::LayerMaskKind::ALL {
+            out.push((
+                format!("transformer.{}", kind.buffer_name()),
+                self.masks.get(kind).clone(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// One optimizer step over `micro_batches` (each `[B, T]` ids with a `[B or 1, 1, T, T]`
+    /// mask): gradients averaged over them, clipped, then AdamW at the scheduled rate.
+    pub fn train_step(&mut self, micro_batches: &[(Tensor, Tensor)]) -> Result<StepLog> {
+        if micro_batches.is_empty() {
+            bail!("a training step needs at least one batch");
+        }
+        let scale = 1.0 / micro_batches.len() as f64;
+        let mut grads: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
+        let mut parts = [0f32; 4];
+        for (ids, mask) in micro_batches {
+            let loss = self.model.loss_with_dropout(
+                ids,
+                mask,
+                self.options.weights(),
+                self.options.labels(),
+                Some(&self.dropout),
+            )?;
+            add_parts(&mut parts, &loss, scale as f32)?;
+            let store = loss.total.backward()?;
+            for slot in &self.optimizer.slots {
+                let id = slot.param.as_tensor().id();
+                if let Some(g) = store.get(slot.param.as_tensor()) {
+                    let g = g.affine(scale, 0.0)?;
+                    let sum = match grads.remove(&id) {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    };
+                    grads.insert(id, sum);
+                }
+            }
+        }
+        let mut norm_sq = 0f64;
+        for g in grads.values() {
+            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let grad_norm = norm_sq.sqrt();
+        if let Some(max) = self.options.clip_norm {
+            let coef = max / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                for g in grads.values_mut() {
+                    *g = g.affine(coef, 0.0)?;
+                }
+            }
+        }
+        let lr = learning_rate(
+            self.options.schedule,
+            self.optimizer.step,
+            self.options.steps,
+            self.options.lr,
+            self.options.warmup,
+        );
+        self.optimizer
+            .step(|var| grads.get(&var.as_tensor().id()).cloned(), lr)?;
+        Ok(StepLog {
+            step: self.optimizer.step,
+            loss: parts[0],
+            l_text_loss: parts[1],
+            image_loss: parts[2],
+            r_text_loss: parts[3],
+            lr,
+            grad_norm: grad_norm as f32,
+        })
+    }
+
+    /// The loss without dropout, averaged over `batches`.
+    pub fn evaluate(&self, batches: &[(Tensor, Tensor)]) -> Result<[f32; 4]> {
+        let mut parts = [0f32; 4];
+        for (ids, mask) in batches {
+            let loss = self
+                .model
+                .loss(ids, mask, self.options.weights(), self.options.labels())?;
+            add_parts(&mut parts, &loss, 1.0 / batches.len() as f32)?;
+        }
+        Ok(parts)
+    }
+}
+
+fn add_parts(parts: &mut [f32; 4], loss: &Loss, scale: f32) -> Result<()> {
+    for (p, t) in parts
+        .iter_mut()
+        .zip([&loss.total, &loss.l_text, &loss.image, &loss.r_text])
+    {
+        *p += t.to_scalar::<f32>()? * scale;
+    }
+    Ok(())
+}
+
+fn build(
+    cfg: &Config,
+    params: &[(String, Tensor)],
+    masks: &LayerMasks,
+    device: &Device,
+) -> Result<Rudolph> {
+    let map: HashMap<String, Tensor> = params.iter().cloned().collect();
+    Rudolph::new(
+        cfg,
+        VarBuilder::from_tensors(map, DType::F32, device),
+        masks.clone(),
+    )
+}
