@@ -87,7 +87,7 @@ impl Attention {
         };
         let probs = ops.dropout(probs)?;
         let context = probs
-            .matmul(&v.contiguous()?)? // [B, nh, Sq, hd]
+            .matmul(&v)? // [B, nh, Sq, hd]
             .transpose(1, 2)?
             .reshape((b, sq, h))?;
         ops.dropout(self.dense.forward(&context)?)
