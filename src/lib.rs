@@ -8,4 +8,5 @@ pub mod model;
 pub mod pipelines;
 pub mod progress;
 pub mod sampling;
+pub mod tokenizer;
 pub mod train;
