@@ -7,11 +7,7 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Weights(#[from] crate::weights::WeightsError),
-    #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
-    #[error(transparent)]
-    Vae(#[from] crate::vae::VaeError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("{path}: {source}")]

@@ -4,9 +4,12 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod error;
 pub mod model;
 pub mod pipelines;
 pub mod progress;
 pub mod sampling;
 pub mod tokenizer;
 pub mod train;
+
+pub use error::{Error, Result};

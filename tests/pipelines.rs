@@ -7,6 +7,7 @@ use common::*;
 use rudolph::pipelines::images::{ImagePrompt, generate_image_codes};
 use rudolph::pipelines::rerank::{score_pairs, score_texts_by_image_rc1};
 use rudolph::pipelines::texts::{self, SpecialIds, generate_text_ids};
+use rudolph::pipelines::{Fidelity, GenerateOptions, captions, classify};
 use rudolph::progress::Progress;
 use rudolph::sampling::SamplingParams;
 use serde_json::Value;
@@ -138,34 +139,6 @@ fn self_reranking_by_text_matches() {
 }
 
 #[test]
-fn self_reranking_by_image_rc1_matches_on_the_recorded_last_chunk() {
-    let cfg = tiny_config();
-    let model = tiny_model();
-    let c = case("self_reranking_by_image");
-    let last = rows(&c["last_model_call_input_ids"]);
-    let (l, n) = (cfg.l_text_seq_length, cfg.image_seq_length());
-    let codes = &last[0][l..l + n];
-    let texts: Vec<Vec<u32>> = last.iter().map(|row| row[..l].to_vec()).collect();
-    let scores = score_texts_by_image_rc1(&model, codes, &texts, 8).unwrap();
-    let want = &c["result"];
-    let total = want["ppl_text"].as_array().unwrap().len();
-    // The last call holds the last texts of the list.
-    for (j, s) in scores.iter().enumerate() {
-        let i = total - scores.len() + j;
-        assert_rel(
-            "ppl_text",
-            s.ppl_text,
-            want["ppl_text"][i].as_f64().unwrap(),
-        );
-        assert_rel(
-            "ppl_image",
-            s.ppl_image,
-            want["ppl_image"][i].as_f64().unwrap(),
-        );
-    }
-}
-
-#[test]
 fn every_position_token_becomes_eos_under_the_fix() {
     let cfg = tiny_config();
     let first = cfg.left_position_token(0);
@@ -212,4 +185,258 @@ fn generate_texts_without_template_matches() {
     let ppl = texts::left_text_perplexities(&model, &[rescored], 1).unwrap();
     let want_ppl = c["ce_to_ppl_outputs"][0][0].as_f64().unwrap();
     assert_rel("ppl", ppl[0], want_ppl);
+}
+
+fn tokenizer() -> rudolph::tokenizer::TextTokenizer {
+    rudolph::tokenizer::TextTokenizer::load(fixture("tokenizer/bpe.model")).unwrap()
+}
+
+fn options(args: &Value, fidelity: Fidelity) -> GenerateOptions {
+    GenerateOptions {
+        params: params(args),
+        seed: 0,
+        batch_size: args["bs"].as_u64().unwrap() as usize,
+        fidelity,
+        progress: false,
+    }
+}
+
+/// The codes the pipeline's VQGAN produced for its picture (the first copy of the first call).
+fn recorded_codes(c: &Value) -> Vec<u32> {
+    ids(&c["vae_image_tokens"][0][0])
+}
+
+#[test]
+fn generate_texts_reproduces_every_golden() {
+    let tok = tokenizer();
+    for name in [
+        "generate_texts_0",
+        "generate_texts_1",
+        "generate_texts_eos",
+        "generate_texts_position_token",
+    ] {
+        let c = case(name);
+        let model = tiny_model_with_bias(&c["logit_bias"]);
+        let args = &c["args"];
+        let count = args["texts_num"].as_u64().unwrap() as usize;
+        let got = texts::generate_texts(
+            &model,
+            &tok,
+            args["template"].as_str().unwrap(),
+            count,
+            &options(args, Fidelity::Original),
+        )
+        .unwrap();
+        let want = c["result"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.text, w["text"].as_str().unwrap(), "{name}");
+            // The golden rounds to 2 decimals.
+            assert!(
+                (g.ppl as f64 - w["ppl"].as_f64().unwrap()).abs() <= 0.0051,
+                "{name}: {g:?} vs {w}"
+            );
+        }
+        let unrounded = c["ce_to_ppl_outputs"].as_array().unwrap();
+        let want_ppl: Vec<f64> = unrounded
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+            .collect();
+        let mut got_ppl: Vec<f32> = got.iter().map(|g| g.ppl).collect();
+        let mut want_sorted = want_ppl.clone();
+        got_ppl.sort_by(f32::total_cmp);
+        want_sorted.sort_by(f64::total_cmp);
+        for (g, w) in got_ppl.iter().zip(&want_sorted) {
+            assert_rel(&format!("{name} ppl"), *g, *w);
+        }
+    }
+}
+
+/// Quirk 9 fixed, on the recorded row `[2, рыжий, кот, 3, 3, …]`: the original keeps «рыжий»
+/// (it cuts at the number of EOS ids); we cut at the first EOS and keep «рыжий кот».
+#[test]
+fn the_text_end_fix_keeps_the_whole_text() {
+    let tok = tokenizer();
+    let c = case("generate_texts_eos");
+    let model = tiny_model_with_bias(&c["logit_bias"]);
+    let args = &c["args"];
+    let template = args["template"].as_str().unwrap();
+    let count = args["texts_num"].as_u64().unwrap() as usize;
+    let original = texts::generate_texts(
+        &model,
+        &tok,
+        template,
+        count,
+        &options(args, Fidelity::Original),
+    )
+    .unwrap();
+    let fixed = texts::generate_texts(
+        &model,
+        &tok,
+        template,
+        count,
+        &options(args, Fidelity::Fixed),
+    )
+    .unwrap();
+    assert_eq!(original[0].text, c["result"][0]["text"].as_str().unwrap());
+    assert_eq!(fixed.len(), 1);
+    assert_eq!(fixed[0].text, template);
+    assert!(
+        fixed[0].text.starts_with(&original[0].text)
+            && fixed[0].text.len() > original[0].text.len()
+    );
+}
+
+#[test]
+fn generate_captions_reproduces_every_golden() {
+    let tok = tokenizer();
+    for name in [
+        "generate_captions_0",
+        "generate_captions_1",
+        "generate_captions_special",
+    ] {
+        let c = case(name);
+        let model = tiny_model_with_bias(&c["logit_bias"]);
+        let args = &c["args"];
+        let count = args["captions_num"].as_u64().unwrap() as usize;
+        let got = captions::generate_captions(
+            &model,
+            &tok,
+            &recorded_codes(&c),
+            args["template"].as_str().unwrap(),
+            count,
+            &options(args, Fidelity::Original),
+        )
+        .unwrap();
+        let mut texts: Vec<String> = got.iter().map(|c| c.text.clone()).collect();
+        texts.sort();
+        let want: Vec<String> = serde_json::from_value(c["result"].clone()).unwrap();
+        assert_eq!(texts, want, "{name}");
+        assert!(got.iter().all(|c| c.ppl.is_finite() && c.ppl > 0.0));
+    }
+}
+
+#[test]
+fn zero_shot_classification_reproduces_every_golden() {
+    let tok = tokenizer();
+    let model = tiny_model();
+    for name in ["zs_clf_0", "zs_clf_1", "zs_clf_2"] {
+        let c = case(name);
+        let args = &c["args"];
+        let classes: Vec<String> = serde_json::from_value(args["classes"].clone()).unwrap();
+        let got = classify::classify(
+            &model,
+            &tok,
+            &recorded_codes(&c),
+            &classes,
+            args["template"].as_str().unwrap(),
+            16,
+        )
+        .unwrap();
+        let want = &c["result"];
+        assert_eq!(got.label as u64, want["label"].as_u64().unwrap(), "{name}");
+        assert_eq!(got.class, want["class"].as_str().unwrap(), "{name}");
+        for (i, s) in got.scores.iter().enumerate() {
+            assert_eq!(s.class, classes[i]);
+            assert_rel(
+                &format!("{name} ppl_text {i}"),
+                s.ppl_text,
+                want["ppl_text"][i].as_f64().unwrap(),
+            );
+            assert_rel(
+                &format!("{name} ppl_image {i}"),
+                s.ppl_image,
+                want["ppl_image"][i].as_f64().unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn self_reranking_by_image_rc1_reproduces_the_golden() {
+    let tok = tokenizer();
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let c = case("self_reranking_by_image");
+    let texts: Vec<Vec<u32>> = c["args"]["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            tok.encode_text(
+                &rudolph::tokenizer::lower_strip(t.as_str().unwrap()),
+                cfg.r_text_seq_length,
+            )
+        })
+        .collect();
+    let bs = c["args"]["bs"].as_u64().unwrap() as usize;
+    let scores = score_texts_by_image_rc1(&model, &recorded_codes(&c), &texts, bs).unwrap();
+    let want = &c["result"];
+    assert_eq!(scores.len(), want["ppl_text"].as_array().unwrap().len());
+    for (i, s) in scores.iter().enumerate() {
+        assert_rel(
+            "ppl_text",
+            s.ppl_text,
+            want["ppl_text"][i].as_f64().unwrap(),
+        );
+        assert_rel(
+            "ppl_image",
+            s.ppl_image,
+            want["ppl_image"][i].as_f64().unwrap(),
+        );
+    }
+}
+
+/// rc1 ranks captions by left-text rows that its i2t mask fully masks: they attend uniformly
+/// to every position, the text's own future included, so the "prediction" of a token reads
+/// the tokens after it. Our caption score (the caption as right text after the picture) is
+/// causal: changing the last word leaves the first prediction unchanged.
+#[test]
+fn the_caption_score_is_causal_unlike_rc1() {
+    use candle_core::{Device, IndexOp, Tensor};
+    let tok = tokenizer();
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let c = case("self_reranking_by_image");
+    let (l, n, r) = (
+        cfg.l_text_seq_length,
+        cfg.image_seq_length(),
+        cfg.r_text_seq_length,
+    );
+    let t = cfg.total_seq_length();
+    let picture = recorded_codes(&c);
+    let text = tok.encode_text("рыжий кот на окне", r);
+    let mut changed = text.clone();
+    let last = changed
+        .iter()
+        .rposition(|&x| x != 0 && x != texts::EOS)
+        .unwrap();
+    assert!(last > 1, "the text needs at least two words: {text:?}");
+    changed[last] = text[1];
+    let logits_at = |left: &[u32], right: &[u32], pos: usize| {
+        let ids: Vec<u32> = [left, &picture, right].concat();
+        let ids = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+        let pads = vec![right.iter().map(|&x| (x != 0) as u8).collect()];
+        let mask = rudolph::model::masks::i2t_mask(&cfg, &pads, &Device::Cpu).unwrap();
+        flat_f64(&model.forward(&ids, &mask).unwrap().i((0, pos)).unwrap())
+    };
+    let zeros = vec![0u32; l];
+    let max_diff = |a: Vec<f64>, b: Vec<f64>| {
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    // rc1 by-image layout: the text in both slots, scored on the left.
+    let rc1 = max_diff(logits_at(&text, &text, 0), logits_at(&changed, &changed, 0));
+    assert!(
+        rc1 > 1e-3,
+        "rc1's first prediction should read the future (Δ {rc1})"
+    );
+    // Ours: [zeros | picture | caption], scored on the right.
+    let ours = max_diff(
+        logits_at(&zeros, &text, l + n),
+        logits_at(&zeros, &changed, l + n),
+    );
+    assert!(ours < 1e-5, "ours must be causal (Δ {ours})");
 }

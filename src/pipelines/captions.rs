@@ -1,10 +1,13 @@
 //! Image → text in the right-text segment (rc1 `generate_captions`).
 
+use super::GenerateOptions;
 use super::generate::{Plan, generate};
-use super::texts::{SpecialIds, special_to_eos};
+use super::rerank::score_pairs;
+use super::texts::{SpecialIds, decode_unique, special_to_eos, template_prefix};
 use crate::model::{Rudolph, masks};
 use crate::progress::Progress;
 use crate::sampling::SamplingParams;
+use crate::tokenizer::{TextTokenizer, lower_strip};
 use candle_core::Result;
 
 /// Generates `count` right texts for the picture `codes` after `prefix` (`[BOS, template…]`);
@@ -53,4 +56,60 @@ pub fn generate_caption_ids(
         .into_iter()
         .map(|generated| [prefix, &generated].concat())
         .collect())
+}
+
+/// A caption with its score: the perplexity of the caption given the picture (lower is better).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Caption {
+    pub text: String,
+    pub ppl: f32,
+}
+
+/// Picture codes → up to `count` distinct captions continuing `template`, ranked by the
+/// perplexity of each caption given the picture (rc1 ranked by degenerate fully masked rows,
+/// SPEC §9 #4; this score actually depends on the caption).
+pub fn generate_captions(
+    model: &Rudolph,
+    tokenizer: &TextTokenizer,
+    codes: &[u32],
+    template: &str,
+    count: usize,
+    opts: &GenerateOptions,
+) -> crate::Result<Vec<Caption>> {
+    let r = model.config().r_text_seq_length;
+    let encoded = tokenizer.encode_text(&lower_strip(template), r);
+    let prefix = template_prefix(&encoded, r, "template")?;
+    let progress = Progress::new(
+        ((r - prefix.len()) * count) as u64,
+        "captions",
+        opts.progress,
+    );
+    let rows = generate_caption_ids(
+        model,
+        codes,
+        &prefix,
+        count,
+        opts.batch_size,
+        &opts.params,
+        opts.seed,
+        &progress,
+    )?;
+    progress.finish();
+    let texts = decode_unique(tokenizer, &rows, opts.fidelity.text_end())?;
+    let encoded: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer.encode_text(&lower_strip(t), r))
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = encoded.iter().map(|e| (codes, e.as_slice())).collect();
+    let scores = score_pairs(model, &pairs, 1, opts.batch_size)?;
+    let mut out: Vec<Caption> = texts
+        .into_iter()
+        .zip(scores)
+        .map(|(text, s)| Caption {
+            text,
+            ppl: s.ppl_text,
+        })
+        .collect();
+    out.sort_by(|a, b| a.ppl.total_cmp(&b.ppl));
+    Ok(out)
 }

@@ -1,10 +1,13 @@
 //! Text → image codes (rc1 `generate_codebooks`), optionally continuing a picture's borders
 //! (ruDALL-E `ImagePrompts`).
 
+use super::GenerateOptions;
 use super::generate::{Plan, generate};
+use super::rerank::score_pairs;
 use crate::model::{Rudolph, masks};
 use crate::progress::Progress;
 use crate::sampling::SamplingParams;
+use crate::tokenizer::{TextTokenizer, lower_strip};
 use candle_core::Result;
 
 /// Known image cells that generation copies instead of sampling.
@@ -103,4 +106,89 @@ pub fn generate_image_codes(
         mask: &mask,
     };
     generate(model, &plan, count, batch, params, seed, progress)
+}
+
+/// A generated picture's codes with its self-reranking scores.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RankedCodes {
+    pub codes: Vec<u32>,
+    /// Perplexity of the text given the picture (the ranking key; lower is better).
+    pub ppl_text: f32,
+    pub ppl_image: f32,
+}
+
+/// Text → `count` code grids, reranked by the text's perplexity given each picture (rc1
+/// `generate_codebooks` + `self_reranking_by_text`), best first.
+pub fn generate_images(
+    model: &Rudolph,
+    tokenizer: &TextTokenizer,
+    text: &str,
+    count: usize,
+    prompt: Option<&ImagePrompt>,
+    opts: &GenerateOptions,
+) -> crate::Result<Vec<RankedCodes>> {
+    let cfg = model.config();
+    let text = lower_strip(text);
+    let left = encode_checked(tokenizer, &text, cfg.l_text_seq_length, "text");
+    let progress = Progress::new(
+        (count * cfg.image_seq_length()) as u64,
+        "images",
+        opts.progress,
+    );
+    let codes = generate_image_codes(
+        model,
+        &left,
+        count,
+        prompt,
+        opts.batch_size,
+        &opts.params,
+        opts.seed,
+        &progress,
+    )?;
+    progress.finish();
+    rank_codes(model, tokenizer, &text, codes, opts.batch_size)
+}
+
+/// Scores code grids by `text` (rc1 `self_reranking_by_text`) and sorts them best first.
+pub fn rank_codes(
+    model: &Rudolph,
+    tokenizer: &TextTokenizer,
+    text: &str,
+    codes: Vec<Vec<u32>>,
+    batch: usize,
+) -> crate::Result<Vec<RankedCodes>> {
+    let right = encode_checked(
+        tokenizer,
+        &lower_strip(text),
+        model.config().r_text_seq_length,
+        "text",
+    );
+    let pairs: Vec<(&[u32], &[u32])> = codes
+        .iter()
+        .map(|c| (c.as_slice(), right.as_slice()))
+        .collect();
+    let scores = score_pairs(model, &pairs, 1, batch)?;
+    let mut out: Vec<RankedCodes> = codes
+        .into_iter()
+        .zip(scores)
+        .map(|(codes, s)| RankedCodes {
+            codes,
+            ppl_text: s.ppl_text,
+            ppl_image: s.ppl_image,
+        })
+        .collect();
+    out.sort_by(|a, b| a.ppl_text.total_cmp(&b.ppl_text));
+    Ok(out)
+}
+
+/// `encode_text` with a warning when the text does not fit its slots (it is truncated, and the
+/// original then loses the EOS too).
+pub fn encode_checked(tokenizer: &TextTokenizer, text: &str, slots: usize, what: &str) -> Vec<u32> {
+    let ids = tokenizer.encode_text(text, slots);
+    if tokenizer.bpe().encode(text).len() + 2 > slots {
+        eprintln!(
+            "warning: the {what} «{text}» needs more than the {slots} text slots; it was truncated"
+        );
+    }
+    ids
 }

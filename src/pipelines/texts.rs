@@ -1,10 +1,12 @@
 //! Text generation in the left-text segment (rc1 `generate_texts`), ranked by perplexity.
 
+use super::GenerateOptions;
 use super::generate::{Plan, generate};
 use super::perplexity::{ce_to_ppl, token_cross_entropy};
 use crate::model::{Rudolph, masks};
 use crate::progress::Progress;
 use crate::sampling::SamplingParams;
+use crate::tokenizer::{TextTokenizer, lower_strip};
 use candle_core::{Result, Tensor};
 
 pub const BOS: u32 = 2;
@@ -106,6 +108,85 @@ pub fn left_text_perplexities(
         let targets = ids.narrow(1, 1, l - 1)?;
         let ce = token_cross_entropy(&logits, 0..l - 1, 0..cfg.text_vocab(), &targets, Some(0))?;
         out.extend(ce.iter().map(|row| ce_to_ppl(row)));
+    }
+    Ok(out)
+}
+
+/// A generated text and its perplexity (lower is better).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GeneratedText {
+    pub text: String,
+    pub ppl: f32,
+}
+
+/// rc1 `generate_texts`: `count` left texts continuing `template`, deduplicated (first
+/// occurrence order) and sorted by perplexity. `fidelity` picks the original's text-end and
+/// special-id rules or the fixed ones.
+pub fn generate_texts(
+    model: &Rudolph,
+    tokenizer: &TextTokenizer,
+    template: &str,
+    count: usize,
+    opts: &GenerateOptions,
+) -> crate::Result<Vec<GeneratedText>> {
+    let l = model.config().l_text_seq_length;
+    let encoded = tokenizer.encode_text(&lower_strip(template), l);
+    let prefix = template_prefix(&encoded, l, "template")?;
+    let progress = Progress::new(((l - prefix.len()) * count) as u64, "texts", opts.progress);
+    let rows = generate_text_ids(
+        model,
+        &prefix,
+        count,
+        opts.batch_size,
+        &opts.params,
+        opts.seed,
+        opts.fidelity.special_ids(),
+        &progress,
+    )?;
+    progress.finish();
+    let texts = decode_unique(tokenizer, &rows, opts.fidelity.text_end())?;
+    // As the original, each text is re-encoded from its decoded string before scoring.
+    let encoded: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer.encode_text(&lower_strip(t), l))
+        .collect();
+    let ppl = left_text_perplexities(model, &encoded, opts.batch_size)?;
+    let mut out: Vec<GeneratedText> = texts
+        .into_iter()
+        .zip(ppl)
+        .map(|(text, ppl)| GeneratedText { text, ppl })
+        .collect();
+    out.sort_by(|a, b| a.ppl.total_cmp(&b.ppl));
+    Ok(out)
+}
+
+/// `[BOS, template…]` from an `encode_text` row: everything before its EOS (the original's
+/// `count(≠0) − 1`). A template that fills the slots loses its EOS; it is cut so that at least
+/// one token is still generated.
+pub fn template_prefix(encoded: &[u32], slots: usize, what: &str) -> crate::Result<Vec<u32>> {
+    let nonzero = encoded.iter().filter(|&&t| t != 0).count();
+    let mut len = nonzero.saturating_sub(1).max(1);
+    if len >= slots {
+        eprintln!("warning: the {what} does not fit the {slots} text slots; it was truncated");
+        len = slots - 1;
+    }
+    Ok(encoded[..len].to_vec())
+}
+
+/// Cuts each row at its end, decodes it, strips it and keeps the non-empty texts once each, in
+/// the order first seen (the original's `set` has no order).
+pub fn decode_unique(
+    tokenizer: &TextTokenizer,
+    rows: &[Vec<u32>],
+    end: TextEnd,
+) -> crate::Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for row in rows {
+        let text = tokenizer.decode_text(cut_text(row, end))?;
+        let text = text.trim().to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push(text);
+        }
     }
     Ok(out)
 }
