@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod tokenize;
+
 #[derive(Debug, Parser)]
 #[command(name = "rudolph", version, about = "RuDOLPH, the hyper-modal transformer, in Rust")]
 pub struct Cli {
@@ -13,6 +15,10 @@ pub struct Cli {
 pub enum Command {
     /// Print a configuration preset (or a config.json) as the original constructor arguments.
     Config(ConfigArgs),
+    /// Encode texts with the YouTokenToMe tokenizer (ids and pieces).
+    Tokenize(tokenize::TokenizeArgs),
+    /// Decode token id lists back to text.
+    Detokenize(tokenize::DetokenizeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -28,5 +34,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             Ok(())
         }
+        Command::Tokenize(args) => tokenize::tokenize(args),
+        Command::Detokenize(args) => tokenize::detokenize(args),
     }
 }
