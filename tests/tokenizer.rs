@@ -205,13 +205,22 @@ fn appendix_b() -> Bpe {
     Bpe::from_str_model(&APPENDIX_B.replace(';', "\n"), "appendix-b").unwrap()
 }
 
+/// input, ids, subwords, decode, decode ignoring specials.
+type AppendixRow = (
+    &'static str,
+    &'static [u32],
+    &'static [&'static str],
+    &'static str,
+    &'static str,
+);
+
 #[test]
 fn appendix_b_table() {
     let bpe = appendix_b();
     assert_eq!(bpe.vocab_size(), 60);
     let specials = [0, 1, 2, 3];
     #[rustfmt::skip]
-    let table: &[(&str, &[u32], &[&str], &str, &str)] = &[
+    let table: &[AppendixRow] = &[
         ("привет мир", &[35, 41], &["▁привет", "▁мир"], "привет мир", "привет мир"),
         ("  привет   мир  ", &[35, 41], &["▁привет", "▁мир"], "привет мир", "привет мир"),
         ("привет\tмир\n", &[35, 41], &["▁привет", "▁мир"], "привет мир", "привет мир"),
