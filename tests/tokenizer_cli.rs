@@ -52,7 +52,7 @@ fn sample_texts() -> Vec<String> {
         .unwrap()
         .iter()
         .map(|c| c["text"].as_str().unwrap().to_string())
-        .filter(|t| !t.trim().is_empty() && !t.contains('\n'))
+        .filter(|t| !t.trim().is_empty() && !t.contains(['\n', '\r']))
         .collect();
     texts.truncate(2);
     assert_eq!(texts.len(), 2, "need two non-blank fixture texts");
@@ -64,7 +64,13 @@ fn tokenize_json_matches_library() {
     let model = model_path();
     let tok = TextTokenizer::load(&model).unwrap();
     let texts = sample_texts();
-    let mut args = vec!["tokenize", "--json", "--tokenizer", model.to_str().unwrap()];
+    let mut args = vec![
+        "tokenize",
+        "--json",
+        "--tokenizer",
+        model.to_str().unwrap(),
+        "--",
+    ];
     args.extend(texts.iter().map(String::as_str));
     let stdout = stdout_ok(&run(&args, None));
     let lines: Vec<Value> = stdout
@@ -107,6 +113,7 @@ fn tokenize_json_matches_library() {
             "tokenize",
             "--tokenizer",
             model.to_str().unwrap(),
+            "--",
             &texts[0],
         ],
         None,
@@ -131,7 +138,7 @@ fn detokenize_round_trip() {
     let texts = sample_texts();
 
     // JSON lines from tokenize feed detokenize directly.
-    let mut args = vec!["tokenize", "--json", "--tokenizer", m];
+    let mut args = vec!["tokenize", "--json", "--tokenizer", m, "--"];
     args.extend(texts.iter().map(String::as_str));
     let json = stdout_ok(&run(&args, None));
     let decoded = stdout_ok(&run(
