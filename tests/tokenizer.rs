@@ -329,6 +329,21 @@ fn dropout_behaviour() {
             Err(TokenizerError::InvalidDropout(_))
         ));
     }
+    let tok = tokenizer();
+    for line in corpus.lines().take(20) {
+        assert_eq!(
+            tok.encode_text_with_dropout(line, 16, 0.0, &mut rng)
+                .unwrap(),
+            tok.encode_text(line, 16)
+        );
+        let framed = tok
+            .encode_text_with_dropout(line, 4096, 0.5, &mut rng)
+            .unwrap();
+        assert_eq!(
+            tok.decode_text(&framed).unwrap(),
+            tok.decode_text(&tok.encode_text(line, 4096)).unwrap()
+        );
+    }
     let mut total_plain = 0;
     let mut total_dropout = 0;
     for line in corpus.lines() {
