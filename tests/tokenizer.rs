@@ -205,13 +205,22 @@ fn appendix_b() -> Bpe {
     Bpe::from_str_model(&APPENDIX_B.replace(';', "\n"), "appendix-b").unwrap()
 }
 
+/// input, ids, subwords, decode, decode ignoring specials.
+type AppendixRow = (
+    &'static str,
+    &'static [u32],
+    &'static [&'static str],
+    &'static str,
+    &'static str,
+);
+
 #[test]
 fn appendix_b_table() {
     let bpe = appendix_b();
     assert_eq!(bpe.vocab_size(), 60);
     let specials = [0, 1, 2, 3];
     #[rustfmt::skip]
-    let table: &[(&str, &[u32], &[&str], &str, &str)] = &[
+    let table: &[AppendixRow] = &[
         ("привет мир", &[35, 41], &["▁привет", "▁мир"], "привет мир", "привет мир"),
         ("  привет   мир  ", &[35, 41], &["▁привет", "▁мир"], "привет мир", "привет мир"),
         ("привет\tмир\n", &[35, 41], &["▁привет", "▁мир"], "привет мир", "привет мир"),
@@ -319,6 +328,21 @@ fn dropout_behaviour() {
             bpe.encode_with_dropout("кот", bad, &mut rng),
             Err(TokenizerError::InvalidDropout(_))
         ));
+    }
+    let tok = tokenizer();
+    for line in corpus.lines().take(20) {
+        assert_eq!(
+            tok.encode_text_with_dropout(line, 16, 0.0, &mut rng)
+                .unwrap(),
+            tok.encode_text(line, 16)
+        );
+        let framed = tok
+            .encode_text_with_dropout(line, 4096, 0.5, &mut rng)
+            .unwrap();
+        assert_eq!(
+            tok.decode_text(&framed).unwrap(),
+            tok.decode_text(&tok.encode_text(line, 4096)).unwrap()
+        );
     }
     let mut total_plain = 0;
     let mut total_dropout = 0;

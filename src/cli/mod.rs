@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod tokenize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,6 +22,10 @@ pub enum Command {
     Config(ConfigArgs),
     /// Time a task (image, caption, rerank, forward) on a preset with random weights.
     Bench(bench::BenchArgs),
+    /// Encode texts with the YouTokenToMe tokenizer (ids and pieces).
+    Tokenize(tokenize::TokenizeArgs),
+    /// Decode token id lists back to text.
+    Detokenize(tokenize::DetokenizeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,6 +42,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Tokenize(args) => tokenize::tokenize(args),
+        Command::Detokenize(args) => tokenize::detokenize(args),
     }
 }
 

@@ -480,10 +480,7 @@ impl Bpe {
         let mut runs: Vec<Range<usize>> = Vec::new();
         let mut rest = text;
         let mut offset = 0;
-        loop {
-            let Some(start) = rest.find(|c: char| !is_yttm_space(c)) else {
-                break;
-            };
+        while let Some(start) = rest.find(|c: char| !is_yttm_space(c)) {
             let end = rest[start..]
                 .find(is_yttm_space)
                 .map_or(rest.len(), |e| start + e);

@@ -61,7 +61,7 @@ fn push_lower(c: char, out: &mut String) {
     if k > 0 {
         let (first, count, delta, stride) = LOWER_RUNS[k - 1];
         let off = cp - first;
-        if off % stride == 0 && off / stride < count {
+        if off.is_multiple_of(stride) && off / stride < count {
             let lowered = cp.checked_add_signed(delta).and_then(char::from_u32);
             out.push(lowered.unwrap_or(c));
             return;

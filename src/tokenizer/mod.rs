@@ -17,7 +17,7 @@ pub use wrapper::TextTokenizer;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     /// The model file could not be read.
-    #[error("cannot read tokenizer model {}: {source}", path.display())]
+    #[error("cannot read tokenizer model {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
