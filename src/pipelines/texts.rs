@@ -6,7 +6,7 @@ use super::perplexity::{ce_to_ppl, token_cross_entropy};
 use crate::model::{Rudolph, masks};
 use crate::progress::Progress;
 use crate::sampling::SamplingParams;
-use crate::tokenizer::{TextTokenizer, lower_strip};
+use crate::tokenizer::{TextTokenizer, lower_strip, python_strip};
 use candle_core::{Result, Tensor};
 
 pub const BOS: u32 = 2;
@@ -183,7 +183,7 @@ pub fn decode_unique(
     let mut out: Vec<String> = Vec::new();
     for row in rows {
         let text = tokenizer.decode_text(cut_text(row, end))?;
-        let text = text.trim().to_string();
+        let text = python_strip(&text).to_string();
         if !text.is_empty() && !out.contains(&text) {
             out.push(text);
         }

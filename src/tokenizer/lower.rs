@@ -46,6 +46,11 @@ pub fn lower_strip(text: &str) -> String {
 }
 
 /// Python's `str.isspace()` for one character.
+/// Python's `text.strip()` (its notion of whitespace, not Rust's `trim`).
+pub fn python_strip(text: &str) -> &str {
+    text.trim_matches(is_python_space)
+}
+
 pub(crate) fn is_python_space(c: char) -> bool {
     PY_WHITESPACE.binary_search(&c).is_ok()
 }

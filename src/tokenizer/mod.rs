@@ -10,7 +10,7 @@ mod wrapper;
 use std::path::PathBuf;
 
 pub use bpe::{Bpe, SpecialIds};
-pub use lower::lower_strip;
+pub use lower::{lower_strip, python_strip};
 pub use wrapper::TextTokenizer;
 
 /// Everything that can go wrong while loading a model or encoding/decoding with it.
