@@ -1,9 +1,15 @@
 //! The `rudolph` command line: one file per command, each a thin layer over the library.
 
+mod convert;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "rudolph", version, about = "RuDOLPH, the hyper-modal transformer, in Rust")]
+#[command(
+    name = "rudolph",
+    version,
+    about = "RuDOLPH, the hyper-modal transformer, in Rust"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -13,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Print a configuration preset (or a config.json) as the original constructor arguments.
     Config(ConfigArgs),
+    /// Convert a checkpoint (torch zip, legacy torch or safetensors) to safetensors.
+    Convert(convert::ConvertArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -28,5 +36,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             Ok(())
         }
+        Command::Convert(args) => convert::run(args),
     }
 }
