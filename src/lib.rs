@@ -12,4 +12,6 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod train;
 
+pub mod weights;
+
 pub use error::{Error, Result};

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 use rudolph::model::masks::{self, LayerMaskKind, MaskVariant};
-use rudolph::model::{Labels, LossWeights};
+use rudolph::model::{Labels, LossWeights, Rudolph};
 
 const RTOL: f64 = 1e-4;
 const ATOL: f64 = 1e-5;
@@ -315,4 +315,88 @@ fn bad_inputs_are_errors_not_panics() {
     let ids = Tensor::zeros((1, 4), DType::U32, &Device::Cpu).unwrap();
     let err = model.forward(&ids, &small_mask).unwrap_err().to_string();
     assert!(err.contains("attention mask"), "{err}");
+}
+
+#[test]
+fn bin_and_safetensors_load_into_identical_models() {
+    let cfg = tiny_config();
+    let g = goldens("model_goldens/forward.safetensors");
+    let (ids, mask) = (get(&g, "input_ids"), get(&g, "attention_mask_default"));
+    let mut logits = Vec::new();
+    for file in [
+        "rudolph_tiny/pytorch_model.bin",
+        "rudolph_tiny/model.safetensors",
+    ] {
+        let ckpt = rudolph::weights::Checkpoint::open(fixture(file)).unwrap();
+        let (model, report) =
+            Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(report.mask_variant, Some(MaskVariant::Rc1), "{file}");
+        assert_eq!(report.parameters, Rudolph::parameter_count(&cfg), "{file}");
+        assert_eq!(
+            report.dtypes.get("bool"),
+            Some(&4),
+            "{file}: the four masks arrive as bool"
+        );
+        let l = model.forward(ids, mask).unwrap();
+        assert_close(file, &l, get(&g, "logits_default"), RTOL, ATOL);
+        logits.push(flat_f64(&l));
+    }
+    assert_eq!(
+        logits[0], logits[1],
+        ".bin and .safetensors give the same model"
+    );
+}
+
+#[test]
+fn a_renamed_key_and_a_wrong_shape_are_reported_by_name() {
+    let cfg = tiny_config();
+    let dir = std::env::temp_dir().join(format!("rudolph-model-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = tiny_tensors().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let renamed: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let n = if n == "transformer.final_layernorm.bias" {
+                "transformer.final_norm.bias".to_string()
+            } else {
+                n.clone()
+            };
+            (n, t.clone())
+        })
+        .collect();
+    let path = dir.join("renamed.safetensors");
+    rudolph::weights::save_safetensors(&renamed, &path).unwrap();
+    let ckpt = rudolph::weights::Checkpoint::open(&path).unwrap();
+    let err = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("transformer.final_layernorm.bias")
+            && err.contains("transformer.final_norm.bias"),
+        "{err}"
+    );
+    let reshaped: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let t = if n == "image_embeddings.weight" {
+                t.narrow(0, 1, t.dim(0).unwrap() - 1).unwrap()
+            } else {
+                t.clone()
+            };
+            (n.clone(), t)
+        })
+        .collect();
+    let path = dir.join("reshaped.safetensors");
+    rudolph::weights::save_safetensors(&reshaped, &path).unwrap();
+    let ckpt = rudolph::weights::Checkpoint::open(&path).unwrap();
+    let err = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    let want = format!("{}", cfg.image_vocab());
+    assert!(
+        err.contains("image_embeddings.weight") && err.contains(&want),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

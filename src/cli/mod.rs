@@ -1,8 +1,11 @@
 //! The `rudolph` command line: one file per command, each a thin layer over the library.
 
+mod convert;
+
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod inspect;
 mod tokenize;
 
 #[derive(Debug, Parser)]
@@ -26,6 +29,10 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Decode token id lists back to text.
     Detokenize(tokenize::DetokenizeArgs),
+    /// Show what a checkpoint file or model folder holds: preset, parameters, dtypes, mask version.
+    Inspect(inspect::InspectArgs),
+    /// Convert a checkpoint (torch zip, legacy torch or safetensors) to safetensors.
+    Convert(convert::ConvertArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +51,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Detokenize(args) => tokenize::detokenize(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }
 

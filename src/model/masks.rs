@@ -66,6 +66,15 @@ pub enum MaskVariant {
     Rc10,
 }
 
+impl MaskVariant {
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Rc1 => "rc1",
+            Self::Rc10 => "rc10",
+        }
+    }
+}
+
 impl std::fmt::Display for MaskVariant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod dropout;
 pub mod embeddings;
 pub mod layer;
+pub mod load;
 pub mod loss;
 pub mod masks;
 

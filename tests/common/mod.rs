@@ -94,21 +94,11 @@ pub fn tiny_model() -> rudolph::model::Rudolph {
     tiny_model_with_bias(&serde_json::Value::Null)
 }
 
-/// Every tensor of the tiny model's safetensors file as f32 (bool masks as 0/1).
+/// Every tensor of the tiny model, read by the library's checkpoint reader (masks as 0/1).
 pub fn tiny_tensors() -> HashMap<String, Tensor> {
-    let path = fixture("rudolph_tiny/model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut map = HashMap::new();
-    for (name, view) in st.tensors() {
-        let t = if view.dtype() == safetensors::Dtype::BOOL {
-            Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), &Device::Cpu).unwrap()
-        } else {
-            candle_core::safetensors::Load::load(&view, &Device::Cpu).unwrap()
-        };
-        map.insert(name, t.to_dtype(DType::F32).unwrap());
-    }
-    map
+    let ckpt =
+        rudolph::weights::Checkpoint::open(fixture("rudolph_tiny/model.safetensors")).unwrap();
+    ckpt.load_all(DType::F32, &Device::Cpu).unwrap()
 }
 
 /// The tiny model with a golden's `logit_bias` (`{token_id: delta}`) added to the head bias.

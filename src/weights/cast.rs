@@ -1,0 +1,222 @@
+//! Conversion of stored (little-endian, possibly strided) tensor bytes into candle tensors.
+//!
+//! Each element is read once from the mapped bytes and written once into the output vector, so
+//! loading never holds more than the output tensor. Floats go through f64, which is exact for
+//! every stored float type, so f32→f16 and f32→bf16 round once, like torch's `.half()`.
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+
+use super::StoredDtype;
+
+/// A strided tensor over stored bytes. `stride` and `offset` count elements.
+pub(crate) struct View<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: StoredDtype,
+    pub shape: &'a [usize],
+    pub stride: &'a [usize],
+    pub offset: usize,
+}
+
+impl View<'_> {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn is_contiguous(&self) -> bool {
+        let mut expected = 1;
+        for (&size, &stride) in self.shape.iter().zip(self.stride).rev() {
+            if size != 1 && stride != expected {
+                return false;
+            }
+            expected *= size;
+        }
+        true
+    }
+
+    /// Calls `f` with each element's bytes in row-major order. The caller (open) has checked
+    /// that every addressed element lies inside `bytes`.
+    fn for_each(&self, mut f: impl FnMut(&[u8])) {
+        let es = self.dtype.size();
+        let n = self.numel();
+        if n == 0 {
+            return;
+        }
+        if self.is_contiguous() {
+            let start = self.offset * es;
+            self.bytes[start..start + n * es]
+                .chunks_exact(es)
+                .for_each(f);
+            return;
+        }
+        let rank = self.shape.len();
+        let mut idx = vec![0usize; rank];
+        let mut pos = self.offset;
+        let last = rank - 1;
+        let (last_size, last_stride) = (self.shape[last], self.stride[last]);
+        loop {
+            for i in 0..last_size {
+                let at = (pos + i * last_stride) * es;
+                f(&self.bytes[at..at + es]);
+            }
+            // Odometer over the outer dimensions.
+            let mut d = last;
+            loop {
+                if d == 0 {
+                    return;
+                }
+                d -= 1;
+                idx[d] += 1;
+                pos += self.stride[d];
+                if idx[d] < self.shape[d] {
+                    break;
+                }
+                pos -= self.stride[d] * idx[d];
+                idx[d] = 0;
+            }
+        }
+    }
+
+    fn collect<T>(&self, conv: impl Fn(&[u8]) -> T) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.numel());
+        self.for_each(|c| out.push(conv(c)));
+        out
+    }
+}
+
+fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(c);
+    a
+}
+
+fn read_float(dtype: StoredDtype) -> fn(&[u8]) -> f64 {
+    match dtype {
+        StoredDtype::F64 => |c| f64::from_le_bytes(arr(c)),
+        StoredDtype::F32 => |c| f64::from(f32::from_le_bytes(arr(c))),
+        StoredDtype::F16 => |c| f16::from_le_bytes(arr(c)).to_f64(),
+        StoredDtype::BF16 => |c| bf16::from_le_bytes(arr(c)).to_f64(),
+        StoredDtype::I64 => |c| i64::from_le_bytes(arr(c)) as f64,
+        StoredDtype::I32 => |c| f64::from(i32::from_le_bytes(arr(c))),
+        StoredDtype::I16 => |c| f64::from(i16::from_le_bytes(arr(c))),
+        StoredDtype::I8 => |c| f64::from(c[0] as i8),
+        StoredDtype::U8 => |c| f64::from(c[0]),
+        StoredDtype::Bool => |c| f64::from(u8::from(c[0] != 0)),
+    }
+}
+
+fn read_int(dtype: StoredDtype) -> Option<fn(&[u8]) -> i64> {
+    Some(match dtype {
+        StoredDtype::I64 => |c| i64::from_le_bytes(arr(c)),
+        StoredDtype::I32 => |c| i64::from(i32::from_le_bytes(arr(c))),
+        StoredDtype::I16 => |c| i64::from(i16::from_le_bytes(arr(c))),
+        StoredDtype::I8 => |c| i64::from(c[0] as i8),
+        StoredDtype::U8 => |c| i64::from(c[0]),
+        StoredDtype::Bool => |c| i64::from(c[0] != 0),
+        _ => return None,
+    })
+}
+
+/// Converts integer values, failing on the first one the target type cannot hold.
+fn narrow<T: TryFrom<i64>>(values: Vec<i64>) -> Result<Vec<T>, String> {
+    values
+        .into_iter()
+        .map(|v| T::try_from(v).map_err(|_| format!("value {v} is out of range")))
+        .collect()
+}
+
+/// Reads `view` into a contiguous tensor of type `target`.
+pub(crate) fn to_tensor(view: &View<'_>, target: DType, device: &Device) -> Result<Tensor, String> {
+    let shape = view.shape.to_vec();
+    let err = |e: candle_core::Error| e.to_string();
+    // Same type, contiguous: one copy of the bytes (candle needs an aligned buffer anyway).
+    if view.dtype.candle() == Some(target) && view.is_contiguous() {
+        let es = view.dtype.size();
+        let start = view.offset * es;
+        let bytes = &view.bytes[start..start + view.numel() * es];
+        return Tensor::from_raw_buffer(bytes, target, &shape, device).map_err(err);
+    }
+    let float = read_float(view.dtype);
+    let t = match target {
+        DType::F64 => Tensor::from_vec(view.collect(float), shape, device),
+        DType::F32 => Tensor::from_vec(view.collect(|c| float(c) as f32), shape, device),
+        DType::F16 => Tensor::from_vec(view.collect(|c| f16::from_f64(float(c))), shape, device),
+        DType::BF16 => Tensor::from_vec(view.collect(|c| bf16::from_f64(float(c))), shape, device),
+        DType::U8 if view.dtype.is_float() => {
+            Tensor::from_vec(view.collect(|c| u8::from(float(c) != 0.0)), shape, device)
+        }
+        DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => {
+            let Some(int) = read_int(view.dtype) else {
+                return Err(format!(
+                    "a {} tensor can only be read as a float type or as U8 (value != 0)",
+                    view.dtype
+                ));
+            };
+            let values = view.collect(int);
+            match target {
+                DType::U8 => Tensor::from_vec(narrow::<u8>(values)?, shape, device),
+                DType::U32 => Tensor::from_vec(narrow::<u32>(values)?, shape, device),
+                DType::I16 => Tensor::from_vec(narrow::<i16>(values)?, shape, device),
+                DType::I32 => Tensor::from_vec(narrow::<i32>(values)?, shape, device),
+                _ => Tensor::from_vec(values, shape, device),
+            }
+        }
+        other => return Err(format!("unsupported target type {other:?}")),
+    };
+    t.map_err(err)
+}
+
+/// Element count and the number of stored elements a strided view reaches (offset included):
+/// the storage must hold at least that many. `None` on arithmetic overflow.
+pub(crate) fn extent(shape: &[usize], stride: &[usize], offset: usize) -> Option<(usize, usize)> {
+    let numel = shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s))?;
+    if numel == 0 {
+        return Some((0, 0));
+    }
+    let mut last = offset;
+    for (&size, &st) in shape.iter().zip(stride) {
+        last = last.checked_add((size - 1).checked_mul(st)?)?;
+    }
+    Some((numel, last.checked_add(1)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_view_is_materialised_in_row_major_order() {
+        // Storage 0..12 as f32, view = 3x2 transpose of a 2x3 block starting at element 1.
+        let bytes: Vec<u8> = (0..12).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let view = View {
+            bytes: &bytes,
+            dtype: StoredDtype::F32,
+            shape: &[3, 2],
+            stride: &[1, 3],
+            offset: 1,
+        };
+        let t = to_tensor(&view, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            t.to_vec2::<f32>().unwrap(),
+            vec![vec![1., 4.], vec![2., 5.], vec![3., 6.]]
+        );
+        assert_eq!(extent(&[3, 2], &[1, 3], 1), Some((6, 7)));
+    }
+
+    #[test]
+    fn float_masks_read_as_u8_are_nonzero_tests() {
+        let bytes: Vec<u8> = [0.0f32, 1.0, -0.0, 0.5]
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let view = View {
+            bytes: &bytes,
+            dtype: StoredDtype::F16,
+            shape: &[4],
+            stride: &[1],
+            offset: 0,
+        };
+        let t = to_tensor(&view, DType::U8, &Device::Cpu).unwrap();
+        assert_eq!(t.to_vec1::<u8>().unwrap(), vec![0, 1, 0, 1]);
+    }
+}
