@@ -3,4 +3,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod image;
+pub mod vae;
 pub mod weights;
