@@ -204,6 +204,47 @@ fn fixture_configs_parse_and_validate() {
     assert!(err.to_string().contains("absent.config.yml"), "{err}");
 }
 
+#[test]
+fn expected_tensors_are_exactly_the_fixture_checkpoint_keys() {
+    let manifest = json("manifest.json");
+    for ckpt in [plain_ckpt(), dwt_ckpt()] {
+        let rel = ckpt
+            .strip_prefix(fixtures())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace('\\', "/");
+        let entries = manifest["files"][&rel]
+            .as_object()
+            .expect("checkpoint in manifest");
+        let stored: std::collections::BTreeMap<String, Vec<usize>> = entries
+            .iter()
+            .map(|(k, v)| {
+                let k = k.strip_prefix("state_dict.").unwrap_or(k);
+                let k = k.strip_prefix("model.").unwrap_or(k);
+                let shape = v["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize);
+                (k.to_string(), shape.collect())
+            })
+            .collect();
+        let layout = if stored.keys().any(|k| k.starts_with("decoder.decoder.")) {
+            VqganLayout::Dwt
+        } else {
+            VqganLayout::Plain
+        };
+        let cfg = rudolph::vae::config_for_checkpoint(&ckpt, None).unwrap();
+        let expected: std::collections::BTreeMap<String, Vec<usize>> =
+            rudolph::vae::expected_tensors(&cfg, layout)
+                .unwrap()
+                .into_iter()
+                .collect();
+        assert_eq!(expected, stored, "{rel}");
+    }
+}
+
 // --- encoder ----------------------------------------------------------------------------
 
 #[test]
@@ -503,6 +544,26 @@ fn cli_encode_then_decode_round_trip() {
             .unwrap(),
     );
     assert_eq!(codes, golden);
+
+    let vae = load(&ckpt);
+    let bigger = (2 * vae.config().ddconfig.resolution).to_string();
+    let big = rudolph(os![
+        "encode-image",
+        png,
+        "--vae",
+        ckpt,
+        "--json",
+        "--size",
+        bigger
+    ]);
+    assert!(
+        big.status.success(),
+        "{}",
+        String::from_utf8_lossy(&big.stderr)
+    );
+    let v_big: serde_json::Value = serde_json::from_slice(&big.stdout).unwrap();
+    assert_eq!(v_big["size"].as_u64().unwrap() as usize, 2 * side);
+    assert_eq!(v_big["codes"].as_array().unwrap().len(), 4 * side * side);
 
     let grid = rudolph(os!["encode-image", png, "--vae", ckpt]);
     assert!(grid.status.success());

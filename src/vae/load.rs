@@ -199,3 +199,72 @@ impl Vqgan {
         Ok(model)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SPEC §5.2 / Appendix A: 301 tensors (68,995,971 values) for the plain model, 307
+    /// (69,072,148) with the DWT decoder.
+    #[test]
+    fn real_config_key_counts_match_the_reference() {
+        let cfg = VqganConfig::gumbelf8_sber();
+        for (layout, keys, values) in [
+            (VqganLayout::Plain, 301, 68_995_971),
+            (VqganLayout::Dwt, 307, 69_072_148),
+        ] {
+            let list = expected_tensors(&cfg, layout).unwrap();
+            assert_eq!(list.len(), keys, "{layout:?}");
+            let total: usize = list.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            assert_eq!(total, values, "{layout:?}");
+        }
+        let plain = expected_tensors(&cfg, VqganLayout::Plain).unwrap();
+        let find = |n: &str| plain.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone());
+        assert_eq!(
+            find("encoder.down.3.attn.1.q.weight"),
+            Some(vec![512, 512, 1, 1])
+        );
+        assert_eq!(find("decoder.up.3.attn.2.proj_out.bias"), Some(vec![512]));
+        assert_eq!(
+            find("decoder.up.1.block.0.nin_shortcut.weight"),
+            Some(vec![128, 256, 1, 1])
+        );
+        assert_eq!(find("quantize.embed.weight"), Some(vec![8192, 256]));
+        assert_eq!(find("encoder.down.3.downsample.conv.weight"), None);
+    }
+
+    #[test]
+    fn layout_detection() {
+        assert_eq!(
+            detect_layout(&["encoder.conv_in.weight", "decoder.conv_in.weight", "loss.x"]),
+            ("", VqganLayout::Plain)
+        );
+        assert_eq!(
+            detect_layout(&[
+                "model.encoder.conv_in.weight",
+                "model.decoder.conv_in.weight"
+            ]),
+            ("model.", VqganLayout::Plain)
+        );
+        assert_eq!(
+            detect_layout(&["model.encoder.conv_in.weight", "model.decoder.idwt.g0_col"]),
+            ("model.", VqganLayout::Dwt)
+        );
+    }
+
+    #[test]
+    fn sibling_config_strips_extensions_progressively() {
+        let dir = std::env::temp_dir().join(format!("rudolph-vae-sibling-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("vqgan.gumbelf8-sber.config.yml");
+        std::fs::write(&cfg, "").unwrap();
+        let found = sibling_config(&dir.join("vqgan.gumbelf8-sber.model.ckpt"));
+        assert_eq!(found.as_deref(), Some(cfg.as_path()));
+        assert_eq!(
+            sibling_config(&dir.join("vqgan.gumbelf8-sber-dwt.model.ckpt")),
+            None
+        );
+        assert_eq!(sibling_config(&dir.join("other.ckpt")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
