@@ -11,6 +11,10 @@ pub enum Error {
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
+    Vae(#[from] crate::vae::VaeError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("{path}: {source}")]
     Io {

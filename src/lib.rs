@@ -5,13 +5,14 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod model;
 pub mod pipelines;
 pub mod progress;
 pub mod sampling;
 pub mod tokenizer;
 pub mod train;
-
+pub mod vae;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! The `rudolph` command line: one file per command, each a thin layer over the library.
 
 mod convert;
+mod vae;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert a checkpoint (torch zip, legacy torch or safetensors) to safetensors.
     Convert(convert::ConvertArgs),
+    /// Encode a picture into VQGAN image codes (centre crop, PIL-bilinear resize, argmax codes).
+    EncodeImage(vae::EncodeImageArgs),
+    /// Decode VQGAN image codes (JSON) into a PNG; several code lists make a grid.
+    DecodeCodes(vae::DecodeCodesArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,6 +58,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Detokenize(args) => tokenize::detokenize(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::EncodeImage(args) => vae::encode_image(args),
+        Command::DecodeCodes(args) => vae::decode_codes(args),
     }
 }
 
