@@ -6,7 +6,13 @@ mod vae;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod caption;
+mod classify;
+mod common;
+mod image;
 mod inspect;
+mod rerank;
+mod text;
 mod tokenize;
 
 #[derive(Debug, Parser)]
@@ -24,6 +30,16 @@ pub struct Cli {
 pub enum Command {
     /// Print a configuration preset (or a config.json) as the original constructor arguments.
     Config(ConfigArgs),
+    /// Generate texts (left-text continuations of a template), ranked by perplexity.
+    Text(text::TextArgs),
+    /// Draw pictures from a text: generate candidates, rerank them by the text, save the best.
+    Image(image::ImageArgs),
+    /// Caption a picture: generate captions and rank them by the picture.
+    Caption(caption::CaptionArgs),
+    /// Zero-shot classification of a picture among class names.
+    Classify(classify::ClassifyArgs),
+    /// Perplexity of a text given each candidate picture (or code grid), best first.
+    Rerank(rerank::RerankArgs),
     /// Time a task (image, caption, rerank, forward) on a preset with random weights.
     Bench(bench::BenchArgs),
     /// Encode texts with the YouTokenToMe tokenizer (ids and pieces).
@@ -54,6 +70,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Text(args) => text::run(args),
+        Command::Image(args) => image::run(args),
+        Command::Caption(args) => caption::run(args),
+        Command::Classify(args) => classify::run(args),
+        Command::Rerank(args) => rerank::run(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Detokenize(args) => tokenize::detokenize(args),
         Command::Inspect(args) => inspect::run(args),

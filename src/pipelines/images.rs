@@ -4,11 +4,13 @@
 use super::GenerateOptions;
 use super::generate::{Plan, generate};
 use super::rerank::score_pairs;
+use crate::error::invalid;
 use crate::model::{Rudolph, masks};
 use crate::progress::Progress;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{TextTokenizer, lower_strip};
-use candle_core::Result;
+use crate::vae::Vqgan;
+use candle_core::{Result, Tensor};
 
 /// Known image cells that generation copies instead of sampling.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,4 +193,58 @@ pub fn encode_checked(tokenizer: &TextTokenizer, text: &str, slots: usize, what:
         );
     }
     ids
+}
+
+/// ruDALL-E `ImagePrompts`: the codes of a picture's borders, to be kept while the interior is
+/// generated. `picture`: `[3, H, W]` in [0, 1], already `8·D` pixels square (not resized, as the
+/// original). With `crop_first`, each border strip is encoded on its own (down, right, left,
+/// up; later strips overwrite the corners), else the whole picture is encoded once.
+pub fn image_prompt(
+    vae: &Vqgan,
+    picture: &Tensor,
+    borders: Borders,
+    crop_first: bool,
+) -> crate::Result<ImagePrompt> {
+    let (_, h, w) = picture.dims3()?;
+    if h != w || h % 8 != 0 {
+        return Err(invalid(format!(
+            "an image prompt needs a square picture whose side is a multiple of 8, got {w}×{h}"
+        )));
+    }
+    let side = h / 8;
+    let known = borders.mask(side)?;
+    let encode = |t: &Tensor| -> crate::Result<Vec<u32>> {
+        Ok(vae
+            .encode_codes(&t.unsqueeze(0)?)?
+            .flatten_all()?
+            .to_vec1::<u32>()?)
+    };
+    let codes = if !crop_first {
+        encode(picture)?
+    } else {
+        let mut grid = vec![0u32; side * side];
+        let mut write =
+            |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| -> crate::Result<()> {
+                if rows.is_empty() || cols.is_empty() {
+                    return Ok(());
+                }
+                let strip = picture.narrow(1, rows.start * 8, rows.len() * 8)?.narrow(
+                    2,
+                    cols.start * 8,
+                    cols.len() * 8,
+                )?;
+                let strip_codes = encode(&strip)?;
+                for (i, code) in strip_codes.into_iter().enumerate() {
+                    let (r, c) = (rows.start + i / cols.len(), cols.start + i % cols.len());
+                    grid[r * side + c] = code;
+                }
+                Ok(())
+            };
+        write(side - borders.down..side, 0..side)?;
+        write(0..side, side - borders.right..side)?;
+        write(0..side, 0..borders.left)?;
+        write(0..borders.up, 0..side)?;
+        grid
+    };
+    Ok(ImagePrompt { codes, known })
 }

@@ -1,0 +1,128 @@
+//! Flags shared by the task commands: where the model is, how to sample, how to report.
+
+use crate::folder::{Loaded, ModelSpec};
+use crate::pipelines::{Fidelity, GenerateOptions};
+use crate::sampling::SamplingParams;
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Model folder holding the original files (config.json, pytorch_model.bin or
+    /// model.safetensors, bpe.model, the VQGAN *.ckpt).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// A preset (350m, 350m-v2, 1.3b, 2.7b, 2.7b-fbc2) or config.json, overriding the folder's.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// The YouTokenToMe bpe.model, overriding the folder's.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+    /// The VQGAN checkpoint, overriding the folder's.
+    #[arg(long, value_name = "PATH")]
+    pub vae: Option<PathBuf>,
+    /// The VQGAN's .config.yml (default: the one beside the checkpoint, else the real config).
+    #[arg(long, value_name = "YML")]
+    pub vae_config: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Loaded> {
+        if self.model.is_none() && (self.tokenizer.is_none() || self.config.is_none()) {
+            anyhow::bail!(
+                "no model given: pass --model DIR (a folder with the original RuDOLPH files)"
+            );
+        }
+        let spec = ModelSpec {
+            dir: self.model.clone(),
+            config: self.config.clone(),
+            weights: None,
+            tokenizer: self.tokenizer.clone(),
+            vae: self.vae.clone(),
+            vae_config: self.vae_config.clone(),
+        };
+        Ok(Loaded::load(&spec, &Device::Cpu)?)
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SampleArgs {
+    /// Seed of the draws (default: from the clock; the JSON output reports it).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Keep the k most likely tokens (0 = all); default per task as the original.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus mass in [0, 1]; default per task as the original.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Reproduce rudolph 0.0.1rc1 exactly, including its text-end and special-id bugs.
+    #[arg(long)]
+    pub original: bool,
+}
+
+impl SampleArgs {
+    pub fn options(
+        &self,
+        default_k: usize,
+        default_p: f64,
+        quiet: bool,
+    ) -> anyhow::Result<GenerateOptions> {
+        let params = SamplingParams {
+            top_k: self.top_k.unwrap_or(default_k),
+            top_p: self.top_p.unwrap_or(default_p),
+            temperature: self.temperature,
+        };
+        params.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        Ok(GenerateOptions {
+            params,
+            seed: self.seed.unwrap_or_else(clock_seed),
+            batch_size: self.batch_size,
+            fidelity: if self.original {
+                Fidelity::Original
+            } else {
+                Fidelity::Fixed
+            },
+            progress: !quiet,
+        })
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutputArgs {
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64 % (u32::MAX as u64))
+}
+
+/// Reads a picture and turns it into the model's codes (pre-processing as the pipelines do).
+pub fn picture_codes(loaded: &Loaded, path: &Path) -> anyhow::Result<Vec<u32>> {
+    let vae = loaded.vae()?;
+    let size = loaded.model.config().image_size();
+    let img = crate::image::load_image(path)?;
+    let pixels = crate::image::preprocess(&img, size as u32, &Device::Cpu)?;
+    let codes = vae.encode_codes(&pixels.unsqueeze(0)?)?;
+    Ok(codes.flatten_all()?.to_vec1::<u32>()?)
+}
+
+/// Refuses to replace a file the user has not asked to overwrite.
+pub fn check_writable(path: &Path, force: bool) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        anyhow::bail!("{} exists; pass --force to overwrite it", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! `rudolph image TEXT`: draw candidates, rerank them by the text, save the best as a PNG grid.
+
+use super::common::{ModelArgs, OutputArgs, SampleArgs, check_writable};
+use crate::pipelines::images::{Borders, generate_images, image_prompt};
+use candle_core::{Device, Tensor};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct ImageArgs {
+    /// What to draw.
+    pub text: String,
+    /// Candidates to generate.
+    #[arg(long, default_value_t = 8)]
+    pub images: usize,
+    /// Best candidates to decode and save.
+    #[arg(long, default_value_t = 4)]
+    pub keep: usize,
+    /// The PNG grid to write.
+    #[arg(short, long, default_value = "rudolph.png")]
+    pub output: PathBuf,
+    /// Also write each kept picture next to the grid (OUT_1.png, OUT_2.png, …).
+    #[arg(long)]
+    pub save_each: bool,
+    /// Pictures per grid row.
+    #[arg(long, default_value_t = 4)]
+    pub nrow: usize,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    pub force: bool,
+    /// Continue this picture's borders (it is resized to the model's size first).
+    #[arg(long, value_name = "PATH")]
+    pub prompt_image: Option<PathBuf>,
+    /// Borders of the prompt picture to keep, in tokens: up,left,right,down.
+    #[arg(long, default_value = "0,0,0,0")]
+    pub borders: String,
+    /// Encode each border strip separately (ruDALL-E's crop_first).
+    #[arg(long)]
+    pub crop_first: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+fn parse_borders(s: &str) -> anyhow::Result<Borders> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            anyhow::anyhow!("--borders takes four numbers up,left,right,down, got '{s}'")
+        })?;
+    anyhow::ensure!(
+        v.len() == 4,
+        "--borders takes four numbers up,left,right,down, got '{s}'"
+    );
+    Ok(Borders {
+        up: v[0],
+        left: v[1],
+        right: v[2],
+        down: v[3],
+    })
+}
+
+/// `out.png` → `out_3.png`.
+fn numbered(path: &std::path::Path, i: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map_or("image".into(), |s| s.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}_{i}.png"))
+}
+
+pub fn run(args: ImageArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.images > 0, "--images must be at least 1");
+    anyhow::ensure!(args.keep > 0, "--keep must be at least 1");
+    let keep = args.keep.min(args.images);
+    check_writable(&args.output, args.force)?;
+    if args.save_each {
+        for i in 1..=keep {
+            check_writable(&numbered(&args.output, i), args.force)?;
+        }
+    }
+    let opts = args.sample.options(512, 0.9, args.out.quiet)?;
+    let borders = parse_borders(&args.borders)?;
+    let loaded = args.model.load()?;
+    let vae = loaded.vae()?;
+    let prompt = match &args.prompt_image {
+        Some(p) => {
+            let size = loaded.model.config().image_size();
+            let img = crate::image::load_image(p)?;
+            let pixels = crate::image::preprocess(&img, size as u32, &Device::Cpu)?;
+            Some(image_prompt(vae, &pixels, borders, args.crop_first)?)
+        }
+        None => {
+            anyhow::ensure!(
+                borders == Borders::default(),
+                "--borders needs --prompt-image"
+            );
+            None
+        }
+    };
+    let ranked = generate_images(
+        &loaded.model,
+        &loaded.tokenizer,
+        &args.text,
+        args.images,
+        prompt.as_ref(),
+        &opts,
+    )?;
+    let best: Vec<u32> = ranked[..keep]
+        .iter()
+        .flat_map(|r| r.codes.clone())
+        .collect();
+    let n = loaded.model.config().image_seq_length();
+    let codes = Tensor::from_vec(best, (keep, n), &Device::Cpu)?;
+    let pictures = vae.decode_codes(&codes)?;
+    let grid = crate::image::grid(&pictures, args.nrow)?;
+    crate::image::save_png(&crate::image::to_rgb8(&grid)?, &args.output)?;
+    let mut files = Vec::new();
+    if args.save_each {
+        for i in 0..keep {
+            let path = numbered(&args.output, i + 1);
+            crate::image::save_png(&crate::image::to_rgb8(&pictures.get(i)?)?, &path)?;
+            files.push(path.display().to_string());
+        }
+    }
+    if args.out.json {
+        let images: Vec<_> = ranked
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                serde_json::json!({
+                    "rank": i + 1, "ppl_text": r.ppl_text, "ppl_image": r.ppl_image,
+                    "codes": r.codes, "kept": i < keep, "file": files.get(i),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "text": args.text, "seed": opts.seed, "grid": args.output.display().to_string(), "images": images,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for (i, r) in ranked.iter().take(keep).enumerate() {
+            println!(
+                "#{:<3} ppl_text {:>10.2}  ppl_image {:>10.2}",
+                i + 1,
+                r.ppl_text,
+                r.ppl_image
+            );
+        }
+        println!("wrote {}", args.output.display());
+        for f in &files {
+            println!("wrote {f}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! `rudolph rerank TEXT (--codes FILE | IMAGES...)`: perplexity of each candidate picture.
+
+use super::common::{ModelArgs, OutputArgs, picture_codes};
+use crate::pipelines::rerank::score_pairs;
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct RerankArgs {
+    pub text: String,
+    /// Pictures to score.
+    #[arg(conflicts_with = "codes")]
+    pub images: Vec<PathBuf>,
+    /// A JSON file of code grids: `{"codes": [...]}`, a list of lists, or a list of such objects.
+    #[arg(long, value_name = "FILE")]
+    pub codes: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Code grids from the JSON layouts `encode-image --json` and `image --json` print.
+pub fn read_code_grids(path: &std::path::Path) -> anyhow::Result<Vec<Vec<u32>>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
+    fn grid(v: &serde_json::Value) -> Option<Vec<u32>> {
+        let v = v.get("codes").unwrap_or(v);
+        v.as_array()?
+            .iter()
+            .map(|x| x.as_u64().and_then(|c| u32::try_from(c).ok()))
+            .collect()
+    }
+    let grids: Option<Vec<Vec<u32>>> = match &v {
+        serde_json::Value::Object(o) if o.contains_key("images") => o["images"]
+            .as_array()
+            .and_then(|a| a.iter().map(grid).collect()),
+        serde_json::Value::Array(a) if a.first().is_some_and(|x| !x.is_number()) => {
+            a.iter().map(grid).collect()
+        }
+        other => grid(other).map(|g| vec![g]),
+    };
+    match grids {
+        Some(g) if !g.is_empty() && g.iter().all(|x| !x.is_empty()) => Ok(g),
+        _ => anyhow::bail!(
+            "{}: expected code grids as {{\"codes\": [...]}} or lists of non-negative integers",
+            path.display()
+        ),
+    }
+}
+
+pub fn run(args: RerankArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.codes.is_some() || !args.images.is_empty(),
+        "give pictures or --codes FILE to rerank"
+    );
+    let loaded = args.model.load()?;
+    let n = loaded.model.config().image_seq_length();
+    let (sources, grids): (Vec<String>, Vec<Vec<u32>>) = match &args.codes {
+        Some(file) => {
+            let grids = read_code_grids(file)?;
+            for (i, g) in grids.iter().enumerate() {
+                anyhow::ensure!(
+                    g.len() == n,
+                    "{}: grid {i} has {} codes, the model needs {n}",
+                    file.display(),
+                    g.len()
+                );
+                if let Some(bad) = g
+                    .iter()
+                    .find(|&&c| c as usize >= loaded.model.config().image_vocab_size)
+                {
+                    anyhow::bail!("{}: code {bad} in grid {i} is out of range", file.display());
+                }
+            }
+            (
+                (0..grids.len())
+                    .map(|i| format!("{}#{i}", file.display()))
+                    .collect(),
+                grids,
+            )
+        }
+        None => {
+            let mut grids = Vec::new();
+            for p in &args.images {
+                grids.push(picture_codes(&loaded, p)?);
+            }
+            (
+                args.images
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                grids,
+            )
+        }
+    };
+    let text = crate::pipelines::images::encode_checked(
+        &loaded.tokenizer,
+        &crate::tokenizer::lower_strip(&args.text),
+        loaded.model.config().r_text_seq_length,
+        "text",
+    );
+    let pairs: Vec<(&[u32], &[u32])> = grids
+        .iter()
+        .map(|g| (g.as_slice(), text.as_slice()))
+        .collect();
+    let scores = score_pairs(&loaded.model, &pairs, 1, args.batch_size)?;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].ppl_text.total_cmp(&scores[b].ppl_text));
+    let rows: Vec<_> = order
+        .iter()
+        .enumerate()
+        .map(|(rank, &i)| {
+            (
+                rank + 1,
+                &sources[i],
+                scores[i].ppl_text,
+                scores[i].ppl_image,
+            )
+        })
+        .collect();
+    if args.output.json {
+        let candidates: Vec<_> = rows
+            .iter()
+            .map(|(rank, src, pt, pi)| serde_json::json!({"rank": rank, "source": src, "ppl_text": pt, "ppl_image": pi}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"text": args.text, "candidates": candidates})
+            )?
+        );
+    } else {
+        for (rank, src, pt, pi) in rows {
+            println!("#{rank:<3} ppl_text {pt:>10.2}  ppl_image {pi:>10.2}  {src}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! `rudolph text [TEMPLATE]`: generate left texts, ranked by perplexity.
+
+use super::common::{ModelArgs, OutputArgs, SampleArgs};
+use crate::pipelines::texts::generate_texts;
+
+#[derive(Debug, clap::Args)]
+pub struct TextArgs {
+    /// Beginning of the texts (may be empty).
+    #[arg(default_value = "")]
+    pub template: String,
+    /// Texts to generate (duplicates are merged).
+    #[arg(long, default_value_t = 16)]
+    pub texts: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+pub fn run(args: TextArgs) -> anyhow::Result<()> {
+    let opts = args.sample.options(32, 0.8, args.output.quiet)?;
+    let loaded = args.model.load()?;
+    let texts = generate_texts(
+        &loaded.model,
+        &loaded.tokenizer,
+        &args.template,
+        args.texts,
+        &opts,
+    )?;
+    if args.output.json {
+        let doc =
+            serde_json::json!({ "template": args.template, "seed": opts.seed, "texts": texts });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for t in &texts {
+            println!("{:>10.2}  {}", t.ppl, t.text);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! A model folder: the original files found by their original names (`config.json`,
+//! `pytorch_model.bin` / `model.safetensors`, `bpe.model`, the VQGAN `*.ckpt` and its
+//! `.config.yml`), loaded together.
+
+use crate::config::Config;
+use crate::error::{Result, invalid};
+use crate::model::Rudolph;
+use crate::model::load::LoadReport;
+use crate::tokenizer::TextTokenizer;
+use crate::vae::Vqgan;
+use crate::weights::Checkpoint;
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// Where each part comes from; explicit paths override what the folder holds.
+#[derive(Debug, Clone, Default)]
+pub struct ModelSpec {
+    pub dir: Option<PathBuf>,
+    /// A preset name or a `config.json` path; default: the folder's `config.json`, else the
+    /// preset the weights' shapes match.
+    pub config: Option<String>,
+    pub weights: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
+    pub vae_config: Option<PathBuf>,
+}
+
+/// The files a [`ModelSpec`] resolves to.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: Option<String>,
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+    pub vae: Option<PathBuf>,
+    pub vae_config: Option<PathBuf>,
+}
+
+impl ModelSpec {
+    pub fn resolve(&self) -> Result<ModelFiles> {
+        let dir = self.dir.as_deref();
+        if let Some(d) = dir
+            && !d.is_dir()
+        {
+            return Err(invalid(format!(
+                "model folder {} does not exist",
+                d.display()
+            )));
+        }
+        let find = |names: &[&str]| {
+            dir.and_then(|d| names.iter().map(|n| d.join(n)).find(|p| p.is_file()))
+        };
+        let weights = match &self.weights {
+            Some(p) => p.clone(),
+            None => find(&["model.safetensors", "pytorch_model.bin"]).ok_or_else(|| {
+                invalid(format!(
+                    "no weights: {} holds neither model.safetensors nor pytorch_model.bin",
+                    dir.map_or("(no --model folder)".into(), |d| d.display().to_string())
+                ))
+            })?,
+        };
+        let tokenizer = match &self.tokenizer {
+            Some(p) => p.clone(),
+            None => find(&["bpe.model"]).ok_or_else(|| {
+                invalid("no tokenizer: the model folder has no bpe.model (pass --tokenizer PATH)")
+            })?,
+        };
+        let vae = match &self.vae {
+            Some(p) => Some(p.clone()),
+            None => match dir {
+                Some(d) => find_vqgan(d)?,
+                None => None,
+            },
+        };
+        let config = self
+            .config
+            .clone()
+            .or_else(|| find(&["config.json"]).map(|p| p.display().to_string()));
+        Ok(ModelFiles {
+            config,
+            weights,
+            tokenizer,
+            vae,
+            vae_config: self.vae_config.clone(),
+        })
+    }
+}
+
+/// The one VQGAN checkpoint (`*.ckpt`) in a folder; several are an error naming them.
+fn find_vqgan(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| crate::Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(invalid(format!(
+            "{} holds several VQGAN checkpoints ({}); choose one with --vae",
+            dir.display(),
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// A loaded model with its tokenizer and, when present, its VQGAN.
+pub struct Loaded {
+    pub model: Rudolph,
+    pub tokenizer: TextTokenizer,
+    pub vae: Option<Vqgan>,
+    pub report: LoadReport,
+    pub files: ModelFiles,
+}
+
+impl Loaded {
+    pub fn load(spec: &ModelSpec, device: &Device) -> Result<Self> {
+        let files = spec.resolve()?;
+        let ckpt = Checkpoint::open(&files.weights)?;
+        let cfg = match &files.config {
+            Some(c) => Config::from_name_or_path(c)?,
+            None => {
+                let preset = Rudolph::preset_of(&ckpt).ok_or_else(|| {
+                    invalid(format!(
+                        "{}: no config.json beside it and its shapes match no preset; pass --config",
+                        files.weights.display()
+                    ))
+                })?;
+                Config::preset(preset)?
+            }
+        };
+        let (model, report) = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, device)?;
+        let tokenizer = TextTokenizer::load(&files.tokenizer)?;
+        let vae = match &files.vae {
+            Some(p) => Some(Vqgan::load(p, files.vae_config.as_deref(), device)?),
+            None => None,
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            vae,
+            report,
+            files,
+        })
+    }
+
+    /// The VQGAN, or an error saying the task needs one.
+    pub fn vae(&self) -> Result<&Vqgan> {
+        self.vae.as_ref().ok_or_else(|| {
+            invalid(
+                "this task needs the VQGAN: put its .ckpt in the model folder or pass --vae PATH",
+            )
+        })
+    }
+}
