@@ -65,3 +65,260 @@ fn inspect_of_a_non_checkpoint_fails_with_a_message() {
     assert!(err.contains("bpe.model"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The fixture files as a model: the tiny transformer, its tokenizer and the tiny VQGAN.
+fn model_flags() -> Vec<String> {
+    vec![
+        "--model".into(),
+        fixture("rudolph_tiny").display().to_string(),
+        "--tokenizer".into(),
+        fixture("tokenizer/bpe.model").display().to_string(),
+        "--vae".into(),
+        fixture("vqgan_tiny/vqgan_tiny.ckpt").display().to_string(),
+    ]
+}
+
+fn run_with_model(args: &[&str]) -> Output {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.extend(model_flags());
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    rudolph(&refs)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rudolph-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn classify_reproduces_the_golden_from_the_picture_file() {
+    for name in ["zs_clf_0", "zs_clf_2"] {
+        let c = json(&format!("pipeline_goldens/{name}.json"));
+        let args = &c["args"];
+        let classes: Vec<String> = serde_json::from_value(args["classes"].clone()).unwrap();
+        let picture = fixture(args["pil_img"].as_str().unwrap());
+        let joined = classes.join(",");
+        let mut cmd = vec![
+            "classify",
+            picture.to_str().unwrap(),
+            "--classes",
+            &joined,
+            "--json",
+        ];
+        let template = args["template"].as_str().unwrap();
+        if !template.is_empty() {
+            cmd.extend(["--template", template]);
+        }
+        let doc = stdout_json(&run_with_model(&cmd));
+        let want = &c["result"];
+        assert_eq!(doc["class"], want["class"], "{name}");
+        assert_eq!(doc["label"], want["label"], "{name}");
+        for (i, class) in classes.iter().enumerate() {
+            let s = &doc["scores"][i];
+            assert_eq!(s["class"].as_str().unwrap(), class);
+            let (got, w) = (
+                s["ppl_text"].as_f64().unwrap(),
+                want["ppl_text"][i].as_f64().unwrap(),
+            );
+            assert!(
+                (got - w).abs() <= 1e-4 * w,
+                "{name} class {i}: {got} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn text_caption_image_and_rerank_commands_work_end_to_end() {
+    let dir = temp_dir("e2e");
+    let doc = stdout_json(&run_with_model(&[
+        "text",
+        "на картинке",
+        "--texts",
+        "3",
+        "--seed",
+        "1",
+        "--json",
+    ]));
+    assert!(!doc["texts"].as_array().unwrap().is_empty());
+    assert_eq!(doc["seed"], 1);
+
+    let picture = fixture("images/img_0.png");
+    let doc = stdout_json(&run_with_model(&[
+        "caption",
+        picture.to_str().unwrap(),
+        "--captions",
+        "4",
+        "--keep",
+        "2",
+        "--seed",
+        "1",
+        "--json",
+    ]));
+    let caps = doc["captions"].as_array().unwrap();
+    assert!(!caps.is_empty() && caps.len() <= 2);
+
+    let out = dir.join("grid.png");
+    let doc = stdout_json(&run_with_model(&[
+        "image",
+        "старый маяк",
+        "--images",
+        "3",
+        "--keep",
+        "2",
+        "--batch-size",
+        "2",
+        "--seed",
+        "5",
+        "-o",
+        out.to_str().unwrap(),
+        "--save-each",
+        "--json",
+    ]));
+    let images = doc["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3);
+    let ppl: Vec<f64> = images
+        .iter()
+        .map(|i| i["ppl_text"].as_f64().unwrap())
+        .collect();
+    assert!(
+        ppl.windows(2).all(|w| w[0] <= w[1]),
+        "ranked best first: {ppl:?}"
+    );
+    let grid = image::open(&out).unwrap();
+    assert!(grid.width() > grid.height(), "two pictures side by side");
+    assert!(dir.join("grid_1.png").is_file() && dir.join("grid_2.png").is_file());
+    // Nothing is overwritten without --force.
+    let again = run_with_model(&[
+        "image",
+        "старый маяк",
+        "--images",
+        "1",
+        "--keep",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !again.status.success() && stderr(&again).contains("--force"),
+        "{}",
+        stderr(&again)
+    );
+
+    // Rerank the generated codes, and the pictures.
+    let codes = dir.join("codes.json");
+    let grids: Vec<&serde_json::Value> = images.iter().map(|i| &i["codes"]).collect();
+    std::fs::write(&codes, serde_json::to_string(&grids).unwrap()).unwrap();
+    let doc = stdout_json(&run_with_model(&[
+        "rerank",
+        "старый маяк",
+        "--codes",
+        codes.to_str().unwrap(),
+        "--json",
+    ]));
+    let got: Vec<f64> = doc["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["ppl_text"].as_f64().unwrap())
+        .collect();
+    for (g, w) in got.iter().zip(&ppl) {
+        assert!(
+            (g - w).abs() <= 1e-3 * w,
+            "rerank of generated codes {g} vs {w}"
+        );
+    }
+    let other = fixture("images/img_1.png");
+    let doc = stdout_json(&run_with_model(&[
+        "rerank",
+        "ёжик",
+        picture.to_str().unwrap(),
+        other.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(doc["candidates"].as_array().unwrap().len(), 2);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_inputs_fail_with_a_message_and_no_panic() {
+    let dir = temp_dir("bad");
+    let missing = dir.join("missing.png");
+    let not_image = fixture("tokenizer/bpe.model");
+    let picture = fixture("images/img_1.png");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["caption", missing.to_str().unwrap()], "missing.png"),
+        (vec!["caption", not_image.to_str().unwrap()], "bpe.model"),
+        (
+            vec!["classify", picture.to_str().unwrap(), "--classes", ","],
+            "empty",
+        ),
+        (
+            vec!["classify", missing.to_str().unwrap(), "--classes", "a,b"],
+            "missing.png",
+        ),
+        (
+            vec![
+                "image",
+                "кот",
+                "--prompt-image",
+                picture.to_str().unwrap(),
+                "--borders",
+                "9,0,0,0",
+                "-o",
+                "/dev/null",
+                "--force",
+            ],
+            "larger than the image",
+        ),
+        (
+            vec![
+                "image",
+                "кот",
+                "--borders",
+                "1,2",
+                "-o",
+                "/dev/null",
+                "--force",
+            ],
+            "four numbers",
+        ),
+        (vec!["rerank", "кот"], "--codes"),
+        (vec!["text", "--top-p", "1.5"], "top_p"),
+    ];
+    for (args, needle) in cases {
+        let out = run_with_model(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let codes = dir.join("bad.json");
+    std::fs::write(&codes, "[[1, 2, 3]]").unwrap();
+    let out = run_with_model(&["rerank", "кот", "--codes", codes.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("codes"),
+        "{}",
+        stderr(&out)
+    );
+    // A text longer than the slots is truncated with a warning, not refused.
+    let long = "очень длинный текст ".repeat(10);
+    let out = run_with_model(&[
+        "image",
+        &long,
+        "--images",
+        "1",
+        "--keep",
+        "1",
+        "-o",
+        dir.join("long.png").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -440,3 +440,94 @@ fn the_caption_score_is_causal_unlike_rc1() {
     );
     assert!(ours < 1e-5, "ours must be causal (Δ {ours})");
 }
+
+/// ImagePrompts built from the picture itself (both crop_first modes) give the recorded prompt
+/// codes and cells, and generation under them the recorded result.
+#[test]
+fn image_prompts_from_the_picture_match() {
+    use rudolph::pipelines::images::{Borders, image_prompt};
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let vae = rudolph::vae::Vqgan::load(
+        &fixture("vqgan_tiny/vqgan_tiny.ckpt"),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for name in ["image_prompts_0", "image_prompts_1"] {
+        let c = case(name);
+        let ip = &c["image_prompts"];
+        let a = &ip["args"];
+        let picture =
+            rudolph::image::load_image(&fixture(a["pil_image"].as_str().unwrap())).unwrap();
+        let pixels = rudolph::image::to_tensor(&picture, &candle_core::Device::Cpu).unwrap();
+        let b = &a["borders"];
+        let borders = Borders {
+            up: b["up"].as_u64().unwrap() as usize,
+            left: b["left"].as_u64().unwrap() as usize,
+            right: b["right"].as_u64().unwrap() as usize,
+            down: b["down"].as_u64().unwrap() as usize,
+        };
+        let prompt =
+            image_prompt(&vae, &pixels, borders, a["crop_first"].as_bool().unwrap()).unwrap();
+        let known: Vec<bool> = ids(&ip["mask"]).into_iter().map(|m| m == 1).collect();
+        assert_eq!(prompt.known, known, "{name} cells");
+        let want = ids(&ip["image_prompts"][0]);
+        for (i, k) in known.iter().enumerate() {
+            if *k {
+                assert_eq!(prompt.codes[i], want[i], "{name} code {i}");
+            }
+        }
+        let args = &c["args"];
+        let left = &ids(&c["last_model_call_input_ids"][0])[..cfg.l_text_seq_length];
+        let got = generate_image_codes(
+            &model,
+            left,
+            args["images_num"].as_u64().unwrap() as usize,
+            Some(&prompt),
+            args["bs"].as_u64().unwrap() as usize,
+            &params(args),
+            0,
+            &Progress::hidden(),
+        )
+        .unwrap();
+        assert_eq!(got, rows(&c["result"]), "{name}");
+    }
+}
+
+#[test]
+fn borders_larger_than_the_picture_are_an_error() {
+    use rudolph::pipelines::images::Borders;
+    let side = tiny_config().image_tokens_per_dim;
+    let err = Borders {
+        up: side + 1,
+        ..Default::default()
+    }
+    .mask(side)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("up") && err.contains("larger"), "{err}");
+}
+
+/// Sampled (not greedy) generation depends only on the seed and the item, not on the batch.
+#[test]
+fn sampling_is_reproducible_and_independent_of_the_batch_size() {
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let left = vec![2u32; cfg.l_text_seq_length];
+    let p = SamplingParams {
+        top_k: 16,
+        top_p: 0.95,
+        temperature: 1.3,
+    };
+    let run = |batch| {
+        generate_image_codes(&model, &left, 3, None, batch, &p, 42, &Progress::hidden()).unwrap()
+    };
+    let one = run(1);
+    assert_eq!(one, run(3));
+    assert_eq!(one, run(2));
+    assert_ne!(one[0], one[1], "different items draw differently");
+    let other =
+        generate_image_codes(&model, &left, 3, None, 3, &p, 43, &Progress::hidden()).unwrap();
+    assert_ne!(one, other);
+}
