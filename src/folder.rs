@@ -121,7 +121,9 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    pub fn load(spec: &ModelSpec, device: &Device) -> Result<Self> {
+    /// Loads every part on `device`; the transformer's weights in `dtype` (f32 is exact; f16 and
+    /// bf16 halve the memory and suit GPUs).
+    pub fn load(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
         let files = spec.resolve()?;
         let ckpt = Checkpoint::open(&files.weights)?;
         let cfg = match &files.config {
@@ -136,7 +138,7 @@ impl Loaded {
                 Config::preset(preset)?
             }
         };
-        let (model, report) = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, device)?;
+        let (model, report) = Rudolph::from_checkpoint(&ckpt, &cfg, dtype, device)?;
         let tokenizer = TextTokenizer::load(&files.tokenizer)?;
         let vae = match &files.vae {
             Some(p) => Some(Vqgan::load(p, files.vae_config.as_deref(), device)?),

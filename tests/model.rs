@@ -400,3 +400,26 @@ fn a_renamed_key_and_a_wrong_shape_are_reported_by_name() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Half-precision weights (what GPUs run) stay close to f32; f32 stays the exact default.
+#[test]
+fn half_precision_weights_stay_close() {
+    let cfg = tiny_config();
+    let g = goldens("model_goldens/forward.safetensors");
+    let ckpt =
+        rudolph::weights::Checkpoint::open(fixture("rudolph_tiny/model.safetensors")).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let (model, _) = Rudolph::from_checkpoint(&ckpt, &cfg, dtype, &Device::Cpu).unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let logits = model
+            .forward(get(&g, "input_ids"), get(&g, "attention_mask_default"))
+            .unwrap();
+        assert_close(
+            &format!("{dtype:?} logits"),
+            &logits,
+            get(&g, "logits_default"),
+            0.0,
+            0.25,
+        );
+    }
+}

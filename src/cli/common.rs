@@ -24,6 +24,43 @@ pub struct ModelArgs {
     /// The VQGAN's .config.yml (default: the one beside the checkpoint, else the real config).
     #[arg(long, value_name = "YML")]
     pub vae_config: Option<PathBuf>,
+    /// Where to compute: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight precision: f32 (exact, the default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match name.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--device '{name}': expected cpu, cuda or cuda:N")
+                    })?,
+                None => anyhow::bail!("--device '{name}': expected cpu, cuda or cuda:N"),
+            };
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!("--device {name}: {e} (build with `cargo build --release --features cuda` on a machine with the CUDA toolkit)")
+            })
+        }
+    }
+}
+
+pub fn parse_dtype(name: &str) -> anyhow::Result<candle_core::DType> {
+    match name {
+        "f32" => Ok(candle_core::DType::F32),
+        "f16" => Ok(candle_core::DType::F16),
+        "bf16" => Ok(candle_core::DType::BF16),
+        _ => anyhow::bail!("--dtype '{name}': expected f32, f16 or bf16"),
+    }
 }
 
 impl ModelArgs {
@@ -41,7 +78,8 @@ impl ModelArgs {
             vae: self.vae.clone(),
             vae_config: self.vae_config.clone(),
         };
-        Ok(Loaded::load(&spec, &Device::Cpu)?)
+        let device = parse_device(&self.device)?;
+        Ok(Loaded::load(&spec, &device, parse_dtype(&self.dtype)?)?)
     }
 }
 
@@ -114,7 +152,7 @@ pub fn picture_codes(loaded: &Loaded, path: &Path) -> anyhow::Result<Vec<u32>> {
     let vae = loaded.vae()?;
     let size = loaded.model.config().image_size();
     let img = crate::image::load_image(path)?;
-    let pixels = crate::image::preprocess(&img, size as u32, &Device::Cpu)?;
+    let pixels = crate::image::preprocess(&img, size as u32, vae.device())?;
     let codes = vae.encode_codes(&pixels.unsqueeze(0)?)?;
     Ok(codes.flatten_all()?.to_vec1::<u32>()?)
 }

@@ -2,7 +2,7 @@
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs, check_writable};
 use crate::pipelines::images::{Borders, generate_images, image_prompt};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -90,7 +90,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         Some(p) => {
             let size = loaded.model.config().image_size();
             let img = crate::image::load_image(p)?;
-            let pixels = crate::image::preprocess(&img, size as u32, &Device::Cpu)?;
+            let pixels = crate::image::preprocess(&img, size as u32, vae.device())?;
             Some(image_prompt(vae, &pixels, borders, args.crop_first)?)
         }
         None => {
@@ -114,7 +114,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         .flat_map(|r| r.codes.clone())
         .collect();
     let n = loaded.model.config().image_seq_length();
-    let codes = Tensor::from_vec(best, (keep, n), &Device::Cpu)?;
+    let codes = Tensor::from_vec(best, (keep, n), vae.device())?;
     let pictures = vae.decode_codes(&codes)?;
     let grid = crate::image::grid(&pictures, args.nrow)?;
     crate::image::save_png(&crate::image::to_rgb8(&grid)?, &args.output)?;

@@ -213,6 +213,11 @@ impl Rudolph {
         self.masks.get(LayerMaskKind::Row).device()
     }
 
+    /// The dtype of the weights, in which the model computes.
+    pub fn dtype(&self) -> DType {
+        self.head.weight().dtype()
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(&self.cfg)
     }
@@ -360,6 +365,8 @@ impl Rudolph {
                     .narrow(0, start, s)?
                     .narrow(1, 0, end)?;
                 let keep = pipeline.broadcast_mul(&layer.unsqueeze(0)?.unsqueeze(0)?)?;
+                // Scores are computed in the weights' dtype (f16/bf16 on GPUs); so is the mask.
+                let keep = keep.to_dtype(self.dtype())?;
                 effective[kind as usize] = Some(AdditiveMask::new(keep)?);
             }
         }
