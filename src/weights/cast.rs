@@ -77,10 +77,19 @@ impl View<'_> {
         }
     }
 
-    fn collect<T>(&self, conv: impl Fn(&[u8]) -> T) -> Vec<T> {
-        let mut out = Vec::with_capacity(self.numel());
+    /// The converted elements. The element count is not bounded by the file size (a stride-0
+    /// tensor can be huge over one stored element), so the buffer is reserved fallibly.
+    fn collect<T>(&self, conv: impl Fn(&[u8]) -> T) -> Result<Vec<T>, String> {
+        let n = self.numel();
+        let mut out = Vec::new();
+        out.try_reserve_exact(n).map_err(|e| {
+            format!(
+                "cannot allocate {n} elements of {} bytes: {e}",
+                std::mem::size_of::<T>()
+            )
+        })?;
         self.for_each(|c| out.push(conv(c)));
-        out
+        Ok(out)
     }
 }
 
@@ -138,12 +147,12 @@ pub(crate) fn to_tensor(view: &View<'_>, target: DType, device: &Device) -> Resu
     }
     let float = read_float(view.dtype);
     let t = match target {
-        DType::F64 => Tensor::from_vec(view.collect(float), shape, device),
-        DType::F32 => Tensor::from_vec(view.collect(|c| float(c) as f32), shape, device),
-        DType::F16 => Tensor::from_vec(view.collect(|c| f16::from_f64(float(c))), shape, device),
-        DType::BF16 => Tensor::from_vec(view.collect(|c| bf16::from_f64(float(c))), shape, device),
+        DType::F64 => Tensor::from_vec(view.collect(float)?, shape, device),
+        DType::F32 => Tensor::from_vec(view.collect(|c| float(c) as f32)?, shape, device),
+        DType::F16 => Tensor::from_vec(view.collect(|c| f16::from_f64(float(c)))?, shape, device),
+        DType::BF16 => Tensor::from_vec(view.collect(|c| bf16::from_f64(float(c)))?, shape, device),
         DType::U8 if view.dtype.is_float() => {
-            Tensor::from_vec(view.collect(|c| u8::from(float(c) != 0.0)), shape, device)
+            Tensor::from_vec(view.collect(|c| u8::from(float(c) != 0.0))?, shape, device)
         }
         DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => {
             let Some(int) = read_int(view.dtype) else {
@@ -152,7 +161,7 @@ pub(crate) fn to_tensor(view: &View<'_>, target: DType, device: &Device) -> Resu
                     view.dtype
                 ));
             };
-            let values = view.collect(int);
+            let values = view.collect(int)?;
             match target {
                 DType::U8 => Tensor::from_vec(narrow::<u8>(values)?, shape, device),
                 DType::U32 => Tensor::from_vec(narrow::<u32>(values)?, shape, device),

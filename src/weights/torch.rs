@@ -33,8 +33,8 @@ fn state_dict(arena: &Arena, root: Id) -> Result<Vec<(String, TensorRef)>, Strin
     }
     let Node::Dict(items) = arena.get(dict) else {
         return Err(format!(
-            "the top-level object is not a dict of tensors but {:?}",
-            arena.get(dict)
+            "the top-level object is not a dict of tensors but {}",
+            arena.describe(dict)
         ));
     };
     let mut out = Vec::new();
@@ -42,7 +42,7 @@ fn state_dict(arena: &Arena, root: Id) -> Result<Vec<(String, TensorRef)>, Strin
     for &(k, v) in items {
         let name = match arena.get(k) {
             Node::Str(s) => s.clone(),
-            other => format!("{other:?}"),
+            _ => arena.describe(k),
         };
         match arena.get(v) {
             Node::Tensor(t) => out.push((name, t.clone())),
@@ -293,18 +293,21 @@ pub(crate) fn parse_legacy(path: &Path, data: &[u8]) -> Result<Parsed, WeightsEr
             .iter()
             .map(|&i| match keys.arena.get(i) {
                 Node::Str(s) => Ok(s.clone()),
-                other => Err(malformed(
+                _ => Err(malformed(
                     path,
                     fmt,
-                    format!("storage key {other:?} is not a string"),
+                    format!("storage key {} is not a string", keys.arena.describe(i)),
                 )),
             })
             .collect::<Result<_, _>>()?,
-        other => {
+        _ => {
             return Err(malformed(
                 path,
                 fmt,
-                format!("storage key list is {other:?}, not a list"),
+                format!(
+                    "storage key list is {}, not a list",
+                    keys.arena.describe(keys.root)
+                ),
             ));
         }
     };

@@ -266,15 +266,23 @@ pub fn data_pkl(file: &TorchFile) -> Vec<u8> {
 
 /// Writes `file` as a torch zip archive whose entries live under `folder/`.
 pub fn write_zip(file: &TorchFile, folder: &str, path: &Path) {
-    write_zip_entries(path, folder, Some(data_pkl(file)), &file.storages);
+    let stored = zip::CompressionMethod::Stored;
+    write_zip_entries(path, folder, Some(data_pkl(file)), &file.storages, stored);
 }
 
-/// Writes a torch-like zip with the given `data.pkl` (none if `None`) and storages.
-pub fn write_zip_entries(path: &Path, folder: &str, pkl: Option<Vec<u8>>, storages: &[Storage]) {
+/// Writes a torch-like zip with the given `data.pkl` (none if `None`) and storages, compressed
+/// with `method` (torch itself always stores).
+pub fn write_zip_entries(
+    path: &Path,
+    folder: &str,
+    pkl: Option<Vec<u8>>,
+    storages: &[Storage],
+    method: zip::CompressionMethod,
+) {
     let f = std::fs::File::create(path).expect("create zip");
     let mut zip = zip::ZipWriter::new(f);
     let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
+        .compression_method(method)
         .with_alignment(64);
     let mut entry = |name: String, bytes: &[u8]| {
         zip.start_file(name, opts).expect("zip entry");
