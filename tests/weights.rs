@@ -812,3 +812,47 @@ fn checkpoints_can_be_shared_across_threads() {
     assert_send_sync::<Checkpoint>();
     assert_send_sync::<WeightsError>();
 }
+
+#[test]
+fn convert_command_line() {
+    let dir = scratch("weights_cli");
+    let exe = env!("CARGO_BIN_EXE_rudolph");
+    let input = fixture("vqgan_tiny/vqgan_tiny.ckpt");
+    let out = dir.join("vqgan.safetensors");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(exe)
+            .arg("convert")
+            .arg(&input)
+            .arg(&out)
+            .args(extra)
+            .output()
+            .expect("run rudolph convert")
+    };
+    let first = run(&["--dtype", "bf16"]);
+    assert!(first.status.success(), "{first:?}");
+    let line = String::from_utf8(first.stdout).unwrap();
+    let ckpt = open(&input);
+    assert_contains(&line, &[&format!("wrote {} tensors", ckpt.len()), "bytes"]);
+    let back = open(&out);
+    assert_eq!(back.names(), ckpt.names());
+    assert!(
+        back.names()
+            .iter()
+            .all(|n| back.info(n).unwrap().dtype == StoredDtype::BF16)
+    );
+
+    let refused = run(&[]);
+    assert!(!refused.status.success());
+    assert_contains(
+        &String::from_utf8(refused.stderr).unwrap(),
+        &["vqgan.safetensors", "already exists", "--force"],
+    );
+    let forced = run(&["--force"]);
+    assert!(forced.status.success(), "{forced:?}");
+    let back = open(&out);
+    assert!(
+        back.names()
+            .iter()
+            .all(|n| back.info(n).unwrap().dtype == StoredDtype::F32)
+    );
+}
