@@ -374,6 +374,23 @@ fn strided_shared_and_integer_tensors_are_materialised() {
     }
 }
 
+#[test]
+fn real_esrgan_params_and_params_ema_wrappers_are_unwrapped() {
+    let dir = scratch("weights_params");
+    for key in ["params", "params_ema"] {
+        let file = resaved(StoredDtype::F32, StoredDtype::Bool, Layout::Under(key));
+        let path = dir.join(format!("{key}.pth"));
+        write_zip(&file, "archive", &path);
+        let legacy = dir.join(format!("{key}.legacy.pth"));
+        write_legacy(&file, &legacy);
+        for p in [&path, &legacy] {
+            let ckpt = open(p);
+            let names: Vec<&str> = file.tensors.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(ckpt.names(), names, "{}", p.display());
+        }
+    }
+}
+
 fn bytes_of(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
