@@ -485,7 +485,30 @@ fn malformed_torch_archives_are_reported() {
         &["cut_pkl.bin", "truncated"],
     );
 
-    // A storage shorter than its tensor needs.
+    // A storage entry shorter than the pickle declares (the pickle is intact).
+    let victim = file.tensors[0].clone();
+    let mut cut_storages = file.storages.clone();
+    cut_storages[victim.storage].bytes.truncate(8);
+    let path = dir.join("cut_storage.bin");
+    write_zip_entries(
+        &path,
+        "archive",
+        Some(data_pkl(&file)),
+        &cut_storages,
+        stored,
+    );
+    assert_contains(
+        &err_text(Checkpoint::open(&path)),
+        &[
+            "cut_storage.bin",
+            &victim.name,
+            "declares",
+            "holds only 8 bytes",
+            "truncated file",
+        ],
+    );
+
+    // A storage (consistently declared) shorter than its tensor needs.
     let mut short = file.clone();
     let victim = short.tensors[0].clone();
     short.storages[victim.storage].bytes.truncate(8);

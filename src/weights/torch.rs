@@ -84,15 +84,28 @@ fn entries(
             .ok_or_else(|| bad("storage offset too large"))?;
         let (region, len) = storage(&t.storage)?;
         let dtype = t.storage.dtype;
+        // The pickle's element count and the stored bytes must agree; less data than declared
+        // means the file was cut or rewritten.
+        let declared = usize::try_from(t.storage.numel)
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| bad("storage size overflows usize"))?;
+        if declared > len {
+            return Err(bad(&format!(
+                "{dtype} storage `{}` declares {} elements ({declared} bytes) but holds only \
+                 {len} bytes (truncated file?)",
+                t.storage.key, t.storage.numel
+            )));
+        }
         let (_, needed) =
             extent(&shape, &stride, offset).ok_or_else(|| bad("size overflows usize"))?;
         let needed_bytes = needed
             .checked_mul(dtype.size())
             .ok_or_else(|| bad("size overflows usize"))?;
-        if needed_bytes > len {
+        if needed_bytes > declared {
             return Err(bad(&format!(
                 "shape {shape:?} with stride {stride:?} at offset {offset} needs {needed_bytes} \
-                 bytes of {dtype} storage `{}`, which holds only {len} bytes (truncated file?)",
+                 bytes of {dtype} storage `{}`, which holds only {declared} bytes",
                 t.storage.key
             )));
         }
