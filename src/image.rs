@@ -33,7 +33,8 @@ pub enum ImageError {
 
 /// Reads a PNG or JPEG (detected by content) and converts it to 8-bit RGB like PIL's
 /// `convert('RGB')`: greyscale is replicated, palettes are expanded, alpha is dropped (not
-/// composited), 16-bit samples are scaled to 8 bits.
+/// composited), 16-bit samples are scaled to 8 bits. PNG pixels are exact; JPEG is decoded by
+/// the `image` crate, which can differ from PIL's libjpeg by a few levels per channel.
 pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| ImageError::Open {
