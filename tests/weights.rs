@@ -374,6 +374,23 @@ fn strided_shared_and_integer_tensors_are_materialised() {
     }
 }
 
+#[test]
+fn real_esrgan_params_and_params_ema_wrappers_are_unwrapped() {
+    let dir = scratch("weights_params");
+    for key in ["params", "params_ema"] {
+        let file = resaved(StoredDtype::F32, StoredDtype::Bool, Layout::Under(key));
+        let path = dir.join(format!("{key}.pth"));
+        write_zip(&file, "archive", &path);
+        let legacy = dir.join(format!("{key}.legacy.pth"));
+        write_legacy(&file, &legacy);
+        for p in [&path, &legacy] {
+            let ckpt = open(p);
+            let names: Vec<&str> = file.tensors.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(ckpt.names(), names, "{}", p.display());
+        }
+    }
+}
+
 fn bytes_of(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
@@ -438,8 +455,9 @@ fn malformed_torch_archives_are_reported() {
     let dir = scratch("weights_malformed");
     let file = resaved(StoredDtype::F32, StoredDtype::Bool, Layout::StateDict);
 
+    let stored = zip::CompressionMethod::Stored;
     let no_pkl = dir.join("no_pkl.bin");
-    write_zip_entries(&no_pkl, "archive", None, &file.storages);
+    write_zip_entries(&no_pkl, "archive", None, &file.storages, stored);
     assert_contains(
         &err_text(Checkpoint::open(&no_pkl)),
         &["no_pkl.bin", "no data.pkl"],
@@ -451,6 +469,7 @@ fn malformed_torch_archives_are_reported() {
         "archive",
         Some(b"\x80\x02\xff".to_vec()),
         &file.storages,
+        stored,
     );
     assert_contains(
         &err_text(Checkpoint::open(&bad_pkl)),
@@ -460,7 +479,7 @@ fn malformed_torch_archives_are_reported() {
     let mut cut_pkl = data_pkl(&file);
     cut_pkl.truncate(cut_pkl.len() / 3);
     let cut = dir.join("cut_pkl.bin");
-    write_zip_entries(&cut, "archive", Some(cut_pkl), &file.storages);
+    write_zip_entries(&cut, "archive", Some(cut_pkl), &file.storages, stored);
     assert_contains(
         &err_text(Checkpoint::open(&cut)),
         &["cut_pkl.bin", "truncated"],
@@ -652,4 +671,205 @@ fn a_missing_fixture_folder_fails_loudly() {
         .expect_err("a missing folder must panic");
     let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
     assert_contains(&msg, &["/nonexistent/rudolph-fixtures", "RUDOLPH_FIXTURES"]);
+}
+
+#[test]
+fn compressed_zip_entries_are_read_into_memory() {
+    use support::torch_writer::{data_pkl, write_zip_entries};
+    let dir = scratch("weights_deflate");
+    let mut file = resaved(StoredDtype::F32, StoredDtype::Bool, Layout::StateDict);
+    let extra = add_layouts(&mut file);
+    let path = dir.join("deflated.bin");
+    let method = zip::CompressionMethod::Deflated;
+    write_zip_entries(
+        &path,
+        "deflated",
+        Some(data_pkl(&file)),
+        &file.storages,
+        method,
+    );
+    let ckpt = open(&path);
+    check_resaved(&path, Format::TorchZip, StoredDtype::F32, StoredDtype::Bool);
+    for (name, values, _) in extra {
+        assert_eq!(f32s(&ckpt.load(&name, DType::F32, &CPU).unwrap()), values);
+    }
+}
+
+#[test]
+fn stride_zero_tensors_expand_and_absurd_ones_fail_cleanly() {
+    let dir = scratch("weights_expand");
+    let mut file = resaved(StoredDtype::F32, StoredDtype::Bool, Layout::StateDict);
+    file.storages.push(Storage {
+        dtype: StoredDtype::F32,
+        bytes: encode(StoredDtype::F32, &[1.0, 2.0, 3.0]),
+    });
+    let s = file.storages.len() - 1;
+    // A row broadcast over 2 rows (`expand`), and an element "broadcast" to 2^50 elements.
+    for (name, shape, stride) in [
+        ("extra.expanded", vec![2, 3], vec![0, 1]),
+        ("extra.absurd", vec![1 << 50], vec![0]),
+    ] {
+        file.tensors.push(TensorSpec {
+            name: name.into(),
+            storage: s,
+            offset: 0,
+            shape,
+            stride,
+        });
+    }
+    let path = dir.join("expand.bin");
+    write_zip(&file, "archive", &path);
+    let ckpt = open(&path);
+    let got = f32s(&ckpt.load("extra.expanded", DType::F32, &CPU).unwrap());
+    assert_eq!(got, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    let e = ckpt
+        .load("extra.absurd", DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert_contains(&e, &["expand.bin", "extra.absurd", "cannot allocate"]);
+}
+
+#[test]
+fn a_safetensors_header_lie_is_reported() {
+    let dir = scratch("weights_header_lie");
+    let bytes = bytes_of(&fixture("rudolph_tiny/model.safetensors"));
+    let st = open(&fixture("rudolph_tiny/model.safetensors"));
+    let name = st.names()[0].to_string();
+    let shape = st.info(&name).unwrap().shape.clone();
+    // Same header length, but the first tensor claims one more row than its bytes hold.
+    let text = format!("{:?}", shape).replace(' ', "");
+    let mut lie = shape.clone();
+    lie[0] += 1;
+    let lie_text = format!("{lie:?}").replace(' ', "");
+    assert_eq!(
+        text.len(),
+        lie_text.len(),
+        "pick a shape whose digit count stays"
+    );
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    let at = header.find(&format!("\"{name}\"")).unwrap();
+    let field = header[at..].find(&text).unwrap() + at;
+    let mut changed = bytes.clone();
+    changed[8 + field..8 + field + text.len()].copy_from_slice(lie_text.as_bytes());
+    let path = dir.join("lie.safetensors");
+    std::fs::write(&path, changed).unwrap();
+    assert_contains(
+        &err_text(Checkpoint::open(&path)),
+        &["lie.safetensors", "malformed safetensors", "invalid header"],
+    );
+}
+
+/// Deterministic pseudo-random numbers (SplitMix64), so failures reproduce.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn damaged_files_never_panic() {
+    use support::torch_writer::{data_pkl, write_zip_entries};
+    let dir = scratch("weights_fuzz");
+    // Small files (the extra tensors only), so that every truncation length can be tried.
+    let mut file = TorchFile {
+        storages: vec![],
+        tensors: vec![],
+        layout: Layout::Lightning,
+    };
+    add_layouts(&mut file);
+    let legacy = dir.join("small.legacy");
+    write_legacy(&file, &legacy);
+    let zip_path = dir.join("small.bin");
+    write_zip(&file, "archive", &zip_path);
+    let pkl = data_pkl(&file);
+    let originals = [bytes_of(&legacy), bytes_of(&zip_path)];
+    let path = dir.join("damaged");
+    let try_open = |path: &Path| {
+        if let Ok(c) = Checkpoint::open(path) {
+            for name in c.names() {
+                for dtype in [DType::F32, DType::U8, DType::I64] {
+                    let _ = c.load(name, dtype, &CPU);
+                }
+            }
+        }
+    };
+    let mut rng = 7u64;
+    for original in &originals {
+        for cut in 0..original.len() {
+            std::fs::write(&path, &original[..cut]).unwrap();
+            try_open(&path);
+        }
+        for _ in 0..300 {
+            let mut damaged = original.clone();
+            for _ in 0..1 + splitmix(&mut rng) % 4 {
+                let at = (splitmix(&mut rng) % damaged.len() as u64) as usize;
+                damaged[at] = splitmix(&mut rng) as u8;
+            }
+            std::fs::write(&path, &damaged).unwrap();
+            try_open(&path);
+        }
+    }
+    // Damage inside data.pkl itself, with intact storages, exercises the pickle machine.
+    for _ in 0..500 {
+        let mut damaged = pkl.clone();
+        let at = (splitmix(&mut rng) % damaged.len() as u64) as usize;
+        damaged[at] = splitmix(&mut rng) as u8;
+        let stored = zip::CompressionMethod::Stored;
+        write_zip_entries(&path, "archive", Some(damaged), &file.storages, stored);
+        try_open(&path);
+    }
+}
+
+#[test]
+fn checkpoints_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Checkpoint>();
+    assert_send_sync::<WeightsError>();
+}
+
+#[test]
+fn convert_command_line() {
+    let dir = scratch("weights_cli");
+    let exe = env!("CARGO_BIN_EXE_rudolph");
+    let input = fixture("vqgan_tiny/vqgan_tiny.ckpt");
+    let out = dir.join("vqgan.safetensors");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(exe)
+            .arg("convert")
+            .arg(&input)
+            .arg(&out)
+            .args(extra)
+            .output()
+            .expect("run rudolph convert")
+    };
+    let first = run(&["--dtype", "bf16"]);
+    assert!(first.status.success(), "{first:?}");
+    let line = String::from_utf8(first.stdout).unwrap();
+    let ckpt = open(&input);
+    assert_contains(&line, &[&format!("wrote {} tensors", ckpt.len()), "bytes"]);
+    let back = open(&out);
+    assert_eq!(back.names(), ckpt.names());
+    assert!(
+        back.names()
+            .iter()
+            .all(|n| back.info(n).unwrap().dtype == StoredDtype::BF16)
+    );
+
+    let refused = run(&[]);
+    assert!(!refused.status.success());
+    assert_contains(
+        &String::from_utf8(refused.stderr).unwrap(),
+        &["vqgan.safetensors", "already exists", "--force"],
+    );
+    let forced = run(&["--force"]);
+    assert!(forced.status.success(), "{forced:?}");
+    let back = open(&out);
+    assert!(
+        back.names()
+            .iter()
+            .all(|n| back.info(n).unwrap().dtype == StoredDtype::F32)
+    );
 }

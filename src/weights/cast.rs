@@ -77,10 +77,19 @@ impl View<'_> {
         }
     }
 
-    fn collect<T>(&self, conv: impl Fn(&[u8]) -> T) -> Vec<T> {
-        let mut out = Vec::with_capacity(self.numel());
+    /// The converted elements. The element count is not bounded by the file size (a stride-0
+    /// tensor can be huge over one stored element), so the buffer is reserved fallibly.
+    fn collect<T>(&self, conv: impl Fn(&[u8]) -> T) -> Result<Vec<T>, String> {
+        let n = self.numel();
+        let mut out = Vec::new();
+        out.try_reserve_exact(n).map_err(|e| {
+            format!(
+                "cannot allocate {n} elements of {} bytes: {e}",
+                std::mem::size_of::<T>()
+            )
+        })?;
         self.for_each(|c| out.push(conv(c)));
-        out
+        Ok(out)
     }
 }
 
@@ -90,19 +99,74 @@ fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
     a
 }
 
-fn read_float(dtype: StoredDtype) -> fn(&[u8]) -> f64 {
-    match dtype {
-        StoredDtype::F64 => |c| f64::from_le_bytes(arr(c)),
-        StoredDtype::F32 => |c| f64::from(f32::from_le_bytes(arr(c))),
-        StoredDtype::F16 => |c| f16::from_le_bytes(arr(c)).to_f64(),
-        StoredDtype::BF16 => |c| bf16::from_le_bytes(arr(c)).to_f64(),
-        StoredDtype::I64 => |c| i64::from_le_bytes(arr(c)) as f64,
-        StoredDtype::I32 => |c| f64::from(i32::from_le_bytes(arr(c))),
-        StoredDtype::I16 => |c| f64::from(i16::from_le_bytes(arr(c))),
-        StoredDtype::I8 => |c| f64::from(c[0] as i8),
-        StoredDtype::U8 => |c| f64::from(c[0]),
-        StoredDtype::Bool => |c| f64::from(u8::from(c[0] != 0)),
+/// Runs `$body` with `$read` bound to a closure reading one stored element as f64. A macro, not a
+/// function pointer, so that each source type gets its own inlined conversion loop.
+macro_rules! with_float_reader {
+    ($dtype:expr, $read:ident => $body:expr) => {
+        match $dtype {
+            StoredDtype::F64 => {
+                let $read = |c: &[u8]| f64::from_le_bytes(arr(c));
+                $body
+            }
+            StoredDtype::F32 => {
+                let $read = |c: &[u8]| f64::from(f32::from_le_bytes(arr(c)));
+                $body
+            }
+            StoredDtype::F16 => {
+                let $read = |c: &[u8]| f16::from_le_bytes(arr(c)).to_f64();
+                $body
+            }
+            StoredDtype::BF16 => {
+                let $read = |c: &[u8]| bf16::from_le_bytes(arr(c)).to_f64();
+                $body
+            }
+            StoredDtype::I64 => {
+                let $read = |c: &[u8]| i64::from_le_bytes(arr(c)) as f64;
+                $body
+            }
+            StoredDtype::I32 => {
+                let $read = |c: &[u8]| f64::from(i32::from_le_bytes(arr(c)));
+                $body
+            }
+            StoredDtype::I16 => {
+                let $read = |c: &[u8]| f64::from(i16::from_le_bytes(arr(c)));
+                $body
+            }
+            StoredDtype::I8 => {
+                let $read = |c: &[u8]| f64::from(c[0] as i8);
+                $body
+            }
+            StoredDtype::U8 => {
+                let $read = |c: &[u8]| f64::from(c[0]);
+                $body
+            }
+            StoredDtype::Bool => {
+                let $read = |c: &[u8]| f64::from(u8::from(c[0] != 0));
+                $body
+            }
+        }
+    };
+}
+
+/// Contiguous f16 → f32, the common case of loading a half-precision checkpoint for f32
+/// inference: blocks go through `half`'s slice conversion, which uses F16C where the CPU has it.
+fn f16_to_f32(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    const BLOCK: usize = 4096;
+    let n = bytes.len() / 2;
+    let mut out = Vec::new();
+    out.try_reserve_exact(n)
+        .map_err(|e| format!("cannot allocate {n} f32 elements: {e}"))?;
+    let mut halves = [f16::ZERO; BLOCK];
+    let mut floats = [0f32; BLOCK];
+    for block in bytes.chunks(2 * BLOCK) {
+        let k = block.len() / 2;
+        for (h, c) in halves.iter_mut().zip(block.chunks_exact(2)) {
+            *h = f16::from_le_bytes([c[0], c[1]]);
+        }
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(&halves[..k], &mut floats[..k]);
+        out.extend_from_slice(&floats[..k]);
     }
+    Ok(out)
 }
 
 fn read_int(dtype: StoredDtype) -> Option<fn(&[u8]) -> i64> {
@@ -136,15 +200,27 @@ pub(crate) fn to_tensor(view: &View<'_>, target: DType, device: &Device) -> Resu
         let bytes = &view.bytes[start..start + view.numel() * es];
         return Tensor::from_raw_buffer(bytes, target, &shape, device).map_err(err);
     }
-    let float = read_float(view.dtype);
+    if view.dtype == StoredDtype::F16 && target == DType::F32 && view.is_contiguous() {
+        let start = view.offset * 2;
+        let values = f16_to_f32(&view.bytes[start..start + view.numel() * 2])?;
+        return Tensor::from_vec(values, shape, device).map_err(err);
+    }
     let t = match target {
-        DType::F64 => Tensor::from_vec(view.collect(float), shape, device),
-        DType::F32 => Tensor::from_vec(view.collect(|c| float(c) as f32), shape, device),
-        DType::F16 => Tensor::from_vec(view.collect(|c| f16::from_f64(float(c))), shape, device),
-        DType::BF16 => Tensor::from_vec(view.collect(|c| bf16::from_f64(float(c))), shape, device),
-        DType::U8 if view.dtype.is_float() => {
-            Tensor::from_vec(view.collect(|c| u8::from(float(c) != 0.0)), shape, device)
-        }
+        DType::F64 => with_float_reader!(view.dtype, read => {
+            Tensor::from_vec(view.collect(read)?, shape, device)
+        }),
+        DType::F32 => with_float_reader!(view.dtype, read => {
+            Tensor::from_vec(view.collect(|c| read(c) as f32)?, shape, device)
+        }),
+        DType::F16 => with_float_reader!(view.dtype, read => {
+            Tensor::from_vec(view.collect(|c| f16::from_f64(read(c)))?, shape, device)
+        }),
+        DType::BF16 => with_float_reader!(view.dtype, read => {
+            Tensor::from_vec(view.collect(|c| bf16::from_f64(read(c)))?, shape, device)
+        }),
+        DType::U8 if view.dtype.is_float() => with_float_reader!(view.dtype, read => {
+            Tensor::from_vec(view.collect(|c| u8::from(read(c) != 0.0))?, shape, device)
+        }),
         DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => {
             let Some(int) = read_int(view.dtype) else {
                 return Err(format!(
@@ -152,7 +228,7 @@ pub(crate) fn to_tensor(view: &View<'_>, target: DType, device: &Device) -> Resu
                     view.dtype
                 ));
             };
-            let values = view.collect(int);
+            let values = view.collect(int)?;
             match target {
                 DType::U8 => Tensor::from_vec(narrow::<u8>(values)?, shape, device),
                 DType::U32 => Tensor::from_vec(narrow::<u32>(values)?, shape, device),

@@ -254,6 +254,8 @@ pub(crate) struct Entry {
 }
 
 /// A checkpoint file opened for reading, or a view of part of one (see [`Checkpoint::strip_prefix`]).
+/// Cloning is cheap: clones share the memory map.
+#[derive(Clone)]
 pub struct Checkpoint {
     path: PathBuf,
     format: Format,
@@ -580,4 +582,32 @@ fn parse_safetensors(path: &Path, data: &[u8]) -> Result<Parsed, WeightsError> {
         entries,
         owned: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_follow_torch_and_safetensors() {
+        let all = [
+            (StoredDtype::F64, "float64", "F64", 8),
+            (StoredDtype::F32, "float32", "F32", 4),
+            (StoredDtype::F16, "float16", "F16", 2),
+            (StoredDtype::BF16, "bfloat16", "BF16", 2),
+            (StoredDtype::I64, "int64", "I64", 8),
+            (StoredDtype::I32, "int32", "I32", 4),
+            (StoredDtype::I16, "int16", "I16", 2),
+            (StoredDtype::I8, "int8", "I8", 1),
+            (StoredDtype::U8, "uint8", "U8", 1),
+            (StoredDtype::Bool, "bool", "BOOL", 1),
+        ];
+        for (dtype, torch, st, size) in all {
+            assert_eq!(dtype.to_string(), torch);
+            assert_eq!(dtype.safetensors_name(), st);
+            assert_eq!(dtype.size(), size);
+        }
+        assert_eq!(Format::TorchZip.to_string(), "torch zip");
+        assert_eq!(contiguous_stride(&[2, 3, 4]), vec![12, 4, 1]);
+    }
 }

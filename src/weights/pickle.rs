@@ -109,11 +109,25 @@ impl Arena {
         }
     }
 
-    fn describe(&self, id: Id) -> String {
+    /// A short description of a value for error messages (never the whole value: it may be huge).
+    pub fn describe(&self, id: Id) -> String {
         match self.get(id) {
+            Node::None => "None".into(),
+            Node::Bool(b) => b.to_string(),
+            Node::Int(i) => i.to_string(),
+            Node::BigInt(_) => "a big integer".into(),
+            Node::Float => "a float".into(),
+            Node::Str(s) if s.len() <= 60 => format!("{s:?}"),
+            Node::Str(_) => "a long string".into(),
+            Node::Bytes => "bytes".into(),
+            Node::Tuple(v) => format!("a tuple of {} items", v.len()),
+            Node::List(v) => format!("a list of {} items", v.len()),
+            Node::Dict(v) => format!("a dict of {} items", v.len()),
             Node::Global(m, n) => format!("{m}.{n}"),
-            Node::Opaque(c) => format!("instance of {c}"),
-            other => format!("{other:?}").chars().take(60).collect(),
+            Node::Storage(s) => format!("storage `{}`", s.key),
+            Node::Tensor(_) => "a tensor".into(),
+            Node::Unsupported(why) => format!("an unsupported {why}"),
+            Node::Opaque(c) => format!("an instance of {c}"),
         }
     }
 }
@@ -600,7 +614,12 @@ impl Machine<'_> {
                 Some(d) => d,
                 None => return Node::Unsupported(format!("storage type {name}")),
             },
-            other => return Node::Unsupported(format!("storage type {other:?}")),
+            _ => {
+                return Node::Unsupported(format!(
+                    "storage type {}",
+                    self.arena.describe(items[1])
+                ));
+            }
         };
         let key = match self.arena.get(items[2]) {
             Node::Str(s) => s.clone(),
@@ -683,7 +702,12 @@ impl Machine<'_> {
         let storage = match self.arena.get(argv[0]) {
             Node::Storage(s) => s.clone(),
             Node::Unsupported(why) => return Node::Unsupported(why.clone()),
-            other => return Node::Unsupported(format!("tensor storage is {other:?}")),
+            _ => {
+                return Node::Unsupported(format!(
+                    "tensor whose storage is {}",
+                    self.arena.describe(argv[0])
+                ));
+            }
         };
         let offset = self
             .arena

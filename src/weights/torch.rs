@@ -33,8 +33,8 @@ fn state_dict(arena: &Arena, root: Id) -> Result<Vec<(String, TensorRef)>, Strin
     }
     let Node::Dict(items) = arena.get(dict) else {
         return Err(format!(
-            "the top-level object is not a dict of tensors but {:?}",
-            arena.get(dict)
+            "the top-level object is not a dict of tensors but {}",
+            arena.describe(dict)
         ));
     };
     let mut out = Vec::new();
@@ -42,7 +42,7 @@ fn state_dict(arena: &Arena, root: Id) -> Result<Vec<(String, TensorRef)>, Strin
     for &(k, v) in items {
         let name = match arena.get(k) {
             Node::Str(s) => s.clone(),
-            other => format!("{other:?}"),
+            _ => arena.describe(k),
         };
         match arena.get(v) {
             Node::Tensor(t) => out.push((name, t.clone())),
@@ -293,18 +293,21 @@ pub(crate) fn parse_legacy(path: &Path, data: &[u8]) -> Result<Parsed, WeightsEr
             .iter()
             .map(|&i| match keys.arena.get(i) {
                 Node::Str(s) => Ok(s.clone()),
-                other => Err(malformed(
+                _ => Err(malformed(
                     path,
                     fmt,
-                    format!("storage key {other:?} is not a string"),
+                    format!("storage key {} is not a string", keys.arena.describe(i)),
                 )),
             })
             .collect::<Result<_, _>>()?,
-        other => {
+        _ => {
             return Err(malformed(
                 path,
                 fmt,
-                format!("storage key list is {other:?}, not a list"),
+                format!(
+                    "storage key list is {}, not a list",
+                    keys.arena.describe(keys.root)
+                ),
             ));
         }
     };
@@ -373,4 +376,74 @@ pub(crate) fn parse_legacy(path: &Path, data: &[u8]) -> Result<Parsed, WeightsEr
         entries,
         owned: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn s(out: &mut Vec<u8>, text: &str) {
+        out.push(b'X');
+        out.extend((text.len() as u32).to_le_bytes());
+        out.extend(text.as_bytes());
+    }
+
+    /// `{'w': _rebuild_tensor_v2(<FloatStorage '0', 2 elements>, 0, (2,), (1,), False, {})}`.
+    fn pickle() -> Vec<u8> {
+        let mut p = vec![0x80, 2, b'}', b'('];
+        s(&mut p, "w");
+        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+        s(&mut p, "storage");
+        p.extend(b"ctorch\nFloatStorage\n");
+        s(&mut p, "0");
+        s(&mut p, "cpu");
+        p.extend([
+            b'K', 2, b't', b'Q', b'K', 0, b'K', 2, 0x85, b'K', 1, 0x85, 0x89, b'}',
+        ]);
+        p.extend([b't', b'R', b'u', b'.']);
+        p
+    }
+
+    fn zip(method: zip::CompressionMethod) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(method);
+        for (name, bytes) in [
+            ("m/data.pkl", pickle()),
+            (
+                "m/data/0",
+                [1.5f32, -2.0]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+        ] {
+            w.start_file(name, opts).unwrap();
+            w.write_all(&bytes).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn stored_entries_are_mapped_and_compressed_ones_owned() {
+        let path = Path::new("mem.bin");
+        let stored = zip(zip::CompressionMethod::Stored);
+        let parsed = parse_zip(path, &stored).unwrap();
+        assert!(parsed.owned.is_empty());
+        let Region::Mapped { start, len } = parsed.entries[0].1.region else {
+            panic!("a stored entry must be read in place");
+        };
+        assert_eq!(
+            &stored[start..start + len],
+            &[0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]
+        );
+
+        let deflated = zip(zip::CompressionMethod::Deflated);
+        let parsed = parse_zip(path, &deflated).unwrap();
+        assert_eq!(parsed.owned.len(), 1);
+        assert!(matches!(
+            parsed.entries[0].1.region,
+            Region::Owned { index: 0 }
+        ));
+    }
 }

@@ -38,6 +38,8 @@ pub enum Layout {
     /// A Lightning checkpoint: `{'state_dict': ..., 'epoch', 'global_step', 'hyper_parameters',
     /// 'optimizer_states', 'callbacks'}` with objects of unknown classes and an optimizer tensor.
     Lightning,
+    /// Real-ESRGAN style: `{key: state_dict, 'note': '...'}`.
+    Under(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -170,12 +172,26 @@ impl Pickler {
         self.str(key);
         self.str("cpu");
         self.int(storage.numel() as i64);
-        if legacy {
-            // Legacy ids carry a sixth field, the view metadata (None: not a view).
-            self.out.push(b'N');
-        }
+        // Legacy ids carry a sixth field, the view metadata. Old torch pickled a tensor at an
+        // offset as one over a storage view `(view_key, offset, size)` of the root storage; do
+        // the same for every offset tensor, so that legacy files exercise both forms.
+        let offset = match legacy {
+            false => t.offset,
+            true if t.offset == 0 => {
+                self.out.push(b'N');
+                0
+            }
+            true => {
+                self.out.push(b'(');
+                self.str(&format!("{key}_view{}", t.offset));
+                self.int(t.offset as i64);
+                self.int((storage.numel() - t.offset) as i64);
+                self.out.push(b't');
+                0
+            }
+        };
         self.out.extend([b't', b'Q']);
-        self.int(t.offset as i64);
+        self.int(offset as i64);
         self.tuple(&t.shape);
         self.tuple(&t.stride);
         self.out.push(0x89);
@@ -206,6 +222,14 @@ impl Pickler {
     fn object(&mut self, file: &TorchFile, keys: &[String], legacy: bool) {
         match file.layout {
             Layout::StateDict => self.state_dict(file, keys, legacy),
+            Layout::Under(key) => {
+                self.out.extend([b'}', b'(']);
+                self.str(key);
+                self.state_dict(file, keys, legacy);
+                self.str("note");
+                self.str("saved by a test");
+                self.out.push(b'u');
+            }
             Layout::Lightning => {
                 self.out.extend([b'}', b'(']);
                 self.str("state_dict");
@@ -266,15 +290,23 @@ pub fn data_pkl(file: &TorchFile) -> Vec<u8> {
 
 /// Writes `file` as a torch zip archive whose entries live under `folder/`.
 pub fn write_zip(file: &TorchFile, folder: &str, path: &Path) {
-    write_zip_entries(path, folder, Some(data_pkl(file)), &file.storages);
+    let stored = zip::CompressionMethod::Stored;
+    write_zip_entries(path, folder, Some(data_pkl(file)), &file.storages, stored);
 }
 
-/// Writes a torch-like zip with the given `data.pkl` (none if `None`) and storages.
-pub fn write_zip_entries(path: &Path, folder: &str, pkl: Option<Vec<u8>>, storages: &[Storage]) {
+/// Writes a torch-like zip with the given `data.pkl` (none if `None`) and storages, compressed
+/// with `method` (torch itself always stores).
+pub fn write_zip_entries(
+    path: &Path,
+    folder: &str,
+    pkl: Option<Vec<u8>>,
+    storages: &[Storage],
+    method: zip::CompressionMethod,
+) {
     let f = std::fs::File::create(path).expect("create zip");
     let mut zip = zip::ZipWriter::new(f);
     let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
+        .compression_method(method)
         .with_alignment(64);
     let mut entry = |name: String, bytes: &[u8]| {
         zip.start_file(name, opts).expect("zip entry");
