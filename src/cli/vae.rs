@@ -62,13 +62,14 @@ fn load_vae(path: &Path, config: Option<&Path>) -> anyhow::Result<Vqgan> {
 }
 
 pub fn encode_image(args: EncodeImageArgs) -> anyhow::Result<()> {
+    // Read the picture first: a bad path fails before the (large) checkpoint is loaded.
+    let picture = img::load_image(&args.image)?;
     let vae = load_vae(&args.vae, args.vae_config.as_deref())?;
     let size = args.size.unwrap_or(vae.config().ddconfig.resolution as u32);
     let f = vae.config().downsample_factor() as u32;
     if size == 0 || !size.is_multiple_of(f) {
         bail!("--size {size} is not a positive multiple of the VQGAN's downsampling factor {f}");
     }
-    let picture = img::load_image(&args.image)?;
     let x = img::preprocess(&picture, size, &Device::Cpu)?.unsqueeze(0)?;
     let codes = vae.encode_codes(&x)?.squeeze(0)?.to_vec1::<u32>()?;
     let side = (size / f) as usize;

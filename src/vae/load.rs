@@ -16,8 +16,8 @@ use crate::weights::Checkpoint;
 /// allocation) and records every request, so building a model lists the tensors it needs.
 struct Recorder(Arc<Mutex<TensorList>>);
 
-/// `(name, shape)` pairs.
-type TensorList = Vec<(String, Vec<usize>)>;
+/// `(name, shape)` pairs, names relative to the `GumbelVQ` level.
+pub type TensorList = Vec<(String, Vec<usize>)>;
 
 impl SimpleBackend for Recorder {
     fn get(

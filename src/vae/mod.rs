@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
 
 pub use config::{DdConfig, VqganConfig};
-pub use load::{config_for_checkpoint, expected_tensors, sibling_config};
+pub use load::{TensorList, config_for_checkpoint, expected_tensors, sibling_config};
 use taming::{Decoder, Encoder};
 
 /// Why a VQGAN could not be loaded or run.
