@@ -1,5 +1,4 @@
-//! rudolph: a Rust implementation of RuDOLPH, the hyper-modal transformer that reads and writes
-//! one sequence `[left text | image tokens | right text]`.
+#![doc = include_str!("../README.md")]
 
 pub mod bench;
 pub mod cli;
