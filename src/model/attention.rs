@@ -1,9 +1,10 @@
 //! Self-attention with CogView's PB-relax and the original's additive −10000 masking.
 
+use super::dense::Dense;
 use super::layer::Ops;
 use crate::config::Config;
 use candle_core::{D, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder, linear};
+use candle_nn::{Module, VarBuilder};
 
 /// PB-relax divides the scores by this before subtracting their maximum, then multiplies back.
 const PB_RELAX_ALPHA: f64 = 32.0;
@@ -13,8 +14,8 @@ pub const MASK_VALUE: f64 = 10000.0;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    query_key_value: Linear,
-    dense: Linear,
+    query_key_value: Dense,
+    dense: Dense,
     num_heads: usize,
     head_dim: usize,
 }
@@ -39,8 +40,8 @@ impl Attention {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            query_key_value: linear(h, 3 * h, vb.pp("query_key_value"))?,
-            dense: linear(h, h, vb.pp("dense"))?,
+            query_key_value: Dense::new(h, 3 * h, vb.pp("query_key_value"))?,
+            dense: Dense::new(h, h, vb.pp("dense"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         })

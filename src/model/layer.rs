@@ -1,9 +1,10 @@
 //! One pre-LN decoder block with CogView's sandwich LayerNorms around both sublayers.
 
 use super::attention::{AdditiveMask, Attention};
+use super::dense::Dense;
 use crate::config::Config;
 use candle_core::{D, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder, linear};
+use candle_nn::{Module, VarBuilder};
 
 pub const LAYER_NORM_EPS: f64 = 1e-5;
 
@@ -61,16 +62,16 @@ impl Norm {
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    dense_h_to_4h: Linear,
-    dense_4h_to_h: Linear,
+    dense_h_to_4h: Dense,
+    dense_4h_to_h: Dense,
 }
 
 impl Mlp {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            dense_h_to_4h: linear(h, 4 * h, vb.pp("dense_h_to_4h"))?,
-            dense_4h_to_h: linear(4 * h, h, vb.pp("dense_4h_to_h"))?,
+            dense_h_to_4h: Dense::new(h, 4 * h, vb.pp("dense_h_to_4h"))?,
+            dense_4h_to_h: Dense::new(4 * h, h, vb.pp("dense_4h_to_h"))?,
         })
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod dense;
 pub mod dropout;
 pub mod embeddings;
 pub mod layer;
@@ -20,7 +21,8 @@ pub use masks::{LayerMaskKind, LayerMasks, MaskVariant};
 use crate::config::Config;
 use attention::AdditiveMask;
 use candle_core::{DType, Device, Result, Tensor, bail};
-use candle_nn::{Linear, Module, VarBuilder, linear};
+use candle_nn::{Module, VarBuilder};
+use dense::Dense;
 use embeddings::Embeddings;
 use layer::{Layer, Norm, Ops};
 
@@ -31,7 +33,7 @@ pub struct Rudolph {
     layers: Vec<Layer>,
     final_layernorm: Norm,
     head_layernorm: Norm,
-    head: Linear,
+    head: Dense,
     masks: LayerMasks,
 }
 
@@ -64,7 +66,7 @@ impl Rudolph {
             layers,
             final_layernorm: Norm::new(h, tvb.pp("final_layernorm"))?,
             head_layernorm: Norm::new(h, vb.pp("to_logits.0"))?,
-            head: linear(h, cfg.total_vocab(), vb.pp("to_logits.1"))?,
+            head: Dense::new(h, cfg.total_vocab(), vb.pp("to_logits.1"))?,
             masks,
         })
     }
