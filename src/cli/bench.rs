@@ -2,7 +2,6 @@
 
 use crate::bench::{self, Task};
 use crate::config::Config;
-use candle_core::{DType, Device};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -19,6 +18,12 @@ pub struct BenchArgs {
     /// Worker threads for tensor work (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Weight precision: f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// cpu, or cuda[:N] (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -35,8 +40,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.task,
         args.images,
         args.batch_size,
-        DType::F32,
-        &Device::Cpu,
+        super::common::parse_dtype(&args.dtype)?,
+        &super::common::parse_device(&args.device)?,
     )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
