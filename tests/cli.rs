@@ -322,3 +322,35 @@ fn bad_inputs_fail_with_a_message_and_no_panic() {
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A folder holding the original files under their original names is a complete model.
+#[test]
+fn a_model_folder_is_found_by_the_original_file_names() {
+    let dir = temp_dir("folder");
+    for (from, to) in [
+        ("rudolph_tiny/config.json", "config.json"),
+        ("rudolph_tiny/pytorch_model.bin", "pytorch_model.bin"),
+        ("tokenizer/bpe.model", "bpe.model"),
+        ("vqgan_tiny/vqgan_tiny.ckpt", "vqgan_tiny.ckpt"),
+        ("vqgan_tiny/vqgan_tiny.config.yml", "vqgan_tiny.config.yml"),
+    ] {
+        std::fs::copy(fixture(from), dir.join(to)).unwrap();
+    }
+    let picture = fixture("images/img_0.png");
+    let doc = stdout_json(&rudolph(&[
+        "classify",
+        picture.to_str().unwrap(),
+        "--classes",
+        "кот,дом",
+        "--model",
+        dir.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(doc["scores"].as_array().unwrap().len(), 2);
+    // Without a tokenizer the folder is incomplete, and the error says what is missing.
+    std::fs::remove_file(dir.join("bpe.model")).unwrap();
+    let out = rudolph(&["text", "--model", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("bpe.model"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
