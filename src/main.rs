@@ -9,7 +9,23 @@ fn main() {
     }
     let cli = rudolph::cli::Cli::parse();
     if let Err(err) = rudolph::cli::run(cli) {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", describe(&err));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, leaving out a cause whose text the message before it already
+/// contains (most of our errors spell out their source).
+fn describe(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
