@@ -14,5 +14,6 @@ pub mod tokenizer;
 pub mod train;
 pub mod vae;
 pub mod weights;
+pub mod world;
 
 pub use error::{Error, Result};

@@ -354,3 +354,40 @@ fn a_model_folder_is_found_by_the_original_file_names() {
     assert!(stderr(&out).contains("bpe.model"), "{}", stderr(&out));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn world_sample_writes_pictures_and_captions() {
+    let dir = temp_dir("world").join("scenes");
+    let out = rudolph(&[
+        "world",
+        "sample",
+        "--n",
+        "5",
+        "--out",
+        dir.to_str().unwrap(),
+        "--seed",
+        "9",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("data.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    for line in &lines {
+        let picture = image::open(dir.join(line["image"].as_str().unwrap())).unwrap();
+        assert_eq!((picture.width(), picture.height()), (64, 64));
+        assert!(line["text"].as_str().unwrap().ends_with("фоне"));
+    }
+    let again = rudolph(&[
+        "world",
+        "sample",
+        "--n",
+        "1",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success() && stderr(&again).contains("--force"));
+    std::fs::remove_dir_all(dir.parent().unwrap()).ok();
+}

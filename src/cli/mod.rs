@@ -14,6 +14,7 @@ mod inspect;
 mod rerank;
 mod text;
 mod tokenize;
+mod world;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +41,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Perplexity of a text given each candidate picture (or code grid), best first.
     Rerank(rerank::RerankArgs),
+    /// The shapes world: sample pictures with captions (`world sample`).
+    World(world::WorldArgs),
     /// Time a task (image, caption, rerank, forward) on a preset with random weights.
     Bench(bench::BenchArgs),
     /// Encode texts with the YouTokenToMe tokenizer (ids and pieces).
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::World(args) => world::run(args),
         Command::Text(args) => text::run(args),
         Command::Image(args) => image::run(args),
         Command::Caption(args) => caption::run(args),
