@@ -68,8 +68,9 @@ pub fn jsonl_path(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Reads the data at `path` (a JSONL file or a folder with one), encoding each picture with
-/// `vae` unless `cache` already holds its codes. `n` is the model's codes per picture.
+/// Reads the data at `path` (a JSONL file or a folder with one), in file order, encoding each
+/// picture with `vae` (at `cfg`'s picture size) unless `cache` already holds its codes. A
+/// malformed line or a missing picture is an error naming the file and line.
 pub fn load_dataset(
     path: &Path,
     vae: Option<&Vqgan>,
@@ -332,6 +333,31 @@ pub fn compose(
             ids.extend(codes);
             ids.extend(right);
             Ok((ids, false))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_holds_out_at_least_one_and_keeps_one_for_training() {
+        assert_eq!(split(10, 0.2, 1).1.len(), 2);
+        assert_eq!(split(3, 0.01, 1).1.len(), 1);
+        assert_eq!(split(1, 0.5, 1), (vec![0], vec![]));
+        let (train, val) = split(7, 0.3, 5);
+        let mut all: Vec<usize> = train.into_iter().chain(val).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn each_epoch_draws_every_sample_once() {
+        for epoch in 0..3u64 {
+            let mut drawn: Vec<usize> = (0..5).map(|k| draw(epoch * 5 + k, 5, 9)).collect();
+            drawn.sort_unstable();
+            assert_eq!(drawn, vec![0, 1, 2, 3, 4]);
         }
     }
 }

@@ -46,7 +46,9 @@ pub struct Summary {
     pub peak_rss_bytes: u64,
 }
 
-/// One `log.jsonl` line.
+/// One `log.jsonl` line: the step's losses (each part averaged over the samples that weight
+/// it), its learning rate and gradient norm before clipping; on evaluation steps also the
+/// held-out weighted loss and its exponential.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct LogLine {
     step: u64,
