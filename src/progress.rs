@@ -40,6 +40,11 @@ impl Progress {
         self.bar.inc(steps);
     }
 
+    /// Replaces the label (e.g. with the latest loss).
+    pub fn set_message(&self, msg: String) {
+        self.bar.set_message(msg);
+    }
+
     pub fn finish(&self) {
         self.bar.finish_and_clear();
     }

@@ -202,3 +202,43 @@ fn frozen_parameters_do_not_move() {
     }
     assert!(moved > 0, "nothing trained");
 }
+
+#[test]
+fn a_saved_model_reloads_to_identical_logits() {
+    let input = goldens("model_goldens/forward.safetensors");
+    let (ids, mask) = (
+        get(&input, "input_ids").clone(),
+        get(&input, "attention_mask_default").clone(),
+    );
+    let mut trainer = tiny_trainer(overfit_options(2));
+    for _ in 0..2 {
+        trainer.train_step(&[(ids.clone(), mask.clone())]).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("rudolph-save-{}", std::process::id()));
+    rudolph::train::checkpoint::save_model(&trainer, &dir).unwrap();
+    let ckpt = rudolph::weights::Checkpoint::open(dir.join("model.safetensors")).unwrap();
+    let cfg = rudolph::config::Config::from_json_file(&dir.join("config.json")).unwrap();
+    let (reloaded, _) = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let want = flat_f64(&trainer.model().forward(&ids, &mask).unwrap());
+    let got = flat_f64(&reloaded.forward(&ids, &mask).unwrap());
+    assert!(
+        want.iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the reloaded model's logits differ"
+    );
+    for kind in rudolph::model::LayerMaskKind::ALL {
+        let name = format!("transformer.{}", kind.buffer_name());
+        assert_eq!(
+            ckpt.info(&name).map(|i| i.dtype),
+            Some(rudolph::weights::StoredDtype::Bool),
+            "{name} is not stored as bool"
+        );
+        assert_eq!(
+            flat_f64(reloaded.masks().get(kind)),
+            flat_f64(trainer.model().masks().get(kind)),
+            "{name} changed on saving"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,7 @@ mod inspect;
 mod rerank;
 mod text;
 mod tokenize;
+mod train;
 mod world;
 
 #[derive(Debug, Parser)]
@@ -57,6 +58,8 @@ pub enum Command {
     EncodeImage(vae::EncodeImageArgs),
     /// Decode VQGAN image codes (JSON) into a PNG; several code lists make a grid.
     DecodeCodes(vae::DecodeCodesArgs),
+    /// Fine-tune (or train from scratch) on a JSONL of pictures and texts.
+    Train(train::TrainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::EncodeImage(args) => vae::encode_image(args),
         Command::DecodeCodes(args) => vae::decode_codes(args),
+        Command::Train(args) => train::run(args),
     }
 }
 

@@ -244,26 +244,33 @@ impl Trainer {
     /// One optimizer step over `micro_batches` (each `[B, T]` ids with a `[B or 1, 1, T, T]`
     /// mask): gradients averaged over them, clipped, then AdamW at the scheduled rate.
     pub fn train_step(&mut self, micro_batches: &[(Tensor, Tensor)]) -> Result<StepLog> {
+        let batches = self.uniform(micro_batches);
+        self.train_step_weighted(&batches)
+    }
+
+    /// One optimizer step over micro-batches that each carry their own loss weights and share
+    /// of the step (shares should sum to 1): lets text-only batches train only the left-text
+    /// term, and a mixed batch be split without changing the average.
+    pub fn train_step_weighted(&mut self, micro_batches: &[MicroBatch]) -> Result<StepLog> {
         if micro_batches.is_empty() {
             bail!("a training step needs at least one batch");
         }
-        let scale = 1.0 / micro_batches.len() as f64;
         let mut grads: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
-        let mut parts = [0f32; 4];
-        for (ids, mask) in micro_batches {
+        let mut parts = PartSums::default();
+        for mb in micro_batches {
             let loss = self.model.loss_with_dropout(
-                ids,
-                mask,
-                self.options.weights(),
+                &mb.ids,
+                &mb.mask,
+                mb.weights,
                 self.options.labels(),
                 Some(&self.dropout),
             )?;
-            add_parts(&mut parts, &loss, scale as f32)?;
+            parts.add(&loss, mb.weights, mb.share)?;
             let store = loss.total.backward()?;
             for slot in &self.optimizer.slots {
                 let id = slot.param.as_tensor().id();
                 if let Some(g) = store.get(slot.param.as_tensor()) {
-                    let g = g.affine(scale, 0.0)?;
+                    let g = g.affine(mb.share, 0.0)?;
                     let sum = match grads.remove(&id) {
                         Some(prev) => (prev + g)?,
                         None => g,
@@ -294,12 +301,13 @@ impl Trainer {
         );
         self.optimizer
             .step(|var| grads.get(&var.as_tensor().id()).cloned(), lr)?;
+        let [loss, l_text_loss, image_loss, r_text_loss] = parts.finish();
         Ok(StepLog {
             step: self.optimizer.step,
-            loss: parts[0],
-            l_text_loss: parts[1],
-            image_loss: parts[2],
-            r_text_loss: parts[3],
+            loss,
+            l_text_loss,
+            image_loss,
+            r_text_loss,
             lr,
             grad_norm: grad_norm as f32,
         })
@@ -307,25 +315,135 @@ impl Trainer {
 
     /// The loss without dropout, averaged over `batches`.
     pub fn evaluate(&self, batches: &[(Tensor, Tensor)]) -> Result<[f32; 4]> {
-        let mut parts = [0f32; 4];
-        for (ids, mask) in batches {
+        self.evaluate_weighted(&self.uniform(batches))
+    }
+
+    /// The loss without dropout over weighted micro-batches (as [`Self::train_step_weighted`]);
+    /// each part is averaged over the batches that weight it, the total over all.
+    pub fn evaluate_weighted(&self, batches: &[MicroBatch]) -> Result<[f32; 4]> {
+        let mut parts = PartSums::default();
+        for mb in batches {
             let loss = self
                 .model
-                .loss(ids, mask, self.options.weights(), self.options.labels())?;
-            add_parts(&mut parts, &loss, 1.0 / batches.len() as f32)?;
+                .loss(&mb.ids, &mb.mask, mb.weights, self.options.labels())?;
+            parts.add(&loss, mb.weights, mb.share)?;
         }
-        Ok(parts)
+        Ok(parts.finish())
+    }
+
+    fn uniform(&self, batches: &[(Tensor, Tensor)]) -> Vec<MicroBatch> {
+        let share = 1.0 / batches.len().max(1) as f64;
+        batches
+            .iter()
+            .map(|(ids, mask)| MicroBatch {
+                ids: ids.clone(),
+                mask: mask.clone(),
+                weights: self.options.weights(),
+                share,
+            })
+            .collect()
+    }
+
+    /// AdamW's moments as `exp_avg.<name>` / `exp_avg_sq.<name>` (trainable parameters only).
+    pub fn optimizer_state(&self) -> Vec<(String, Tensor)> {
+        self.optimizer
+            .slots
+            .iter()
+            .flat_map(|s| {
+                [
+                    (format!("exp_avg.{}", s.name), s.exp_avg.clone()),
+                    (format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Where the dropout generator stands (saved with a checkpoint).
+    pub fn dropout_position(&self) -> u128 {
+        self.dropout.position()
+    }
+
+    /// Continues a saved run: the optimizer's step count and moments (as
+    /// [`Self::optimizer_state`] names them) and the dropout generator's position. The
+    /// parameters themselves come in through [`Trainer::new`].
+    pub fn restore(
+        &mut self,
+        step: u64,
+        moments: &HashMap<String, Tensor>,
+        dropout_position: u128,
+    ) -> Result<()> {
+        for slot in &mut self.optimizer.slots {
+            let get = |prefix: &str| -> Result<Tensor> {
+                let key = format!("{prefix}.{}", slot.name);
+                let Some(t) = moments.get(&key) else {
+                    bail!("the optimizer state has no tensor '{key}'");
+                };
+                if t.dims() != slot.param.as_tensor().dims() {
+                    bail!(
+                        "optimizer tensor '{key}' has shape {:?}, expected {:?}",
+                        t.dims(),
+                        slot.param.as_tensor().dims()
+                    );
+                }
+                t.to_dtype(DType::F32)?
+                    .to_device(slot.param.as_tensor().device())
+            };
+            slot.exp_avg = get("exp_avg")?;
+            slot.exp_avg_sq = get("exp_avg_sq")?;
+        }
+        self.optimizer.step = step;
+        self.dropout.set_position(dropout_position);
+        Ok(())
     }
 }
 
-fn add_parts(parts: &mut [f32; 4], loss: &Loss, scale: f32) -> Result<()> {
-    for (p, t) in parts
-        .iter_mut()
-        .zip([&loss.total, &loss.l_text, &loss.image, &loss.r_text])
-    {
-        *p += t.to_scalar::<f32>()? * scale;
+/// One micro-batch of a weighted step: `[B, T]` ids, a `[B or 1, 1, T, T]` mask, the loss
+/// weights for it and its share of the step's gradient.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub weights: LossWeights,
+    pub share: f64,
+}
+
+/// Share-weighted sums of the loss parts; a part counts only where its weight is non-zero, so
+/// that a text-only batch does not report its (unweighted) image loss.
+#[derive(Default)]
+struct PartSums {
+    sums: [f64; 4],
+    shares: [f64; 4],
+}
+
+impl PartSums {
+    fn add(&mut self, loss: &Loss, weights: LossWeights, share: f64) -> Result<()> {
+        let counted = [
+            true,
+            weights.l_text > 0.0,
+            weights.image > 0.0,
+            weights.r_text > 0.0,
+        ];
+        for (i, t) in [&loss.total, &loss.l_text, &loss.image, &loss.r_text]
+            .into_iter()
+            .enumerate()
+        {
+            if counted[i] {
+                self.sums[i] += t.to_scalar::<f32>()? as f64 * share;
+                self.shares[i] += share;
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn finish(&self) -> [f32; 4] {
+        std::array::from_fn(|i| {
+            if self.shares[i] > 0.0 {
+                (self.sums[i] / self.shares[i]) as f32
+            } else {
+                0.0
+            }
+        })
+    }
 }
 
 fn build(

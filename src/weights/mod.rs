@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use write::{ConvertSummary, convert, save_safetensors};
+pub use write::{ConvertSummary, convert, save_safetensors, save_safetensors_with_bools};
 
 /// Element type of a tensor as stored in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -57,19 +57,42 @@ fn tensor_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
 /// temporary name and renamed into place, so readers (and memory maps) of an existing file never
 /// see a half-written one. An existing `path` is replaced; refusing is the caller's decision.
 pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), WeightsError> {
+    save_safetensors_with_bools(tensors, path, |_| false)
+}
+
+/// As [`save_safetensors`], but the tensors for which `is_bool(name)` holds are stored as
+/// `BOOL` (non-zero → true), as PyTorch stores bool buffers such as RuDOLPH's layer masks;
+/// candle has no bool type to say so itself.
+pub fn save_safetensors_with_bools(
+    tensors: &[(String, Tensor)],
+    path: &Path,
+    is_bool: impl Fn(&str) -> bool,
+) -> Result<(), WeightsError> {
     let mut out = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let dtype = candle_stored(t.dtype()).ok_or_else(|| WeightsError::Save {
-            path: path.to_path_buf(),
-            name: name.clone(),
-            detail: format!("dtype {:?} cannot be stored in safetensors", t.dtype()),
-        })?;
+        let as_bool = is_bool(name);
+        let dtype = if as_bool {
+            StoredDtype::Bool
+        } else {
+            candle_stored(t.dtype()).ok_or_else(|| WeightsError::Save {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                detail: format!("dtype {:?} cannot be stored in safetensors", t.dtype()),
+            })?
+        };
         out.push(Outgoing {
             name: name.clone(),
             dtype,
             shape: t.dims().to_vec(),
             bytes: Box::new(move || {
-                tensor_bytes(t).map_err(|e| WeightsError::Save {
+                let bytes = if as_bool {
+                    t.ne(0f64)
+                        .and_then(|b| b.to_dtype(DType::U8))
+                        .and_then(|b| tensor_bytes(&b))
+                } else {
+                    tensor_bytes(t)
+                };
+                bytes.map_err(|e| WeightsError::Save {
                     path: path.to_path_buf(),
                     name: name.clone(),
                     detail: e.to_string(),

@@ -1,0 +1,363 @@
+//! Training data: a JSONL file of `{"image": "...", "text": "..."}` lines (or a folder holding
+//! one), pictures encoded once to VQGAN codes and cached, a held-out split, and the composition
+//! of samples into model sequences.
+
+use crate::config::Config;
+use crate::error::{Error, Result, invalid};
+use crate::tokenizer::{TextTokenizer, lower_strip};
+use crate::vae::Vqgan;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One training example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sample {
+    /// A picture (its `N` codes) with its text.
+    Picture { codes: Vec<u32>, text: String },
+    /// A text alone: trains only the left-text language model.
+    Text { text: String },
+}
+
+/// One JSONL line as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    image: Option<String>,
+    text: String,
+}
+
+/// A line that names a picture, before encoding.
+struct Pending {
+    line: usize,
+    path: PathBuf,
+    text: String,
+}
+
+/// The JSONL file for `path`: the file itself, or the one `*.jsonl` in a folder.
+pub fn jsonl_path(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        if !path.is_file() {
+            return Err(invalid(format!(
+                "training data {} does not exist",
+                path.display()
+            )));
+        }
+        return Ok(path.to_path_buf());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(invalid(format!(
+            "{} holds no *.jsonl file (one {{\"image\": ..., \"text\": ...}} per line)",
+            path.display()
+        ))),
+        _ => Err(invalid(format!(
+            "{} holds several *.jsonl files; pass the one to use",
+            path.display()
+        ))),
+    }
+}
+
+/// Reads the data at `path` (a JSONL file or a folder with one), in file order, encoding each
+/// picture with `vae` (at `cfg`'s picture size) unless `cache` already holds its codes. A
+/// malformed line or a missing picture is an error naming the file and line.
+pub fn load_dataset(
+    path: &Path,
+    vae: Option<&Vqgan>,
+    cfg: &Config,
+    cache: &mut CodesCache,
+    progress: bool,
+) -> Result<Vec<Sample>> {
+    let file = jsonl_path(path)?;
+    let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
+        path: file.clone(),
+        source,
+    })?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut samples: Vec<Option<Sample>> = Vec::new();
+    let mut pending = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let line: Line = serde_json::from_str(raw).map_err(|e| {
+            invalid(format!(
+                "{}:{line_no}: {e} (expected {{\"image\": \"path\", \"text\": \"...\"}} or {{\"text\": \"...\"}})",
+                file.display()
+            ))
+        })?;
+        match line.image {
+            None => samples.push(Some(Sample::Text { text: line.text })),
+            Some(img) => {
+                let p = base.join(&img);
+                if !p.is_file() {
+                    return Err(invalid(format!(
+                        "{}:{line_no}: picture {} does not exist",
+                        file.display(),
+                        p.display()
+                    )));
+                }
+                pending.push((
+                    samples.len(),
+                    Pending {
+                        line: line_no,
+                        path: p,
+                        text: line.text,
+                    },
+                ));
+                samples.push(None);
+            }
+        }
+    }
+    if samples.is_empty() {
+        return Err(invalid(format!("{} holds no samples", file.display())));
+    }
+    let bar = crate::progress::Progress::new(pending.len() as u64, "encoding", progress);
+    for (slot, p) in pending {
+        let key = CodesCache::key(&p.path)?;
+        let codes = match cache.codes.get(&key) {
+            Some(c) if c.len() == cfg.image_seq_length() => c.clone(),
+            _ => {
+                let vae = vae.ok_or_else(|| {
+                    invalid(format!(
+                        "{}:{}: a picture needs the VQGAN: pass --vae PATH or a model folder with one",
+                        file.display(),
+                        p.line
+                    ))
+                })?;
+                let codes = encode(vae, cfg, &p.path).map_err(|e| {
+                    invalid(format!(
+                        "{}:{}: {}: {e}",
+                        file.display(),
+                        p.line,
+                        p.path.display()
+                    ))
+                })?;
+                if codes.len() != cfg.image_seq_length() {
+                    return Err(invalid(format!(
+                        "{}: the VQGAN gives {} codes, the model expects {}",
+                        p.path.display(),
+                        codes.len(),
+                        cfg.image_seq_length()
+                    )));
+                }
+                cache.codes.insert(key, codes.clone());
+                codes
+            }
+        };
+        samples[slot] = Some(Sample::Picture {
+            codes,
+            text: p.text,
+        });
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok(samples.into_iter().flatten().collect())
+}
+
+fn encode(vae: &Vqgan, cfg: &Config, path: &Path) -> Result<Vec<u32>> {
+    let img = crate::image::load_image(path)?;
+    let pixels = crate::image::preprocess(&img, cfg.image_size() as u32, vae.device())?;
+    let codes = vae.encode_codes(&pixels.unsqueeze(0)?)?;
+    Ok(codes.flatten_all()?.to_vec1::<u32>()?)
+}
+
+/// `n` samples of random codes and empty texts, for measuring speed and memory.
+pub fn synthetic(cfg: &Config, n: usize, seed: u64) -> Vec<Sample> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| Sample::Picture {
+            codes: (0..cfg.image_seq_length())
+                .map(|_| rng.next_u32() % cfg.image_vocab_size as u32)
+                .collect(),
+            text: String::new(),
+        })
+        .collect()
+}
+
+/// Codes of pictures already encoded, keyed by path, size and modification time, so that a
+/// changed file is encoded again.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CodesCache {
+    /// Identifies the VQGAN that made the codes; a different one empties the cache.
+    pub vae: String,
+    pub codes: HashMap<String, Vec<u32>>,
+}
+
+impl CodesCache {
+    /// The cache at `path` if it exists and was made by `vae`, else an empty one for it.
+    pub fn open(path: &Path, vae: &str) -> Result<Self> {
+        let fresh = || Self {
+            vae: vae.to_string(),
+            codes: HashMap::new(),
+        };
+        if !path.is_file() {
+            return Ok(fresh());
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cache: Self = serde_json::from_str(&text)
+            .map_err(|e| invalid(format!("{}: not a codes cache: {e}", path.display())))?;
+        Ok(if cache.vae == vae { cache } else { fresh() })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string(self).map_err(|e| invalid(e.to_string()))?;
+        std::fs::write(path, text).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn key(path: &Path) -> Result<String> {
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(format!("{}|{}|{mtime}", abs.display(), meta.len()))
+    }
+}
+
+/// Splits `n` sample indices into (training, held-out): a `fraction` of them, chosen by
+/// `seed`, at least one when the fraction is positive and two or more samples exist.
+pub fn split(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..n).collect();
+    shuffle(&mut order, &mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
+    let mut held = (fraction * n as f64).round() as usize;
+    if fraction > 0.0 && n >= 2 {
+        held = held.max(1);
+    }
+    held = held.min(n.saturating_sub(1));
+    let mut val = order.split_off(n - held);
+    order.sort_unstable();
+    val.sort_unstable();
+    (order, val)
+}
+
+/// Fisher–Yates with our own generator, so the order is the same on every platform.
+pub fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..items.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// The training-set index of the `k`-th sample drawn (0-based, over all epochs): each epoch is
+/// a fresh permutation of the `n` samples from `seed` and the epoch number. A function of `k`
+/// alone, so a resumed run draws the same samples as an uninterrupted one.
+pub fn draw(k: u64, n: usize, seed: u64) -> usize {
+    let epoch = k / n as u64;
+    let mut order: Vec<usize> = (0..n).collect();
+    shuffle(
+        &mut order,
+        &mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9))),
+    );
+    order[(k % n as u64) as usize]
+}
+
+/// How samples become sequences.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Compose {
+    /// Probability of blanking the left text of a picture sample, so that the right text
+    /// (captioning) must be learnt from the picture rather than copied from the left.
+    pub i2t_fraction: f64,
+    /// BPE-dropout probability (0: plain encoding).
+    pub bpe_dropout: f64,
+}
+
+/// The ids `[l + N + r]` of `sample` and whether it is text-only. `draw` numbers the draw, so
+/// the random choices (blanking, BPE-dropout) are a function of it and `seed` alone.
+///
+/// A text-only sample gets zero codes and an empty right text; its loss then weights only the
+/// left text, which under the causal mask never sees them.
+pub fn compose(
+    sample: &Sample,
+    cfg: &Config,
+    tokenizer: &TextTokenizer,
+    how: Compose,
+    seed: u64,
+    draw: u64,
+) -> Result<(Vec<u32>, bool)> {
+    let (l, n, r) = (
+        cfg.l_text_seq_length,
+        cfg.image_seq_length(),
+        cfg.r_text_seq_length,
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ draw.wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let mut enc = |text: &str, len: usize| -> Result<Vec<u32>> {
+        let text = lower_strip(text);
+        Ok(if how.bpe_dropout > 0.0 {
+            tokenizer.encode_text_with_dropout(&text, len, how.bpe_dropout, &mut rng)?
+        } else {
+            tokenizer.encode_text(&text, len)
+        })
+    };
+    let mut ids = Vec::with_capacity(l + n + r);
+    match sample {
+        Sample::Text { text } => {
+            ids.extend(enc(text, l)?);
+            ids.resize(l + n, 0);
+            // An empty right text (BOS, EOS, pads) rather than all pads: its term is weighted
+            // 0, but a mean over no targets would be NaN and poison the total.
+            ids.extend(tokenizer.encode_text("", r));
+            Ok((ids, true))
+        }
+        Sample::Picture { codes, text } => {
+            let left = enc(text, l)?;
+            let right = enc(text, r)?;
+            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            if u < how.i2t_fraction {
+                ids.resize(l, 0);
+            } else {
+                ids.extend(left);
+            }
+            ids.extend(codes);
+            ids.extend(right);
+            Ok((ids, false))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_holds_out_at_least_one_and_keeps_one_for_training() {
+        assert_eq!(split(10, 0.2, 1).1.len(), 2);
+        assert_eq!(split(3, 0.01, 1).1.len(), 1);
+        assert_eq!(split(1, 0.5, 1), (vec![0], vec![]));
+        let (train, val) = split(7, 0.3, 5);
+        let mut all: Vec<usize> = train.into_iter().chain(val).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn each_epoch_draws_every_sample_once() {
+        for epoch in 0..3u64 {
+            let mut drawn: Vec<usize> = (0..5).map(|k| draw(epoch * 5 + k, 5, 9)).collect();
+            drawn.sort_unstable();
+            assert_eq!(drawn, vec![0, 1, 2, 3, 4]);
+        }
+    }
+}

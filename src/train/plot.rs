@@ -1,0 +1,102 @@
+//! The loss-curve PNG, drawn pixel by pixel (no plotting dependency): axes, the training loss
+//! as a blue line, validation losses as red squares. The y axis spans 0 to the highest loss.
+
+use crate::error::Result;
+use image::{Rgb, RgbImage};
+use std::path::Path;
+
+/// The points to draw: `(step, loss)`.
+#[derive(Debug, Clone, Default)]
+pub struct Curve {
+    pub train: Vec<(u64, f32)>,
+    pub val: Vec<(u64, f32)>,
+}
+
+const WIDTH: u32 = 640;
+const HEIGHT: u32 = 400;
+const MARGIN: i64 = 40;
+
+/// Draws `curve` into a PNG at `path`.
+pub fn draw_loss_curve(curve: &Curve, path: &Path) -> Result<()> {
+    let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, Rgb([255, 255, 255]));
+    let (w, h) = (WIDTH as i64, HEIGHT as i64);
+    let black = Rgb([0, 0, 0]);
+    let grey = Rgb([220, 220, 220]);
+    // Quarter grid lines so the eye can read relative drops without tick labels.
+    for q in 1..4 {
+        let y = h - MARGIN - (h - 2 * MARGIN) * q / 4;
+        line(&mut img, (MARGIN, y), (w - MARGIN, y), grey);
+    }
+    line(
+        &mut img,
+        (MARGIN, h - MARGIN),
+        (w - MARGIN, h - MARGIN),
+        black,
+    );
+    line(&mut img, (MARGIN, MARGIN), (MARGIN, h - MARGIN), black);
+    let points = curve.train.iter().chain(&curve.val);
+    let max_step = points.clone().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
+    let max_loss = points
+        .map(|p| p.1)
+        .filter(|l| l.is_finite())
+        .fold(0f32, f32::max)
+        .max(1e-6) as f64;
+    let at = |(step, loss): (u64, f32)| -> (i64, i64) {
+        let x = MARGIN + ((w - 2 * MARGIN) as f64 * step as f64 / max_step) as i64;
+        let frac = if loss.is_finite() {
+            loss as f64 / max_loss
+        } else {
+            1.0
+        };
+        let y = h - MARGIN - ((h - 2 * MARGIN) as f64 * frac) as i64;
+        (x, y)
+    };
+    let blue = Rgb([30, 90, 200]);
+    for pair in curve.train.windows(2) {
+        line(&mut img, at(pair[0]), at(pair[1]), blue);
+    }
+    if let [only] = curve.train.as_slice() {
+        square(&mut img, at(*only), 1, blue);
+    }
+    for &p in &curve.val {
+        square(&mut img, at(p), 3, Rgb([210, 40, 40]));
+    }
+    crate::image::save_png(&img, path)?;
+    Ok(())
+}
+
+fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
+    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+        img.put_pixel(x as u32, y as u32, c);
+    }
+}
+
+/// Bresenham's line.
+fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u8>) {
+    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
+    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
+    let (mut x, mut y, mut err) = (x0, y0, dx + dy);
+    loop {
+        put(img, x, y, c);
+        if x == x1 && y == y1 {
+            break;
+        }
+        let e2 = 2 * err;
+        if e2 >= dy {
+            err += dy;
+            x += sx;
+        }
+        if e2 <= dx {
+            err += dx;
+            y += sy;
+        }
+    }
+}
+
+fn square(img: &mut RgbImage, (x, y): (i64, i64), r: i64, c: Rgb<u8>) {
+    for yy in y - r..=y + r {
+        for xx in x - r..=x + r {
+            put(img, xx, yy, c);
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! `rudolph train` end to end on the tiny fixture model: data, logging, saving, resuming and
+//! bad input.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use rudolph::model::Rudolph;
+use rudolph::model::masks::causal_mask;
+use rudolph::weights::Checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rudolph-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The fixture pictures, each with a caption, and one text-only line, as a JSONL in `dir`
+/// (pictures named relative to it).
+fn write_dataset(dir: &Path) -> PathBuf {
+    let mut pictures: Vec<PathBuf> = std::fs::read_dir(fixture("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    pictures.sort();
+    assert!(
+        pictures.len() >= 2,
+        "the fixtures need at least two pictures"
+    );
+    let images = dir.join("pics");
+    std::fs::create_dir_all(&images).unwrap();
+    let captions = ["a red square on grass", "a blue circle", "a wide picture"];
+    let mut lines = Vec::new();
+    for (i, p) in pictures.iter().enumerate() {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        std::fs::copy(p, images.join(name)).unwrap();
+        let text = captions[i % captions.len()];
+        lines.push(serde_json::json!({"image": format!("pics/{name}"), "text": text}).to_string());
+    }
+    lines.push(serde_json::json!({"text": "just a sentence"}).to_string());
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn model_flags(data: &Path) -> Vec<String> {
+    [
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        fixture("rudolph_tiny").to_str().unwrap(),
+        "--tokenizer",
+        fixture("tokenizer/bpe.model").to_str().unwrap(),
+        "--vae",
+        fixture("vqgan_tiny/vqgan_tiny.ckpt").to_str().unwrap(),
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn rudolph(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rudolph"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[String]) {
+    let out = rudolph(args);
+    assert!(
+        out.status.success(),
+        "rudolph {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn failure(args: &[String]) -> String {
+    let out = rudolph(args);
+    assert!(!out.status.success(), "rudolph {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn with(mut base: Vec<String>, more: &[&str]) -> Vec<String> {
+    base.extend(more.iter().map(|s| s.to_string()));
+    base
+}
+
+#[test]
+fn training_through_the_cli_drives_the_loss_down_and_saves_a_loadable_model() {
+    let dir = scratch("overfit");
+    let data = write_dataset(&dir);
+    let out = dir.join("out");
+    let args = with(
+        model_flags(&data),
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "40",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "2",
+            "--val-fraction",
+            "0",
+            "--log-every",
+            "1",
+            "--save-every",
+            "0",
+        ],
+    );
+    ok(&args);
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 40);
+    for (i, line) in log.iter().enumerate() {
+        assert_eq!(line["step"].as_u64(), Some(i as u64 + 1));
+        for key in ["loss", "l_text_loss", "image_loss", "r_text_loss", "lr"] {
+            assert!(line[key].as_f64().unwrap().is_finite(), "{key} at {line}");
+        }
+    }
+    let loss = |l: &serde_json::Value| l["loss"].as_f64().unwrap();
+    let first = loss(&log[0]);
+    let last = log[log.len() - 3..].iter().map(loss).sum::<f64>() / 3.0;
+    assert!(last < first / 3.0, "loss fell only from {first} to {last}");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "loss.png",
+        "codes-cache.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} was not written");
+    }
+    let ckpt = Checkpoint::open(out.join("model.safetensors")).unwrap();
+    let cfg =
+        rudolph::config::Config::from_json_file(&out.join("config.json")).expect("config.json");
+    assert_eq!(cfg, tiny_config());
+    let (model, _) = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let mask_dtype = ckpt
+        .info("transformer.row_mask")
+        .expect("row mask saved")
+        .dtype;
+    assert_eq!(mask_dtype, rudolph::weights::StoredDtype::Bool);
+    let t = cfg.total_seq_length();
+    let ids = candle_core::Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap();
+    let logits = model
+        .forward(&ids, &causal_mask(1, t, &Device::Cpu).unwrap())
+        .unwrap();
+    assert!(flat_f64(&logits).iter().all(|x| x.is_finite()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one() {
+    let dir = scratch("resume");
+    let data = write_dataset(&dir);
+    let common = with(
+        model_flags(&data),
+        &[
+            "--steps",
+            "8",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "2",
+            "--accumulate",
+            "2",
+            "--val-fraction",
+            "0.25",
+            "--eval-every",
+            "3",
+            "--bpe-dropout",
+            "0.1",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "2",
+        ],
+    );
+    let straight = dir.join("straight");
+    ok(&with(
+        common.clone(),
+        &["--out", straight.to_str().unwrap(), "--save-every", "0"],
+    ));
+    let interrupted = dir.join("interrupted");
+    ok(&with(
+        common,
+        &["--out", interrupted.to_str().unwrap(), "--save-every", "4"],
+    ));
+    // A new output folder holding only the half-way checkpoint: the resumed process knows
+    // nothing but what the checkpoint saved.
+    let resumed = dir.join("resumed");
+    std::fs::create_dir_all(resumed.join("checkpoint-4")).unwrap();
+    for f in std::fs::read_dir(interrupted.join("checkpoint-4")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(
+            &f,
+            resumed.join("checkpoint-4").join(f.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    ok(&[
+        "train".into(),
+        "--resume".into(),
+        resumed.to_str().unwrap().into(),
+        "--quiet".into(),
+    ]);
+    let a = Checkpoint::open(straight.join("model.safetensors")).unwrap();
+    let b = Checkpoint::open(resumed.join("model.safetensors")).unwrap();
+    let a_all = a.load_all(DType::F32, &Device::Cpu).unwrap();
+    let b_all = b.load_all(DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(a_all.len(), b_all.len());
+    for (name, ta) in &a_all {
+        let tb = b_all.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        let (va, vb) = (flat_f64(ta), flat_f64(tb));
+        assert!(
+            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs after resuming"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_lines_and_missing_pictures_are_reported_with_file_and_line() {
+    let dir = scratch("bad");
+    let data = write_dataset(&dir);
+    let good = std::fs::read_to_string(&data).unwrap();
+
+    let broken = dir.join("broken.jsonl");
+    std::fs::write(
+        &broken,
+        format!("{good}{{\"image\": 3, \"text\": \"x\"}}\n"),
+    )
+    .unwrap();
+    let line = good.lines().count() + 1;
+    let err = failure(&with(
+        model_flags(&broken),
+        &["--out", dir.join("o1").to_str().unwrap()],
+    ));
+    assert!(
+        err.contains(&format!("broken.jsonl:{line}")),
+        "error does not name the file and line {line}: {err}"
+    );
+
+    let missing = dir.join("missing.jsonl");
+    std::fs::write(
+        &missing,
+        format!("{good}{{\"image\": \"pics/nowhere.png\", \"text\": \"x\"}}\n"),
+    )
+    .unwrap();
+    let err = failure(&with(
+        model_flags(&missing),
+        &["--out", dir.join("o2").to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("nowhere.png") && err.contains(&format!("missing.jsonl:{line}")),
+        "error does not name the missing picture and its line: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_existing_output_folder_is_refused_without_force() {
+    let dir = scratch("refuse");
+    let data = write_dataset(&dir);
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "precious").unwrap();
+    let args = with(
+        model_flags(&data),
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--val-fraction",
+            "0",
+        ],
+    );
+    let err = failure(&args);
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "precious"
+    );
+    ok(&with(args, &["--force"]));
+    assert!(out.join("model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
