@@ -59,7 +59,8 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
     {
         let name = format!("{i:06}.png");
         crate::image::save_png(&world::render::render(scene), &args.out.join(&name))?;
-        let line = serde_json::json!({ "image": name, "text": scene.caption(), "scene": scene });
+        // Exactly the trainer's format; the caption states every attribute of the scene.
+        let line = serde_json::json!({ "image": name, "text": scene.caption() });
         writeln!(lines, "{line}")?;
         progress.inc(1);
     }
