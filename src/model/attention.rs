@@ -72,18 +72,21 @@ impl Attention {
         let scores = scores
             .broadcast_mul(&mask.keep)?
             .broadcast_sub(&mask.penalty)?;
-        // Subtracting the per-(sample, head) maximum over the whole matrix changes nothing
-        // mathematically; it is done as the original does so rounding stays alike.
-        let t = scores.affine(1.0 / PB_RELAX_ALPHA, 0.0)?;
-        let max = t
-            .detach()
-            .flatten_from(2)?
-            .max_keepdim(D::Minus1)?
-            .unsqueeze(D::Minus1)?;
-        let scores = t.broadcast_sub(&max)?.affine(PB_RELAX_ALPHA, 0.0)?;
         let probs = if ops.differentiable {
+            // PB-relax: subtracting the per-(sample, head) maximum over the whole matrix changes
+            // nothing mathematically; training does it as the original does, so gradients
+            // round alike.
+            let t = scores.affine(1.0 / PB_RELAX_ALPHA, 0.0)?;
+            let max = t
+                .detach()
+                .flatten_from(2)?
+                .max_keepdim(D::Minus1)?
+                .unsqueeze(D::Minus1)?;
+            let scores = t.broadcast_sub(&max)?.affine(PB_RELAX_ALPHA, 0.0)?;
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
+            // Inference skips those four passes over [B, heads, Sq, Sk]: softmax already
+            // subtracts each row's maximum, so only rounding differs (far inside float32 parity).
             candle_nn::ops::softmax_last_dim(&scores)?
         };
         let probs = ops.dropout(probs)?;
