@@ -1,5 +1,6 @@
-//! The loss-curve PNG, drawn pixel by pixel (no plotting dependency): axes, the training loss
-//! as a blue line, validation losses as red squares. The y axis spans 0 to the highest loss.
+//! The loss-curve PNG, drawn pixel by pixel (no plotting dependency): axes with tick labels in a
+//! tiny bitmap font, the training loss as a blue line, validation losses as red squares. The y
+//! axis spans 0 to the highest loss.
 
 use crate::error::Result;
 use image::{Rgb, RgbImage};
@@ -22,10 +23,22 @@ pub fn draw_loss_curve(curve: &Curve, path: &Path) -> Result<()> {
     let (w, h) = (WIDTH as i64, HEIGHT as i64);
     let black = Rgb([0, 0, 0]);
     let grey = Rgb([220, 220, 220]);
-    // Quarter grid lines so the eye can read relative drops without tick labels.
-    for q in 1..4 {
+    let max_loss_for_ticks = curve
+        .train
+        .iter()
+        .chain(&curve.val)
+        .map(|p| p.1)
+        .filter(|l| l.is_finite())
+        .fold(0f32, f32::max)
+        .max(1e-6);
+    // Quarter grid lines, each labelled with its loss.
+    for q in 0..=4 {
         let y = h - MARGIN - (h - 2 * MARGIN) * q / 4;
-        line(&mut img, (MARGIN, y), (w - MARGIN, y), grey);
+        if q > 0 {
+            line(&mut img, (MARGIN, y), (w - MARGIN, y), grey);
+        }
+        let label = format!("{:.2}", max_loss_for_ticks * q as f32 / 4.0);
+        text(&mut img, 2, (y - 5).max(0), &label, black);
     }
     line(
         &mut img,
@@ -51,6 +64,15 @@ pub fn draw_loss_curve(curve: &Curve, path: &Path) -> Result<()> {
         let y = h - MARGIN - ((h - 2 * MARGIN) as f64 * frac) as i64;
         (x, y)
     };
+    text(&mut img, MARGIN - 4, h - MARGIN + 8, "0", black);
+    let last = format!("{}", max_step as u64);
+    text(
+        &mut img,
+        w - MARGIN - 8 * last.len() as i64 + 8,
+        h - MARGIN + 8,
+        &last,
+        black,
+    );
     let blue = Rgb([30, 90, 200]);
     for pair in curve.train.windows(2) {
         line(&mut img, at(pair[0]), at(pair[1]), blue);
@@ -97,6 +119,41 @@ fn square(img: &mut RgbImage, (x, y): (i64, i64), r: i64, c: Rgb<u8>) {
     for yy in y - r..=y + r {
         for xx in x - r..=x + r {
             put(img, xx, yy, c);
+        }
+    }
+}
+
+/// 3×5 bitmaps of the characters tick labels need, one row per 3-bit line (bit 2 = left).
+fn glyph(c: char) -> Option<[u8; 5]> {
+    Some(match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        _ => return None,
+    })
+}
+
+/// Writes `s` with its top-left corner at `(x, y)`, each font pixel drawn 2×2.
+fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
+    for (i, ch) in s.chars().enumerate() {
+        let Some(rows) = glyph(ch) else { continue };
+        let x0 = x + 8 * i as i64;
+        for (r, bits) in rows.iter().enumerate() {
+            for col in 0..3 {
+                if bits & (4 >> col) != 0 {
+                    for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                        put(img, x0 + 2 * col + dx, y + 2 * r as i64 + dy, c);
+                    }
+                }
+            }
         }
     }
 }
