@@ -109,7 +109,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let options = TrainOptions {
         coverage: args.coverage,
     };
-    let model = train_bpe(texts.iter().map(String::as_str), args.vocab_size, &options)?;
+    let model = train_bpe(texts.iter().map(String::as_str), args.vocab_size, &options)
+        .with_context(|| {
+            let files: Vec<String> = (args.input.iter().chain(&args.jsonl))
+                .map(|p| p.display().to_string())
+                .collect();
+            format!("training on {}", files.join(", "))
+        })?;
     model.save(&args.output, args.force)?;
     let dropped = match model.n_dropped_chars() {
         0 => String::new(),
