@@ -14,6 +14,7 @@ mod inspect;
 mod rerank;
 mod text;
 mod tokenize;
+mod tokenizer_train;
 mod train;
 mod world;
 
@@ -50,6 +51,8 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Decode token id lists back to text.
     Detokenize(tokenize::DetokenizeArgs),
+    /// Tokenizer tools: `tokenizer train` learns a YouTokenToMe BPE model from texts.
+    Tokenizer(tokenizer_train::TokenizerArgs),
     /// Show what a checkpoint file or model folder holds: preset, parameters, dtypes, mask version.
     Inspect(inspect::InspectArgs),
     /// Convert a checkpoint (torch zip, legacy torch or safetensors) to safetensors.
@@ -84,6 +87,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rerank(args) => rerank::run(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Detokenize(args) => tokenize::detokenize(args),
+        Command::Tokenizer(args) => tokenizer_train::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::EncodeImage(args) => vae::encode_image(args),

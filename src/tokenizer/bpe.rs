@@ -15,7 +15,7 @@ use rand::RngExt;
 use super::TokenizerError;
 
 /// U+2581 `▁`: the word-start meta symbol; also a word separator on input.
-const SPACE_TOKEN: char = '\u{2581}';
+pub(super) const SPACE_TOKEN: char = '\u{2581}';
 /// Code points below this are looked up in a dense table (covers Latin and Cyrillic).
 const DENSE_CHARS: usize = 0x800;
 const NO_ID: u32 = u32::MAX;
@@ -66,7 +66,7 @@ fn pair_key(x: u32, y: u32) -> u64 {
 
 /// YTTM's whitespace: C `isspace` for code points below 256 (only ` \t\n\v\f\r`, as checked
 /// against the original: NBSP and U+001C–U+001F are not spaces) plus `▁`.
-fn is_yttm_space(c: char) -> bool {
+pub(super) fn is_yttm_space(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r' | SPACE_TOKEN)
 }
 

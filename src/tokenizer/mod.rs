@@ -1,9 +1,11 @@
 //! The text tokenizer: a port of YouTokenToMe 1.0.6 BPE ([`Bpe`]) that produces the same ids as
 //! the original, ruDALL-E's `YTTMTokenizerWrapper` on top of it ([`TextTokenizer`]), and the
-//! `text.lower().strip()` preprocessing every pipeline applies ([`lower_strip`]).
+//! `text.lower().strip()` preprocessing every pipeline applies ([`lower_strip`]), and a trainer
+//! that writes new models in YTTM's format ([`train_bpe`]).
 
 mod bpe;
 mod lower;
+mod train;
 mod unicode_tables;
 mod wrapper;
 
@@ -11,6 +13,7 @@ use std::path::PathBuf;
 
 pub use bpe::{Bpe, SpecialIds};
 pub use lower::{lower_strip, python_strip};
+pub use train::{TrainOptions, TrainedBpe, train_bpe};
 pub use wrapper::TextTokenizer;
 
 /// Everything that can go wrong while loading a model or encoding/decoding with it.
@@ -44,4 +47,17 @@ pub enum TokenizerError {
         "cannot decode an empty id list (the original raises IndexError: list index out of range)"
     )]
     EmptyInput,
+    /// Training cannot proceed (no text, vocabulary too small, bad option).
+    #[error("cannot train a tokenizer: {0}")]
+    Train(String),
+    /// Writing a trained model failed.
+    #[error("cannot write tokenizer model {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Saving would replace an existing model file.
+    #[error("{} already exists; refusing to overwrite it (use --force to replace it)", .0.display())]
+    Exists(PathBuf),
 }
