@@ -22,7 +22,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::bpe::{SPACE_TOKEN, is_yttm_space};
 use super::{Bpe, TokenizerError};
@@ -95,31 +95,19 @@ impl TrainedBpe {
         if !overwrite && path.exists() {
             return Err(TokenizerError::Exists(path.to_path_buf()));
         }
-        let write_err = |source| TokenizerError::Write {
+        let io = |_: &'static str, source| TokenizerError::Write {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = temp_path(path);
-        let result = (|| {
-            let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
-            file.write_all(self.text.as_bytes()).map_err(write_err)?;
-            file.sync_all().map_err(write_err)?;
-            std::fs::rename(&tmp, path).map_err(write_err)
-        })();
-        if result.is_err() {
-            // Best effort: the temporary file is garbage now; the error above is what matters.
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        crate::atomic_file::write_atomically(
+            path,
+            |w| {
+                w.write_all(self.text.as_bytes())
+                    .map_err(|e| io("write", e))
+            },
+            io,
+        )
     }
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 fn train_error(message: String) -> TokenizerError {

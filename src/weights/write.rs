@@ -1,7 +1,7 @@
 //! Writing safetensors files, and converting any readable checkpoint into one.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -137,43 +137,29 @@ fn write_file(path: &Path, tensors: Vec<Outgoing<'_>>) -> Result<(), WeightsErro
         header.push(' ');
     }
 
-    let tmp = temp_path(path);
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(|e| io("create a temporary file", e))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|()| w.write_all(header.as_bytes()))
-            .map_err(|e| io("write", e))?;
-        for t in tensors {
-            let expected = t.shape.iter().product::<usize>() * t.dtype.size();
-            let name = t.name;
-            let bytes = (t.bytes)()?;
-            if bytes.len() != expected {
-                return Err(WeightsError::Save {
-                    path: path.to_path_buf(),
-                    name,
-                    detail: format!("produced {} bytes, expected {expected}", bytes.len()),
-                });
+    crate::atomic_file::write_atomically(
+        path,
+        |w| {
+            w.write_all(&(header.len() as u64).to_le_bytes())
+                .and_then(|()| w.write_all(header.as_bytes()))
+                .map_err(|e| io("write", e))?;
+            for t in tensors {
+                let expected = t.shape.iter().product::<usize>() * t.dtype.size();
+                let name = t.name;
+                let bytes = (t.bytes)()?;
+                if bytes.len() != expected {
+                    return Err(WeightsError::Save {
+                        path: path.to_path_buf(),
+                        name,
+                        detail: format!("produced {} bytes, expected {expected}", bytes.len()),
+                    });
+                }
+                w.write_all(&bytes).map_err(|e| io("write", e))?;
             }
-            w.write_all(&bytes).map_err(|e| io("write", e))?;
-        }
-        let file = w.into_inner().map_err(|e| io("write", e.into_error()))?;
-        file.sync_all().map_err(|e| io("sync", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("rename the temporary file", e))
-    })();
-    if result.is_err() {
-        // Best effort: the temporary file is garbage now, and the error above is what matters.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+            Ok(())
+        },
+        io,
+    )
 }
 
 /// What [`convert`] wrote.
