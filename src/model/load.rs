@@ -9,23 +9,14 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 
 /// What a loaded checkpoint held.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct LoadReport {
     /// Which released version the four mask buffers equal; `None` = neither (custom masks).
-    #[serde(serialize_with = "variant_name")]
     pub mask_variant: Option<MaskVariant>,
     /// Number of tensors stored in each dtype.
     pub dtypes: BTreeMap<String, usize>,
     /// Parameters (mask buffers excluded).
     pub parameters: usize,
-}
-
-fn variant_name<S: serde::Serializer>(v: &Option<MaskVariant>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match v {
-        Some(MaskVariant::Rc1) => "rc1",
-        Some(MaskVariant::Rc10) => "rc10",
-        None => "custom",
-    })
 }
 
 impl LoadReport {

@@ -78,7 +78,7 @@ pub fn generate_captions(
 ) -> crate::Result<Vec<Caption>> {
     let r = model.config().r_text_seq_length;
     let encoded = tokenizer.encode_text(&lower_strip(template), r);
-    let prefix = template_prefix(&encoded, r, "template")?;
+    let prefix = template_prefix(&encoded, r, "template");
     let progress = Progress::new(
         ((r - prefix.len()) * count) as u64,
         "captions",

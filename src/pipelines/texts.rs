@@ -131,7 +131,7 @@ pub fn generate_texts(
 ) -> crate::Result<Vec<GeneratedText>> {
     let l = model.config().l_text_seq_length;
     let encoded = tokenizer.encode_text(&lower_strip(template), l);
-    let prefix = template_prefix(&encoded, l, "template")?;
+    let prefix = template_prefix(&encoded, l, "template");
     let progress = Progress::new(((l - prefix.len()) * count) as u64, "texts", opts.progress);
     let rows = generate_text_ids(
         model,
@@ -163,14 +163,14 @@ pub fn generate_texts(
 /// `[BOS, template…]` from an `encode_text` row: everything before its EOS (the original's
 /// `count(≠0) − 1`). A template that fills the slots loses its EOS; it is cut so that at least
 /// one token is still generated.
-pub fn template_prefix(encoded: &[u32], slots: usize, what: &str) -> crate::Result<Vec<u32>> {
+pub fn template_prefix(encoded: &[u32], slots: usize, what: &str) -> Vec<u32> {
     let nonzero = encoded.iter().filter(|&&t| t != 0).count();
     let mut len = nonzero.saturating_sub(1).max(1);
     if len >= slots {
         eprintln!("warning: the {what} does not fit the {slots} text slots; it was truncated");
         len = slots - 1;
     }
-    Ok(encoded[..len].to_vec())
+    encoded[..len].to_vec()
 }
 
 /// Cuts each row at its end, decodes it, strips it and keeps the non-empty texts once each, in
