@@ -8,6 +8,8 @@ use std::path::PathBuf;
 pub enum WorldCommand {
     /// Draw N scenes: pictures plus a data.jsonl of captions that `rudolph train` reads.
     Sample(SampleArgs),
+    /// Train the built-in model from nothing: VQGAN, tokenizer, RuDOLPH (resumable).
+    Train(TrainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -35,6 +37,7 @@ pub struct SampleArgs {
 pub fn run(args: WorldArgs) -> anyhow::Result<()> {
     match args.command {
         WorldCommand::Sample(a) => sample(a),
+        WorldCommand::Train(a) => train(a),
     }
 }
 
@@ -67,5 +70,36 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
     progress.finish();
     lines.flush()?;
     println!("wrote {} scenes and {}", args.n, jsonl.display());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Run folder (created; an existing one is continued where it stopped).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// VQGAN optimizer steps.
+    #[arg(long, default_value_t = 600)]
+    pub vqgan_steps: u64,
+    /// Stop after this stage: vqgan, tokenizer or all.
+    #[arg(long, default_value = "all")]
+    pub until: String,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    use crate::world::recipe::{RunDirs, VqganStage, train_vqgan, vqgan_gate};
+    let dirs = RunDirs::new(&args.out);
+    let mut stage = VqganStage::default();
+    stage.train.steps = args.vqgan_steps;
+    let start = std::time::Instant::now();
+    let vae = train_vqgan(&dirs.vqgan, &stage, !args.quiet)?;
+    let gate = vqgan_gate(&vae, 200, 7)?;
+    eprintln!(
+        "VQGAN after {:.0?}: {}",
+        start.elapsed(),
+        serde_json::to_string(&gate)?
+    );
     Ok(())
 }

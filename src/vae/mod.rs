@@ -13,13 +13,14 @@ pub mod config;
 pub mod dwt;
 mod load;
 pub mod taming;
+pub mod train;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub use config::{DdConfig, VqganConfig};
 pub use load::{TensorList, config_for_checkpoint, expected_tensors, sibling_config};
-use taming::{Decoder, Encoder};
+use taming::{Conv, Decoder, Encoder};
 
 /// Why a VQGAN could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -92,13 +93,13 @@ pub struct Vqgan {
     config: VqganConfig,
     layout: VqganLayout,
     encoder: Encoder,
-    quant_conv: Conv2d,
+    quant_conv: Conv,
     /// `quantize.proj`: latent → one logit per codebook entry.
-    proj: Conv2d,
+    proj: Conv,
     /// `quantize.embed.weight`, `[n_embed, embed_dim]`.
     embed: Tensor,
     /// The top-level `post_quant_conv` (plain) or `decoder.post_quant_conv` (DWT).
-    post_quant_conv: Conv2d,
+    post_quant_conv: Conv,
     decoder: Decoder,
     ignored_keys: Vec<String>,
 }
@@ -114,7 +115,7 @@ impl Vqgan {
     ) -> Result<Self, VaeError> {
         config.validate()?;
         let dd = &config.ddconfig;
-        let conv1x1 = |i, o, vb| candle_nn::conv2d(i, o, 1, Default::default(), vb);
+        let conv1x1 = |i, o, vb| taming::conv(i, o, 1, 1, vb);
         let encoder = Encoder::new(dd, vb.pp("encoder"))?;
         let quant_conv = conv1x1(dd.z_channels, config.embed_dim, vb.pp("quant_conv"))?;
         let proj = conv1x1(dd.z_channels, config.n_embed, vb.pp("quantize").pp("proj"))?;

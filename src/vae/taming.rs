@@ -13,14 +13,85 @@ fn normalize(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
     candle_nn::group_norm(GROUP_NORM_GROUPS, channels, 1e-6, vb)
 }
 
-fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+pub(crate) fn conv(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv> {
     let padding = if kernel == 3 && stride == 1 { 1 } else { 0 };
     let cfg = Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+    Ok(Conv {
+        inner: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
+        kernel,
+        stride,
+        padding,
+    })
+}
+
+/// A convolution that runs as candle's `conv2d` at inference and as one explicit GEMM over
+/// gathered taps when gradients are tracked: candle's CPU backward of `conv2d` is a naive
+/// transposed convolution, far slower than the matmul whose backward is two matmuls.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv {
+    inner: Conv2d,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Module for Conv {
+    // [B, C, H, W] -> [B, O, H', W']
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            self.forward_gemm(x)
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}
+
+impl Conv {
+    fn forward_gemm(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        // Pad so that every tap can take `s·ho` rows (the surplus ones are dropped below).
+        let (hp, wp) = (s * (ho - 1) + k + s - 1, s * (wo - 1) + k + s - 1);
+        let xp = x
+            .pad_with_zeros(2, p, hp - h - p)?
+            .pad_with_zeros(3, p, wp - w - p)?;
+        let mut taps = Vec::with_capacity(k * k);
+        for ky in 0..k {
+            for kx in 0..k {
+                let t = xp.narrow(2, ky, s * ho)?.narrow(3, kx, s * wo)?;
+                let t = if s == 1 {
+                    t
+                } else {
+                    t.reshape((b, c, ho, s, wo, s))?
+                        .narrow(3, 0, 1)?
+                        .narrow(5, 0, 1)?
+                        .reshape((b, c, ho, wo))?
+                };
+                taps.push(t);
+            }
+        }
+        // [B, k·k·C, H'·W'], taps outermost, matching the weight's (ky, kx, c) order below.
+        let cols = Tensor::cat(&taps, 1)?.reshape((b, k * k * c, ho * wo))?;
+        let weight = self.inner.weight();
+        let o = weight.dim(0)?;
+        let wm = weight.permute((0, 2, 3, 1))?.reshape((o, k * k * c))?;
+        let y = wm.broadcast_matmul(&cols)?.reshape((b, o, ho, wo))?;
+        match self.inner.bias() {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+            None => Ok(y),
+        }
+    }
 }
 
 /// `x · sigmoid(x)` (taming's `nonlinearity`).
@@ -33,10 +104,10 @@ fn swish(x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    nin_shortcut: Option<Conv2d>,
+    conv2: Conv,
+    nin_shortcut: Option<Conv>,
 }
 
 impl ResnetBlock {
@@ -72,10 +143,10 @@ impl Module for ResnetBlock {
 #[derive(Debug, Clone)]
 struct AttnBlock {
     norm: GroupNorm,
-    q: Conv2d,
-    k: Conv2d,
-    v: Conv2d,
-    proj_out: Conv2d,
+    q: Conv,
+    k: Conv,
+    v: Conv,
+    proj_out: Conv,
     channels: usize,
 }
 
@@ -116,7 +187,7 @@ impl Module for AttnBlock {
 /// the top-left pixel.
 #[derive(Debug, Clone)]
 struct Downsample {
-    conv: Conv2d,
+    conv: Conv,
 }
 
 impl Module for Downsample {
@@ -130,14 +201,23 @@ impl Module for Downsample {
 /// Nearest-neighbour ×2 followed by a 3×3 conv.
 #[derive(Debug, Clone)]
 struct Upsample {
-    conv: Conv2d,
+    conv: Conv,
 }
 
 impl Module for Upsample {
     // [B, C, H, W] -> [B, C, 2H, 2W]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        let (b, c, h, w) = x.dims4()?;
+        let up = if x.track_op() {
+            // A broadcast, whose backward is a sum, instead of the grouped-conv backward of
+            // `upsample_nearest2d`.
+            x.reshape((b, c, h, 1, w, 1))?
+                .broadcast_as((b, c, h, 2, w, 2))?
+                .reshape((b, c, 2 * h, 2 * w))?
+        } else {
+            x.upsample_nearest2d(2 * h, 2 * w)?
+        };
+        self.conv.forward(&up)
     }
 }
 
@@ -195,11 +275,11 @@ impl Module for Mid {
 /// The image encoder: `[B, in_channels, H, W]` → `[B, z_channels, H/f, W/f]`.
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     down: Vec<Level<Downsample>>,
     mid: Mid,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -268,12 +348,12 @@ impl Module for Encoder {
 /// The image decoder: `[B, z_channels, s, s]` → `[B, out_ch, f·s, f·s]`.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid: Mid,
     /// Indexed by level (`up.0` is the full-resolution level); run from the last to the first.
     up: Vec<Level<Upsample>>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Decoder {

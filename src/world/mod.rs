@@ -3,6 +3,7 @@
 //! and it is fixed so that anyone can check a model against it.
 
 pub mod read;
+pub mod recipe;
 pub mod render;
 
 use rand::{Rng, SeedableRng};

@@ -1,0 +1,337 @@
+//! The recipe that trains the built-in model from nothing (`rudolph world train`): a small
+//! VQGAN, a BPE tokenizer and a small RuDOLPH, all on the shapes world. Every stage is
+//! step-based and writes checkpoints, so an interrupted run continues where it stopped; a stage
+//! whose result exists is skipped.
+//!
+//! ```text
+//! OUT/vqgan-run/     VQGAN checkpoint (weights + Adam moments + step), log.jsonl
+//! OUT/data/          the training pictures and data.jsonl (seen colour+shape pairs only)
+//! OUT/rudolph-run/   `rudolph train`'s output folder (checkpoints, log, loss.png)
+//! OUT/model/         the finished model folder: config.json, model.safetensors, bpe.model,
+//!                    vqgan.safetensors, vqgan.config.yml
+//! ```
+
+use super::read::{Attributes, read_picture};
+use super::render::{SIDE, render};
+use super::{Scene, sample};
+use crate::config::Config;
+use crate::error::{Error, Result, invalid};
+use crate::vae::train::{VqTrainOptions, VqTrainer};
+use crate::vae::{DdConfig, Vqgan, VqganConfig};
+use crate::weights::{Checkpoint, save_safetensors};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Codes per picture side: 64 px pictures, f = 8.
+pub const CODES_PER_SIDE: usize = 8;
+
+/// The world's VQGAN: ruDALL-E's architecture at its smallest (32 channels, the GroupNorm
+/// minimum), no residual blocks in the encoder levels (so one per decoder level), three
+/// downsamplings, no attention but the middle block's. Small enough to train on a laptop CPU.
+pub fn vqgan_config() -> VqganConfig {
+    VqganConfig {
+        embed_dim: 32,
+        n_embed: 256,
+        ddconfig: DdConfig {
+            ch: 32,
+            ch_mult: vec![1, 1, 1, 2],
+            num_res_blocks: 0,
+            attn_resolutions: vec![],
+            z_channels: 32,
+            resolution: SIDE as usize,
+            in_channels: 3,
+            out_ch: 3,
+            double_z: false,
+            dropout: 0.0,
+        },
+    }
+}
+
+/// The world's RuDOLPH: 4 layers, 128 wide, text segments long enough for every caption with
+/// BOS and EOS. `bpe_vocab` is the tokenizer's vocabulary size.
+pub fn model_config(bpe_vocab: usize) -> Config {
+    let text = 12;
+    Config {
+        num_layers: 4,
+        vocab_size: bpe_vocab + text,
+        hidden_size: 128,
+        num_attention_heads: 4,
+        embedding_dropout_prob: 0.1,
+        attention_dropout_prob: 0.1,
+        output_dropout_prob: 0.1,
+        l_text_seq_length: text,
+        r_text_seq_length: text,
+        kernel_size: 5,
+        last_kernel_size: 7,
+        image_tokens_per_dim: CODES_PER_SIDE,
+        image_vocab_size: vqgan_config().n_embed,
+        text_special_tokens: 0,
+        image_special_tokens: 0,
+        cogview_sandwich_layernorm: true,
+        cogview_pb_relax: true,
+        cogview_layernorm_prescale: false,
+        custom_relax: false,
+        is_bool_mask: true,
+        mlp_activation: "gelu_jit".into(),
+    }
+}
+
+/// Pictures as a `[B, 3, 64, 64]` tensor in `[0, 1]` with per-pixel loss weights
+/// `[B, 1, 64, 64]`: `shape_weight` where the pixel differs from the background, else 1.
+pub fn picture_batch(
+    scenes: &[Scene],
+    shape_weight: f32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let side = SIDE as usize;
+    let plane = side * side;
+    let mut pixels = vec![0f32; scenes.len() * 3 * plane];
+    let mut weights = vec![1f32; scenes.len() * plane];
+    for (b, scene) in scenes.iter().enumerate() {
+        let img = render(scene);
+        let bg = scene.background.rgb();
+        for (i, p) in img.pixels().enumerate() {
+            for c in 0..3 {
+                pixels[(b * 3 + c) * plane + i] = f32::from(p.0[c]) / 255.0;
+            }
+            if p.0 != bg {
+                weights[b * plane + i] = shape_weight;
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(pixels, (scenes.len(), 3, side, side), device)?,
+        Tensor::from_vec(weights, (scenes.len(), 1, side, side), device)?,
+    ))
+}
+
+/// Settings of the VQGAN stage.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct VqganStage {
+    pub train: VqTrainOptions,
+    pub batch_size: usize,
+    pub shape_weight: f32,
+    pub save_every: u64,
+}
+
+impl Default for VqganStage {
+    fn default() -> Self {
+        Self {
+            train: VqTrainOptions {
+                steps: 600,
+                lr: 2e-3,
+                ..Default::default()
+            },
+            batch_size: 8,
+            shape_weight: 4.0,
+            save_every: 100,
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The scenes of VQGAN step `step`: fresh ones every step, the same on every run.
+fn vqgan_scenes(stage: &VqganStage, step: u64) -> Vec<Scene> {
+    sample(
+        stage.batch_size,
+        stage.train.seed.wrapping_mul(1_000_003) ^ (step + 1),
+        false,
+    )
+}
+
+/// Trains (or continues training) the VQGAN in `dir` up to `stage.train.steps` and returns the
+/// trained model. `dir` holds `weights.safetensors` (taming names, Gumbel layout),
+/// `moments.safetensors`, `state.json` and `log.jsonl`.
+pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqgan> {
+    let device = Device::Cpu;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config = vqgan_config();
+    let mut trainer = VqTrainer::new(&config, stage.train, &device)?;
+    let state_path = dir.join("state.json");
+    if state_path.is_file() {
+        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+        let state: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| invalid(format!("{}: {e}", state_path.display())))?;
+        let step = state["step"]
+            .as_u64()
+            .ok_or_else(|| invalid(format!("{}: no step", state_path.display())))?;
+        let weights = load_all(&dir.join("weights.safetensors"), &device)?;
+        let moments = load_all(&dir.join("moments.safetensors"), &device)?;
+        trainer.restore(&weights, &moments, step)?;
+    }
+    let log_path = dir.join("log.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log_path)
+        .map_err(io(&log_path))?;
+    let total = stage.train.steps;
+    let bar = crate::progress::Progress::new(total, "VQGAN", progress);
+    bar.inc(trainer.step());
+    while trainer.step() < total {
+        let scenes = vqgan_scenes(stage, trainer.step());
+        let (images, weights) = picture_batch(&scenes, stage.shape_weight, &device)?;
+        let s = trainer.train_step(&images, &weights)?;
+        bar.inc(1);
+        bar.set_message(format!(
+            "loss {:.4} codes {}/{}",
+            s.reconstruction, s.codes_used, config.n_embed
+        ));
+        if s.step % 10 == 0 || s.step == total {
+            let line = serde_json::to_string(&s).map_err(|e| invalid(e.to_string()))?;
+            writeln!(log, "{line}").map_err(io(&log_path))?;
+        }
+        if s.step % stage.save_every == 0 || s.step == total {
+            save_vqgan_checkpoint(&trainer, dir)?;
+        }
+    }
+    bar.finish();
+    Ok(trainer.model()?)
+}
+
+fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    Ok(Checkpoint::open(path)?.load_all(DType::F32, device)?)
+}
+
+fn sorted(map: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
+    let mut v: Vec<_> = map.into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn save_vqgan_checkpoint(trainer: &VqTrainer, dir: &Path) -> Result<()> {
+    save_safetensors(
+        &sorted(trainer.gumbel_tensors()?),
+        &dir.join("weights.safetensors"),
+    )?;
+    save_safetensors(
+        &sorted(trainer.optimizer_state()),
+        &dir.join("moments.safetensors"),
+    )?;
+    let state = serde_json::json!({ "step": trainer.step(), "stage": trainer.options() });
+    let path = dir.join("state.json");
+    crate::atomic_file::write_atomically(
+        &path,
+        |f| f.write_all(state.to_string().as_bytes()).map_err(io(&path)),
+        |_, source| Error::Io {
+            path: path.clone(),
+            source,
+        },
+    )
+}
+
+/// Writes a VQGAN as `vqgan.safetensors` + `vqgan.config.yml` in `dir`.
+pub fn save_vqgan(vae: &Vqgan, weights: &Path, dir: &Path) -> Result<()> {
+    std::fs::copy(weights, dir.join("vqgan.safetensors")).map_err(io(weights))?;
+    let yml = serde_yaml::to_string(vae.config()).map_err(|e| invalid(e.to_string()))?;
+    let path = dir.join("vqgan.config.yml");
+    std::fs::write(&path, yml).map_err(io(&path))
+}
+
+/// How often reconstructions read back as the scene they came from, per attribute.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct AttributeRates {
+    pub size: f64,
+    pub colour: f64,
+    pub shape: f64,
+    pub position: f64,
+    pub background: f64,
+    pub n: usize,
+}
+
+impl AttributeRates {
+    /// Compares what was read (`None`: nothing readable) with what was drawn.
+    pub fn tally(pairs: &[(Option<Attributes>, Attributes)]) -> Self {
+        let n = pairs.len();
+        let rate = |f: &dyn Fn(&Attributes, &Attributes) -> bool| {
+            pairs
+                .iter()
+                .filter(|(got, want)| got.as_ref().is_some_and(|g| f(g, want)))
+                .count() as f64
+                / n.max(1) as f64
+        };
+        Self {
+            size: rate(&|g, w| g.size == w.size),
+            colour: rate(&|g, w| g.colour == w.colour),
+            shape: rate(&|g, w| g.shape == w.shape),
+            position: rate(&|g, w| g.position == w.position),
+            background: rate(&|g, w| g.background == w.background),
+            n,
+        }
+    }
+
+    /// The mean over the five attributes.
+    pub fn mean(&self) -> f64 {
+        (self.size + self.colour + self.shape + self.position + self.background) / 5.0
+    }
+}
+
+/// Encodes and decodes `scenes` and reads the reconstructions back.
+pub fn reconstruction_rates(vae: &Vqgan, scenes: &[Scene]) -> Result<AttributeRates> {
+    let mut pairs = Vec::with_capacity(scenes.len());
+    for chunk in scenes.chunks(32) {
+        let (images, _) = picture_batch(chunk, 1.0, vae.device())?;
+        let codes = vae.encode_codes(&images)?;
+        let decoded = vae.decode_codes(&codes)?;
+        for (i, scene) in chunk.iter().enumerate() {
+            let img = crate::image::to_rgb8(&decoded.get(i)?)?;
+            pairs.push((read_picture(&img), Attributes::from(scene)));
+        }
+    }
+    Ok(AttributeRates::tally(&pairs))
+}
+
+/// The VQGAN gate of the recipe: reconstructions of seen and held-out scenes.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct VqganGate {
+    pub seen: AttributeRates,
+    pub held_out: AttributeRates,
+}
+
+/// Every attribute must read back right this often before the transformer is trained.
+pub const VQGAN_GATE: f64 = 0.97;
+
+pub fn vqgan_gate(vae: &Vqgan, n: usize, seed: u64) -> Result<VqganGate> {
+    Ok(VqganGate {
+        seen: reconstruction_rates(vae, &sample(n, seed, false))?,
+        held_out: reconstruction_rates(vae, &sample(n, seed, true))?,
+    })
+}
+
+impl VqganGate {
+    pub fn passes(&self) -> bool {
+        [self.seen, self.held_out].iter().all(|r| {
+            [r.size, r.colour, r.shape, r.position, r.background]
+                .iter()
+                .all(|&v| v >= VQGAN_GATE)
+        })
+    }
+}
+
+/// Where each part of a recipe run lives.
+#[derive(Debug, Clone)]
+pub struct RunDirs {
+    pub vqgan: PathBuf,
+    pub data: PathBuf,
+    pub rudolph: PathBuf,
+    pub model: PathBuf,
+}
+
+impl RunDirs {
+    pub fn new(out: &Path) -> Self {
+        Self {
+            vqgan: out.join("vqgan-run"),
+            data: out.join("data"),
+            rudolph: out.join("rudolph-run"),
+            model: out.join("model"),
+        }
+    }
+}
