@@ -1,6 +1,8 @@
 //! `rudolph world …`: the shapes world that the built-in model learns.
 
+use super::common::ModelArgs;
 use crate::world;
+use crate::world::eval::{EvalOptions, evaluate};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -8,6 +10,9 @@ use std::path::PathBuf;
 pub enum WorldCommand {
     /// Draw N scenes: pictures plus a data.jsonl of captions that `rudolph train` reads.
     Sample(SampleArgs),
+    /// Score a model on the world: captioning, text → image (seen and held-out pairs),
+    /// retrieval, zero-shot classification and generated texts, against issue 7's targets.
+    Eval(EvalArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -35,6 +40,7 @@ pub struct SampleArgs {
 pub fn run(args: WorldArgs) -> anyhow::Result<()> {
     match args.command {
         WorldCommand::Sample(a) => sample(a),
+        WorldCommand::Eval(a) => eval(a),
     }
 }
 
@@ -67,5 +73,77 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
     progress.finish();
     lines.flush()?;
     println!("wrote {} scenes and {}", args.n, jsonl.display());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Scenes per task.
+    #[arg(long, default_value_t = 100)]
+    pub n: usize,
+    /// Seed of the scenes and of the sampled generations.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON document with every number and target instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
+    /// text_to_image_held_out.png).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.n > 0, "--n must be at least 1");
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    }
+    let loaded = args.model.load()?;
+    let opts = EvalOptions {
+        n: args.n,
+        seed: args.seed,
+        batch_size: args.batch_size,
+        progress: !args.quiet,
+    };
+    let report = evaluate(&loaded, &opts)?;
+    let mut written = Vec::new();
+    if let Some(dir) = &args.out {
+        for (name, pictures) in [
+            ("text_to_image_seen.png", &report.pictures_seen),
+            ("text_to_image_held_out.png", &report.pictures_held_out),
+        ] {
+            let path = dir.join(name);
+            save_grid(pictures, &path)?;
+            written.push(path.display().to_string());
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+        for w in &written {
+            println!("wrote {w}");
+        }
+    }
+    Ok(())
+}
+
+/// The pictures as one PNG, ten to a row.
+fn save_grid(pictures: &[image::RgbImage], path: &std::path::Path) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let tensors = pictures
+        .iter()
+        .map(|p| crate::image::to_tensor(p, &device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let grid = crate::image::grid(&candle_core::Tensor::stack(&tensors, 0)?, 10)?;
+    crate::image::save_png(&crate::image::to_rgb8(&grid)?, path)?;
     Ok(())
 }
