@@ -396,6 +396,7 @@ impl EvalReport {
             out.push_str("  ");
             out.push_str(&pad(c, *w));
         }
+        out.truncate(out.trim_end().len());
         out.push('\n');
         for (name, cells) in &rows {
             out.push_str(&pad(name, name_w));
@@ -403,6 +404,7 @@ impl EvalReport {
                 out.push_str("  ");
                 out.push_str(&pad(c, *w));
             }
+            out.truncate(out.trim_end().len());
             out.push('\n');
         }
         out.push_str(&format!(
