@@ -213,6 +213,34 @@ fn cli_world_eval_prints_json_and_saves_grids() {
     for f in ["text_to_image_seen.png", "text_to_image_held_out.png"] {
         assert!(out.join(f).is_file(), "{f} not written");
     }
+    // The first seen caption is exactly what `rudolph caption` says greedily of that picture.
+    let scene = sample(2, 1, false)[0];
+    let png = dir.join("scene0.png");
+    rudolph::image::save_png(&rudolph::world::render::render(&scene), &png).unwrap();
+    let caption = Command::new(env!("CARGO_BIN_EXE_rudolph"))
+        .arg("caption")
+        .arg(&png)
+        .args([
+            "--captions",
+            "1",
+            "--top-k",
+            "1",
+            "--top-p",
+            "1",
+            "--seed",
+            "0",
+        ])
+        .args(["--json", "--quiet", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(caption.status.success());
+    let captions: serde_json::Value = serde_json::from_slice(&caption.stdout).unwrap();
+    let want = captions["captions"][0]["text"].as_str().unwrap_or("");
+    let example = &doc["captioning_seen"]["examples"][0];
+    assert_eq!(example["truth"], scene.caption());
+    assert_eq!(example["got"], want);
+
     let table = Command::new(env!("CARGO_BIN_EXE_rudolph"))
         .args(["world", "eval", "--n", "1", "--quiet"])
         .arg("--model")
