@@ -76,9 +76,12 @@ fn world_model_folder(name: &str) -> PathBuf {
     .unwrap();
 
     let vq_cfg = VqganConfig::from_yaml_str(VQGAN_YML).unwrap();
-    let varmap = VarMap::new();
+    let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     Vqgan::new(&vq_cfg, VqganLayout::Plain, vb).unwrap();
+    // A VarMap creates the codebook as zeros (every code would decode to the same picture).
+    let codebook = candle_core::Tensor::randn(0f32, 1f32, (64, 32), &device).unwrap();
+    varmap.set_one("quantize.embed.weight", codebook).unwrap();
     // Safetensors under the .ckpt name: the loader detects the format from the content.
     varmap.save(dir.join("vqgan.ckpt")).unwrap();
     std::fs::write(dir.join("vqgan.config.yml"), VQGAN_YML).unwrap();
@@ -132,6 +135,13 @@ fn check_report(report: &EvalReport, n: usize) {
             .pictures_seen
             .iter()
             .all(|p| p.dimensions() == (64, 64))
+    );
+    // Each caption gets its own picture (the random codebook decodes codes differently).
+    assert!(
+        report
+            .pictures_seen
+            .iter()
+            .any(|p| p != &report.pictures_seen[0])
     );
     let table = report.table();
     for row in [
