@@ -85,7 +85,14 @@ impl ModelSpec {
     }
 }
 
-/// The one VQGAN checkpoint (`*.ckpt`) in a folder; several are an error naming them.
+/// A VQGAN checkpoint by its name: any `*.ckpt` (the original's), or `vqgan*.safetensors`.
+fn is_vqgan_file(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.ends_with(".ckpt") || (name.starts_with("vqgan") && name.ends_with(".safetensors"))
+}
+
+/// The one VQGAN checkpoint (see [`is_vqgan_file`]) in a folder; several are an error naming
+/// them.
 fn find_vqgan(dir: &Path) -> Result<Option<PathBuf>> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| crate::Error::Io {
@@ -93,7 +100,7 @@ fn find_vqgan(dir: &Path) -> Result<Option<PathBuf>> {
             source,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
+        .filter(|p| is_vqgan_file(p))
         .collect();
     found.sort();
     match found.len() {

@@ -2,6 +2,7 @@
 
 pub mod atomic_file;
 pub mod bench;
+pub mod builtin;
 pub mod cli;
 pub mod config;
 pub mod error;

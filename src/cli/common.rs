@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// Model folder holding the original files (config.json, pytorch_model.bin or
-    /// model.safetensors, bpe.model, the VQGAN *.ckpt).
+    /// model.safetensors, bpe.model, the VQGAN *.ckpt). Default: the built-in shapes-world
+    /// model.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// A preset (350m, 350m-v2, 1.3b, 2.7b, 2.7b-fbc2) or config.json, overriding the folder's.
@@ -65,13 +66,16 @@ pub fn parse_dtype(name: &str) -> anyhow::Result<candle_core::DType> {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Loaded> {
-        if self.model.is_none() && (self.tokenizer.is_none() || self.config.is_none()) {
-            anyhow::bail!(
-                "no model given: pass --model DIR (a folder with the original RuDOLPH files)"
-            );
-        }
+        // Without a folder (and without the pieces that replace one) the built-in model runs.
+        let dir = match &self.model {
+            Some(d) => Some(d.clone()),
+            None if self.tokenizer.is_none() || self.config.is_none() => {
+                Some(crate::builtin::dir()?)
+            }
+            None => None,
+        };
         let spec = ModelSpec {
-            dir: self.model.clone(),
+            dir,
             config: self.config.clone(),
             weights: None,
             tokenizer: self.tokenizer.clone(),

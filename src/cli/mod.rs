@@ -17,6 +17,7 @@ mod tokenize;
 mod tokenizer_train;
 mod train;
 mod world;
+mod world_train;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,6 +1,8 @@
 //! `rudolph world …`: the shapes world that the built-in model learns.
 
+use super::common::ModelArgs;
 use crate::world;
+use crate::world::eval::{EvalOptions, evaluate};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -9,7 +11,10 @@ pub enum WorldCommand {
     /// Draw N scenes: pictures plus a data.jsonl of captions that `rudolph train` reads.
     Sample(SampleArgs),
     /// Train the built-in model from nothing: VQGAN, tokenizer, RuDOLPH (resumable).
-    Train(TrainArgs),
+    Train(super::world_train::WorldTrainArgs),
+    /// Score a model on the world: captioning, text → image (seen and held-out pairs),
+    /// retrieval, zero-shot classification and generated texts, against issue 7's targets.
+    Eval(EvalArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,7 +42,8 @@ pub struct SampleArgs {
 pub fn run(args: WorldArgs) -> anyhow::Result<()> {
     match args.command {
         WorldCommand::Sample(a) => sample(a),
-        WorldCommand::Train(a) => train(a),
+        WorldCommand::Train(a) => super::world_train::run(a),
+        WorldCommand::Eval(a) => eval(a),
     }
 }
 
@@ -49,57 +55,104 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
-    let jsonl = args.out.join("data.jsonl");
-    let mut lines = std::io::BufWriter::new(
-        std::fs::File::create(&jsonl).map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
-    );
-    let progress = crate::progress::Progress::new(args.n as u64, "scenes", true);
-    for (i, scene) in world::sample(args.n, args.seed, args.held_out)
-        .iter()
-        .enumerate()
-    {
-        let name = format!("{i:06}.png");
-        crate::image::save_png(&world::render::render(scene), &args.out.join(&name))?;
-        // Exactly the trainer's format; the caption states every attribute of the scene.
-        let line = serde_json::json!({ "image": name, "text": scene.caption() });
-        writeln!(lines, "{line}")?;
-        progress.inc(1);
-    }
-    progress.finish();
-    lines.flush()?;
+    let jsonl = write_scenes(&world::sample(args.n, args.seed, args.held_out), &args.out, true)?;
     println!("wrote {} scenes and {}", args.n, jsonl.display());
     Ok(())
 }
 
 #[derive(Debug, clap::Args)]
-pub struct TrainArgs {
-    /// Run folder (created; an existing one is continued where it stopped).
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Scenes per task.
+    #[arg(long, default_value_t = 100)]
+    pub n: usize,
+    /// Seed of the scenes and of the sampled generations.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON document with every number and target instead of the table.
     #[arg(long)]
-    pub out: PathBuf,
-    /// VQGAN optimizer steps.
-    #[arg(long, default_value_t = 600)]
-    pub vqgan_steps: u64,
-    /// Stop after this stage: vqgan, tokenizer or all.
-    #[arg(long, default_value = "all")]
-    pub until: String,
+    pub json: bool,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
+    /// text_to_image_held_out.png).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<()> {
-    use crate::world::recipe::{RunDirs, VqganStage, train_vqgan, vqgan_gate};
-    let dirs = RunDirs::new(&args.out);
-    let mut stage = VqganStage::default();
-    stage.train.steps = args.vqgan_steps;
-    let start = std::time::Instant::now();
-    let vae = train_vqgan(&dirs.vqgan, &stage, !args.quiet)?;
-    let gate = vqgan_gate(&vae, 200, 7)?;
-    eprintln!(
-        "VQGAN after {:.0?}: {}",
-        start.elapsed(),
-        serde_json::to_string(&gate)?
+/// Writes the pictures of `scenes` and a `data.jsonl` of their captions into `out` (created).
+pub fn write_scenes(
+    scenes: &[world::Scene],
+    out: &std::path::Path,
+    progress: bool,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let jsonl = out.join("data.jsonl");
+    let mut lines = std::io::BufWriter::new(
+        std::fs::File::create(&jsonl).map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
     );
+    let bar = crate::progress::Progress::new(scenes.len() as u64, "scenes", progress);
+    for (i, scene) in scenes.iter().enumerate() {
+        let name = format!("{i:06}.png");
+        crate::image::save_png(&world::render::render(scene), &out.join(&name))?;
+        // Exactly the trainer's format; the caption states every attribute of the scene.
+        let line = serde_json::json!({ "image": name, "text": scene.caption() });
+        writeln!(lines, "{line}")?;
+        bar.inc(1);
+    }
+    bar.finish();
+    lines.flush()?;
+    Ok(jsonl)
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.n > 0, "--n must be at least 1");
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    }
+    let loaded = args.model.load()?;
+    let opts = EvalOptions {
+        n: args.n,
+        seed: args.seed,
+        batch_size: args.batch_size,
+        progress: !args.quiet,
+    };
+    let report = evaluate(&loaded, &opts)?;
+    let mut written = Vec::new();
+    if let Some(dir) = &args.out {
+        for (name, pictures) in [
+            ("text_to_image_seen.png", &report.pictures_seen),
+            ("text_to_image_held_out.png", &report.pictures_held_out),
+        ] {
+            let path = dir.join(name);
+            save_grid(pictures, &path)?;
+            written.push(path.display().to_string());
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+        for w in &written {
+            println!("wrote {w}");
+        }
+    }
+    Ok(())
+}
+
+/// The pictures as one PNG, ten to a row.
+fn save_grid(pictures: &[image::RgbImage], path: &std::path::Path) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let tensors = pictures
+        .iter()
+        .map(|p| crate::image::to_tensor(p, &device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let grid = crate::image::grid(&candle_core::Tensor::stack(&tensors, 0)?, 10)?;
+    crate::image::save_png(&crate::image::to_rgb8(&grid)?, path)?;
     Ok(())
 }

@@ -32,6 +32,15 @@ pub struct DdConfig {
     /// Inert at inference (the reference runs with 0.0).
     #[serde(default)]
     pub dropout: f64,
+    /// Groups of every GroupNorm. taming hard-codes 32; a small model needs fewer, since with
+    /// one channel per group a norm erases each channel's absolute level (a plain background's
+    /// colour) and only its spatial pattern survives.
+    #[serde(default = "default_norm_groups")]
+    pub norm_groups: usize,
+}
+
+fn default_norm_groups() -> usize {
+    GROUP_NORM_GROUPS
 }
 
 /// A Gumbel VQGAN (`taming.models.vqgan.GumbelVQ`) configuration.
@@ -44,7 +53,7 @@ pub struct VqganConfig {
     pub ddconfig: DdConfig,
 }
 
-/// taming's `Normalize` is always `GroupNorm(32, …)`.
+/// taming's `Normalize` is `GroupNorm(32, …)`; configs without `norm_groups` get it.
 pub const GROUP_NORM_GROUPS: usize = 32;
 
 impl VqganConfig {
@@ -64,6 +73,7 @@ impl VqganConfig {
                 out_ch: 3,
                 double_z: false,
                 dropout: 0.0,
+                norm_groups: GROUP_NORM_GROUPS,
             },
         }
     }
@@ -119,8 +129,11 @@ impl VqganConfig {
             return bad(format!("ddconfig.ch_mult {:?} contains 0", dd.ch_mult));
         }
         for channels in std::iter::once(dd.ch).chain(dd.ch_mult.iter().map(|m| dd.ch * m)) {
-            if channels % GROUP_NORM_GROUPS != 0 {
-                return Err(VaeError::GroupNormChannels { channels });
+            if dd.norm_groups == 0 || channels % dd.norm_groups != 0 {
+                return Err(VaeError::GroupNormChannels {
+                    channels,
+                    groups: dd.norm_groups,
+                });
             }
         }
         if dd.z_channels != self.embed_dim {
@@ -173,7 +186,10 @@ mod tests {
         cfg.ddconfig.ch = 48;
         assert!(matches!(
             cfg.validate(),
-            Err(VaeError::GroupNormChannels { channels: 48 })
+            Err(VaeError::GroupNormChannels {
+                channels: 48,
+                groups: 32
+            })
         ));
         let mut cfg = VqganConfig::gumbelf8_sber();
         cfg.embed_dim = 128;

@@ -38,10 +38,10 @@ pub enum VaeError {
     #[error("invalid VQGAN config: {0}")]
     InvalidConfig(String),
     #[error(
-        "invalid VQGAN config: {channels} channels is not a multiple of 32 \
-         (taming's GroupNorm always uses 32 groups)"
+        "invalid VQGAN config: {channels} channels is not a multiple of \
+         ddconfig.norm_groups = {groups} (taming's GroupNorm default is 32 groups)"
     )]
-    GroupNormChannels { channels: usize },
+    GroupNormChannels { channels: usize, groups: usize },
     #[error(
         "invalid VQGAN config: ddconfig.z_channels ({z_channels}) must equal embed_dim \
          ({embed_dim}): quantize.proj takes z_channels inputs but receives quant_conv's output"

@@ -6,11 +6,12 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
-use super::config::{DdConfig, GROUP_NORM_GROUPS};
+use super::config::DdConfig;
 
-/// taming's `Normalize`: the epsilon is 1e-6, not PyTorch's default 1e-5.
-fn normalize(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(GROUP_NORM_GROUPS, channels, 1e-6, vb)
+/// taming's `Normalize`: `GroupNorm(groups, …)` (32 groups in every published model), with an
+/// epsilon of 1e-6, not PyTorch's default 1e-5.
+fn normalize(channels: usize, groups: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, 1e-6, vb)
 }
 
 pub(crate) fn conv(
@@ -111,16 +112,16 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn new(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(in_c: usize, out_c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         let nin_shortcut = if in_c != out_c {
             Some(conv(in_c, out_c, 1, 1, vb.pp("nin_shortcut"))?)
         } else {
             None
         };
         Ok(Self {
-            norm1: normalize(in_c, vb.pp("norm1"))?,
+            norm1: normalize(in_c, groups, vb.pp("norm1"))?,
             conv1: conv(in_c, out_c, 3, 1, vb.pp("conv1"))?,
-            norm2: normalize(out_c, vb.pp("norm2"))?,
+            norm2: normalize(out_c, groups, vb.pp("norm2"))?,
             conv2: conv(out_c, out_c, 3, 1, vb.pp("conv2"))?,
             nin_shortcut,
         })
@@ -151,9 +152,9 @@ struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm: normalize(channels, vb.pp("norm"))?,
+            norm: normalize(channels, groups, vb.pp("norm"))?,
             q: conv(channels, channels, 1, 1, vb.pp("q"))?,
             k: conv(channels, channels, 1, 1, vb.pp("k"))?,
             v: conv(channels, channels, 1, 1, vb.pp("v"))?,
@@ -255,11 +256,11 @@ struct Mid {
 }
 
 impl Mid {
-    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            block_1: ResnetBlock::new(channels, channels, vb.pp("block_1"))?,
-            attn_1: AttnBlock::new(channels, vb.pp("attn_1"))?,
-            block_2: ResnetBlock::new(channels, channels, vb.pp("block_2"))?,
+            block_1: ResnetBlock::new(channels, channels, groups, vb.pp("block_1"))?,
+            attn_1: AttnBlock::new(channels, groups, vb.pp("attn_1"))?,
+            block_2: ResnetBlock::new(channels, channels, groups, vb.pp("block_2"))?,
         })
     }
 }
@@ -302,11 +303,12 @@ impl Encoder {
                 blocks.push(ResnetBlock::new(
                     block_in,
                     block_out,
+                    dd.norm_groups,
                     vb_l.pp("block").pp(i),
                 )?);
                 block_in = block_out;
                 if dd.attn_resolutions.contains(&curr_res) {
-                    attns.push(AttnBlock::new(block_in, vb_l.pp("attn").pp(i))?);
+                    attns.push(AttnBlock::new(block_in, dd.norm_groups, vb_l.pp("attn").pp(i))?);
                 }
             }
             let resample = if level + 1 != n_levels {
@@ -326,8 +328,8 @@ impl Encoder {
         Ok(Self {
             conv_in,
             down,
-            mid: Mid::new(block_in, vb.pp("mid"))?,
-            norm_out: normalize(block_in, vb.pp("norm_out"))?,
+            mid: Mid::new(block_in, dd.norm_groups, vb.pp("mid"))?,
+            norm_out: normalize(block_in, dd.norm_groups, vb.pp("norm_out"))?,
             conv_out: conv(block_in, dd.z_channels, 3, 1, vb.pp("conv_out"))?,
         })
     }
@@ -364,7 +366,7 @@ impl Decoder {
         let mut block_in = dd.ch * dd.ch_mult[n_levels - 1];
         let mut curr_res = dd.resolution / (1 << (n_levels - 1));
         let conv_in = conv(dd.z_channels, block_in, 3, 1, vb.pp("conv_in"))?;
-        let mid = Mid::new(block_in, vb.pp("mid"))?;
+        let mid = Mid::new(block_in, dd.norm_groups, vb.pp("mid"))?;
         let mut up = Vec::with_capacity(n_levels);
         for level in (0..n_levels).rev() {
             let vb_l = vb.pp("up").pp(level);
@@ -375,11 +377,12 @@ impl Decoder {
                 blocks.push(ResnetBlock::new(
                     block_in,
                     block_out,
+                    dd.norm_groups,
                     vb_l.pp("block").pp(i),
                 )?);
                 block_in = block_out;
                 if dd.attn_resolutions.contains(&curr_res) {
-                    attns.push(AttnBlock::new(block_in, vb_l.pp("attn").pp(i))?);
+                    attns.push(AttnBlock::new(block_in, dd.norm_groups, vb_l.pp("attn").pp(i))?);
                 }
             }
             let resample = if level != 0 {
@@ -401,7 +404,7 @@ impl Decoder {
             conv_in,
             mid,
             up,
-            norm_out: normalize(block_in, vb.pp("norm_out"))?,
+            norm_out: normalize(block_in, dd.norm_groups, vb.pp("norm_out"))?,
             conv_out: conv(block_in, out_ch, 3, 1, vb.pp("conv_out"))?,
         })
     }

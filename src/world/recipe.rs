@@ -27,8 +27,7 @@ use std::path::{Path, PathBuf};
 /// Codes per picture side: 64 px pictures, f = 8.
 pub const CODES_PER_SIDE: usize = 8;
 
-/// The world's VQGAN: ruDALL-E's architecture at its smallest (32 channels, the GroupNorm
-/// minimum), no residual blocks in the encoder levels (so one per decoder level), three
+/// The world's VQGAN: ruDALL-E's architecture at its smallest (32 channels at full resolution), no residual blocks in the encoder levels (so one per decoder level), three
 /// downsamplings, no attention but the middle block's. Small enough to train on a laptop CPU.
 pub fn vqgan_config() -> VqganConfig {
     VqganConfig {
@@ -45,6 +44,8 @@ pub fn vqgan_config() -> VqganConfig {
             out_ch: 3,
             double_z: false,
             dropout: 0.0,
+            // Four channels per group, as in ruDALL-E's 128-channel model.
+            norm_groups: 8,
         },
     }
 }
@@ -121,7 +122,7 @@ impl Default for VqganStage {
         Self {
             train: VqTrainOptions {
                 steps: 600,
-                lr: 2e-3,
+                lr: 1.5e-3,
                 ..Default::default()
             },
             batch_size: 8,
@@ -334,4 +335,33 @@ impl RunDirs {
             model: out.join("model"),
         }
     }
+}
+
+/// Every caption of the seen colour+shape pairs, each once (the tokenizer's corpus).
+pub fn all_seen_captions() -> Vec<String> {
+    use super::{Background, Colour, Position, Shape, Size};
+    let mut out = Vec::new();
+    for size in Size::ALL {
+        for colour in Colour::ALL {
+            for shape in Shape::ALL {
+                for position in Position::ALL {
+                    for background in Background::ALL {
+                        let scene = Scene {
+                            size,
+                            colour,
+                            shape,
+                            position,
+                            background,
+                            jitter: (0.0, 0.0),
+                            radius_jitter: 0.0,
+                        };
+                        if !scene.is_held_out() {
+                            out.push(scene.caption());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }

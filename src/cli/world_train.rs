@@ -1,0 +1,185 @@
+//! `rudolph world train`: the whole recipe of the built-in model, from nothing, in one
+//! resumable command (see [`crate::world::recipe`] for the folder layout). Run it again on the
+//! same `--out` after an interruption and it continues where it stopped.
+
+use super::train::TrainArgs;
+use super::world::write_scenes;
+use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{TrainOptions as BpeOptions, train_bpe};
+use crate::train::schedule::Schedule;
+use crate::train::Freeze;
+use crate::world::recipe::{
+    RunDirs, VQGAN_GATE, VqganStage, all_seen_captions, model_config, save_vqgan, train_vqgan,
+    vqgan_gate,
+};
+use crate::world::sample;
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub struct WorldTrainArgs {
+    /// Run folder (created; an existing one is continued where it stopped).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// VQGAN optimizer steps (batch 8).
+    #[arg(long, default_value_t = 600)]
+    pub vqgan_steps: u64,
+    /// BPE vocabulary size.
+    #[arg(long, default_value_t = 192)]
+    pub vocab_size: usize,
+    /// Training scenes for the transformer (seen colour+shape pairs only).
+    #[arg(long, default_value_t = 6000)]
+    pub scenes: usize,
+    /// Transformer optimizer steps.
+    #[arg(long, default_value_t = 2500)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate of the transformer (cosine after a 100-step warmup).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Fraction of picture samples trained image → text, with the left text blanked.
+    #[arg(long, default_value_t = 0.5)]
+    pub i2t_fraction: f64,
+    /// Train the transformer even if the VQGAN misses the reconstruction gate.
+    #[arg(long)]
+    pub ignore_gate: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
+    let dirs = RunDirs::new(&args.out);
+    let progress = !args.quiet;
+    let start = Instant::now();
+    let stamp = |what: &str| eprintln!("[{:>5.1} min] {what}", start.elapsed().as_secs_f64() / 60.0);
+
+    // 1. The VQGAN, gated on reading its reconstructions back.
+    let mut stage = VqganStage::default();
+    stage.train.steps = args.vqgan_steps;
+    let vae = train_vqgan(&dirs.vqgan, &stage, progress)?;
+    let gate = vqgan_gate(&vae, 200, 7)?;
+    std::fs::write(
+        dirs.vqgan.join("gate.json"),
+        serde_json::to_string_pretty(&gate)?,
+    )?;
+    stamp(&format!(
+        "VQGAN: reconstructions read back right on {:.1}% (seen) / {:.1}% (held-out) of attributes",
+        100.0 * gate.seen.mean(),
+        100.0 * gate.held_out.mean()
+    ));
+    if !gate.passes() && !args.ignore_gate {
+        anyhow::bail!(
+            "the VQGAN misses the gate (every attribute ≥ {:.0}%): {}; train it longer with a \
+             larger --vqgan-steps on the same --out, or pass --ignore-gate",
+            100.0 * VQGAN_GATE,
+            serde_json::to_string(&gate)?
+        );
+    }
+    std::fs::create_dir_all(&dirs.model)?;
+    save_vqgan(&vae, &dirs.vqgan.join("weights.safetensors"), &dirs.model)?;
+
+    // 2. The tokenizer, on every caption of the seen pairs.
+    let bpe_path = dirs.model.join("bpe.model");
+    let captions = all_seen_captions();
+    if !bpe_path.is_file() {
+        let bpe = train_bpe(
+            captions.iter().map(String::as_str),
+            args.vocab_size,
+            &BpeOptions { coverage: 1.0 },
+        )?;
+        bpe.save(&bpe_path, false)?;
+    }
+    let tokenizer = TextTokenizer::load(&bpe_path)?;
+    let cfg = model_config(tokenizer.bpe().vocab_size());
+    let longest = captions
+        .iter()
+        .map(|c| tokenizer.bpe().encode(c).len() + 2)
+        .max()
+        .unwrap_or(0);
+    anyhow::ensure!(
+        longest <= cfg.l_text_seq_length,
+        "the longest caption needs {longest} tokens with BOS and EOS, more than the {} text slots",
+        cfg.l_text_seq_length
+    );
+    let cfg_path = args.out.join("model-config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
+    stamp(&format!(
+        "tokenizer: {} ids, captions take at most {longest} of {} slots",
+        tokenizer.bpe().vocab_size(),
+        cfg.l_text_seq_length
+    ));
+
+    // 3. The training scenes.
+    let jsonl = dirs.data.join("data.jsonl");
+    if !jsonl.is_file() {
+        write_scenes(&sample(args.scenes, 1, false), &dirs.data, progress)?;
+    }
+
+    // 4. The transformer, by `rudolph train`.
+    let resume = latest_checkpoint(&dirs.rudolph);
+    let train = TrainArgs {
+        data: Some(jsonl),
+        model: None,
+        config: Some(cfg_path.display().to_string()),
+        tokenizer: Some(bpe_path.clone()),
+        vae: Some(dirs.model.join("vqgan.safetensors")),
+        vae_config: Some(dirs.model.join("vqgan.config.yml")),
+        out: Some(dirs.rudolph.clone()),
+        resume: resume.clone(),
+        steps: args.steps,
+        batch_size: args.batch_size,
+        accumulate: 1,
+        lr: args.lr,
+        schedule: Schedule::Cosine,
+        warmup: 100,
+        clip: 1.0,
+        weight_decay: 0.01,
+        loss_weights: "1,2,1".into(),
+        freeze: Freeze::Nothing,
+        dropout: Some(0.0),
+        bpe_dropout: 0.0,
+        val_fraction: 0.02,
+        eval_every: 250,
+        save_every: 250,
+        log_every: 10,
+        seed: 0,
+        corrected_labels: true,
+        i2t_fraction: args.i2t_fraction,
+        synthetic: None,
+        quiet: args.quiet,
+        force: resume.is_none(),
+    };
+    if !dirs.rudolph.join("model.safetensors").is_file() || resume.is_some() {
+        super::train::run(train)?;
+    }
+    for name in ["model.safetensors", "config.json"] {
+        std::fs::copy(dirs.rudolph.join(name), dirs.model.join(name))
+            .with_context(|| format!("copying {name} into {}", dirs.model.display()))?;
+    }
+    stamp(&format!("done: the model folder is {}", dirs.model.display()));
+    Ok(())
+}
+
+/// The newest `checkpoint-<step>` of an unfinished `rudolph train` run, if any.
+fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    if dir.join("model.safetensors").is_file() {
+        return None;
+    }
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let step: u64 = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p)
+}
