@@ -2,7 +2,7 @@
 //! from model construction, with the process's peak memory.
 
 use crate::config::Config;
-use crate::model::{Rudolph, masks};
+use crate::model::{Precision, Rudolph, masks};
 use crate::pipelines::{captions, images, rerank};
 use crate::progress::Progress;
 use crate::sampling::SamplingParams;
@@ -47,7 +47,7 @@ pub fn run(
     task: Task,
     images: usize,
     batch: usize,
-    dtype: DType,
+    precision: Precision,
     device: &Device,
 ) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(
@@ -55,7 +55,10 @@ pub fn run(
         "--images and --batch-size must be positive"
     );
     let t0 = Instant::now();
-    let model = Rudolph::random(cfg, 0, dtype, device)?;
+    let mut model = Rudolph::random(cfg, 0, precision.load_dtype(), device)?;
+    if let Precision::Quantized(format) = precision {
+        model.quantize(format)?;
+    }
     let build_seconds = t0.elapsed().as_secs_f64();
     let (l, n, r) = (
         cfg.l_text_seq_length,
@@ -122,7 +125,7 @@ pub fn run(
     Ok(BenchReport {
         task,
         preset: preset.to_string(),
-        dtype: format!("{dtype:?}").to_lowercase(),
+        dtype: precision.name().to_string(),
         threads: candle_core::utils::get_num_threads(),
         images: if task == Task::Forward { batch } else { images },
         batch_size: batch,

@@ -18,7 +18,7 @@ pub struct BenchArgs {
     /// Worker threads for tensor work (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Weight precision: f32 (default), f16 or bf16.
+    /// Weight precision: f32 (default), f16, bf16, q8 or q4k.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// cpu, or cuda[:N] (needs a build with `--features cuda`).
@@ -40,7 +40,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.task,
         args.images,
         args.batch_size,
-        super::common::parse_dtype(&args.dtype)?,
+        super::common::parse_precision(&args.dtype)?,
         &super::common::parse_device(&args.device)?,
     )?;
     if args.json {

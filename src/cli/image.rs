@@ -12,10 +12,10 @@ pub struct ImageArgs {
     /// Candidates to generate.
     #[arg(long, default_value_t = 8)]
     pub images: usize,
-    /// Best candidates to decode and save.
-    #[arg(long, default_value_t = 4)]
+    /// Best candidates to decode and save (one: the picture itself; more: a grid).
+    #[arg(long, default_value_t = 1)]
     pub keep: usize,
-    /// The PNG grid to write.
+    /// The PNG to write.
     #[arg(short, long, default_value = "rudolph.png")]
     pub output: PathBuf,
     /// Also write each kept picture next to the grid (OUT_1.png, OUT_2.png, …).

@@ -37,6 +37,10 @@ impl AdditiveMask {
 }
 
 impl Attention {
+    pub(crate) fn denses_mut(&mut self) -> (&mut Dense, &mut Dense) {
+        (&mut self.query_key_value, &mut self.dense)
+    }
+
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {

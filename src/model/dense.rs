@@ -2,26 +2,61 @@
 //! leading dimensions into one matrix product. candle's `Linear` instead broadcasts the weight
 //! over the batch, which re-reads the whole weight matrix once per sequence: in batched decoding
 //! that multiplies the memory traffic by the batch size.
+//!
+//! The weight can be quantized in place (ggml block formats through candle's `QMatMul`): batch-1
+//! decoding reads every weight once per token, so fewer bytes per weight is the way past the
+//! memory-bandwidth limit. Activations and the bias stay in float.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
+enum Weight {
+    Float(Tensor),
+    Quantized { matmul: QMatMul, dtype: DType },
+}
+
+#[derive(Debug, Clone)]
 pub struct Dense {
-    weight: Tensor,
+    weight: Weight,
     bias: Tensor,
+    out_dim: usize,
 }
 
 impl Dense {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
+            weight: Weight::Float(vb.get((out_dim, in_dim), "weight")?),
             bias: vb.get(out_dim, "bias")?,
+            out_dim,
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The dtype the layer computes in (f32 for a quantized one).
+    pub fn dtype(&self) -> DType {
+        match &self.weight {
+            Weight::Float(w) => w.dtype(),
+            Weight::Quantized { dtype, .. } => *dtype,
+        }
+    }
+
+    /// Replaces the float weight by its `format` quantization. Returns false (and keeps the
+    /// float weight) when the input width is not a multiple of the format's block size.
+    pub fn quantize(&mut self, format: GgmlDType) -> Result<bool> {
+        let Weight::Float(w) = &self.weight else {
+            return Ok(true);
+        };
+        if w.dim(1)? % format.block_size() != 0 {
+            return Ok(false);
+        }
+        let q = QTensor::quantize(&w.to_dtype(DType::F32)?, format)?;
+        self.bias = self.bias.to_dtype(DType::F32)?;
+        self.weight = Weight::Quantized {
+            matmul: QMatMul::from_qtensor(q)?,
+            dtype: DType::F32,
+        };
+        Ok(true)
     }
 }
 
@@ -31,12 +66,12 @@ impl Module for Dense {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
-        let y = x
-            .contiguous()?
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
-        dims.push(self.weight.dim(0)?);
-        y.reshape(dims)
+        let x = x.contiguous()?.reshape((rows, in_dim))?;
+        let y = match &self.weight {
+            Weight::Float(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized { matmul, .. } => matmul.forward(&x)?,
+        };
+        dims.push(self.out_dim);
+        y.broadcast_add(&self.bias)?.reshape(dims)
     }
 }

@@ -103,6 +103,12 @@ pub fn rudolph_loss(
     );
     let v = cfg.text_vocab();
     let vi = cfg.image_vocab();
+    if labels == Labels::Original && vi > v {
+        bail!(
+            "the original labels score the first image code as a text class, which needs the \
+             image vocabulary ({vi}) to fit in the text one ({v}); train with corrected labels"
+        );
+    }
     // Next-token labels: label p is the target of position p.
     let next = labels_source.narrow(1, 1, t - 1)?;
     let flat = |x: Tensor, classes: usize| -> Result<Tensor> {

@@ -13,10 +13,12 @@ pub mod layer;
 pub mod load;
 pub mod loss;
 pub mod masks;
+pub mod precision;
 
 pub use cache::KvCache;
 pub use loss::{Labels, Loss, LossWeights};
 pub use masks::{LayerMaskKind, LayerMasks, MaskVariant};
+pub use precision::Precision;
 
 use crate::config::Config;
 use attention::AdditiveMask;
@@ -215,9 +217,28 @@ impl Rudolph {
         self.masks.get(LayerMaskKind::Row).device()
     }
 
-    /// The dtype of the weights, in which the model computes.
+    /// The dtype of the weights, in which the model computes (f32 for a quantized model).
     pub fn dtype(&self) -> DType {
-        self.head.weight().dtype()
+        self.head.dtype()
+    }
+
+    /// Quantizes every linear layer's weight (the four per layer and the head) to `format`
+    /// (e.g. `GgmlDType::Q8_0`) for inference; embeddings and norms stay in float. Layers
+    /// whose input width is not a multiple of the format's block size stay in float; the
+    /// result says how many were quantized out of how many. Training needs float weights.
+    pub fn quantize(&mut self, format: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
+        let mut denses: Vec<&mut Dense> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.denses_mut())
+            .collect();
+        denses.push(&mut self.head);
+        let total = denses.len();
+        let mut done = 0;
+        for d in denses {
+            done += d.quantize(format)? as usize;
+        }
+        Ok((done, total))
     }
 
     pub fn new_cache(&self) -> KvCache {

@@ -388,4 +388,27 @@ mod tests {
         }
         assert!(last < 0.8 * first, "{first} -> {last}");
     }
+
+    /// A trainer restored from another's weights, moments and step continues identically.
+    #[test]
+    fn restore_continues_exactly() {
+        let dev = Device::Cpu;
+        let opts = VqTrainOptions {
+            reseed_every: 0,
+            ..Default::default()
+        };
+        let images = Tensor::rand(0f32, 1f32, (2, 3, 16, 16), &dev).unwrap();
+        let weights = Tensor::ones((2, 1, 16, 16), DType::F32, &dev).unwrap();
+        let mut a = VqTrainer::new(&tiny(), opts, &dev).unwrap();
+        a.train_step(&images, &weights).unwrap();
+        a.train_step(&images, &weights).unwrap();
+        let mut b = VqTrainer::new(&tiny(), opts, &dev).unwrap();
+        b.restore(&a.gumbel_tensors().unwrap(), &a.optimizer_state(), a.step())
+            .unwrap();
+        let la = a.train_step(&images, &weights).unwrap();
+        let lb = b.train_step(&images, &weights).unwrap();
+        assert_eq!(la.step, 3);
+        assert_eq!(lb.step, 3);
+        assert!((la.loss - lb.loss).abs() < 1e-6, "{} vs {}", la.loss, lb.loss);
+    }
 }

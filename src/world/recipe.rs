@@ -365,3 +365,47 @@ pub fn all_seen_captions() -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tokenizer_corpus_is_every_seen_caption_once() {
+        let captions = all_seen_captions();
+        // 2 sizes × (30 − 4 held-out) colour+shape pairs × 5 positions × 3 backgrounds
+        assert_eq!(captions.len(), 2 * 26 * 5 * 3);
+        let mut unique = captions.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), captions.len());
+        for held in sample(50, 3, true) {
+            assert!(!captions.contains(&held.caption()));
+        }
+    }
+
+    #[test]
+    fn shape_pixels_carry_the_shape_weight() {
+        let scenes = sample(3, 0, false);
+        let (images, weights) = picture_batch(&scenes, 4.0, &Device::Cpu).unwrap();
+        assert_eq!(images.dims(), &[3, 3, 64, 64]);
+        let w = weights.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let heavy = w.iter().filter(|&&x| x == 4.0).count();
+        assert!(heavy > 3 * 50 && heavy < 3 * 64 * 64 / 2, "{heavy}");
+        assert!(w.iter().all(|&x| x == 1.0 || x == 4.0));
+    }
+
+    #[test]
+    fn rates_count_unreadable_pictures_as_wrong() {
+        let scenes = sample(4, 1, false);
+        let mut pairs: Vec<_> = scenes
+            .iter()
+            .map(|s| (Some(Attributes::from(s)), Attributes::from(s)))
+            .collect();
+        pairs[0].0 = None;
+        let rates = AttributeRates::tally(&pairs);
+        assert_eq!(rates.n, 4);
+        assert_eq!(rates.colour, 0.75);
+        assert_eq!(rates.mean(), 0.75);
+    }
+}

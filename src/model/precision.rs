@@ -1,0 +1,49 @@
+//! How the weights are held: a float dtype (the model computes in it), or float32 compute over
+//! linear weights quantized to a ggml block format.
+
+use candle_core::DType;
+use candle_core::quantized::GgmlDType;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Float(DType),
+    /// f32 activations, embeddings and norms; every linear weight in this format.
+    Quantized(GgmlDType),
+}
+
+impl Precision {
+    pub const NAMES: &'static str = "f32, f16, bf16, q8 (8-bit blocks) or q4k (4-bit k-quants)";
+
+    /// The dtype to load the checkpoint in (a quantized model is loaded in f32 first).
+    pub fn load_dtype(self) -> DType {
+        match self {
+            Self::Float(d) => d,
+            Self::Quantized(_) => DType::F32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float(DType::F16) => "f16",
+            Self::Float(DType::BF16) => "bf16",
+            Self::Float(_) => "f32",
+            Self::Quantized(GgmlDType::Q8_0) => "q8",
+            Self::Quantized(_) => "q4k",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "f32" => Self::Float(DType::F32),
+            "f16" => Self::Float(DType::F16),
+            "bf16" => Self::Float(DType::BF16),
+            "q8" => Self::Quantized(GgmlDType::Q8_0),
+            "q4k" => Self::Quantized(GgmlDType::Q4K),
+            _ => return Err(format!("'{s}': expected {}", Self::NAMES)),
+        })
+    }
+}

@@ -1,0 +1,99 @@
+//! Quantized weights (`--dtype q8`): the quality cost on the fixtures' model, measured against
+//! the exact float32 model — logits, greedy generation and perplexities.
+
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::*;
+use rudolph::model::masks;
+
+/// Greedy image generation from the kv_cache goldens' prompt; returns the generated ids.
+fn greedy(model: &rudolph::model::Rudolph, prompt: &Tensor) -> Vec<u32> {
+    let cfg = model.config();
+    let (b, _) = prompt.dims2().unwrap();
+    let v = cfg.text_vocab();
+    let mask = masks::causal_mask(b, cfg.total_seq_length(), &Device::Cpu).unwrap();
+    let mut cache = model.new_cache();
+    let mut next = prompt.clone();
+    let mut out = Vec::new();
+    for _ in 0..cfg.image_seq_length() {
+        let logits = model.forward_cached(&next, &mask, &mut cache).unwrap();
+        let last = logits.i((.., logits.dim(1).unwrap() - 1, ..)).unwrap();
+        next = last
+            .narrow(1, v, cfg.image_vocab())
+            .unwrap()
+            .argmax_keepdim(1)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap();
+        out.push(next.clone());
+    }
+    flat_u32(&Tensor::cat(&out, 1).unwrap())
+}
+
+#[test]
+fn q8_stays_close_to_float32() {
+    let exact = tiny_model();
+    let mut q8 = tiny_model();
+    let (done, total) = q8.quantize(GgmlDType::Q8_0).unwrap();
+    assert_eq!(total, 4 * exact.config().num_layers + 1);
+    assert!(done > 0, "no layer of the fixtures' model could be quantized");
+    assert_eq!(q8.dtype(), DType::F32);
+
+    // Logits under the pipeline masks: relative RMS error, and the share of positions whose
+    // top-1 token is unchanged (teacher-forced greedy agreement).
+    let g = goldens("model_goldens/forward.safetensors");
+    let ids = get(&g, "input_ids");
+    let mut top1 = Vec::new();
+    for kind in ["default", "i2t"] {
+        let mask = get(&g, &format!("attention_mask_{kind}"));
+        let la = exact.forward(ids, mask).unwrap();
+        let lb = q8.forward(ids, mask).unwrap();
+        let (a, b) = (flat_f64(&la), flat_f64(&lb));
+        let err: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>();
+        let norm: f64 = a.iter().map(|x| x * x).sum::<f64>();
+        let rel = (err / norm).sqrt();
+        assert!(rel < 0.02, "{kind}: relative RMS error of the logits {rel}");
+        let (ta, tb) = (
+            flat_u32(&la.argmax(2).unwrap()),
+            flat_u32(&lb.argmax(2).unwrap()),
+        );
+        let same = ta.iter().zip(&tb).filter(|(x, y)| x == y).count() as f64 / ta.len() as f64;
+        assert!(same >= 0.9, "{kind}: top-1 agreement {same}");
+        top1.push(same);
+    }
+
+    // Free-running greedy generation: one early flip changes every later token, and the
+    // fixtures' random model has nearly flat logits, so this is the harshest measure.
+    let kv = goldens("model_goldens/kv_cache.safetensors");
+    let prompt = get(&kv, "prompt_ids").to_dtype(DType::U32).unwrap();
+    let (a, b) = (greedy(&exact, &prompt), greedy(&q8, &prompt));
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    assert!(same >= 0.5, "free-running greedy agreement {same}");
+
+    // Perplexities of (picture, text) pairs, as reranking computes them.
+    let cfg = exact.config().clone();
+    let (l, n) = (cfg.l_text_seq_length, cfg.image_seq_length());
+    let ids = flat_u32(&get(&g, "input_ids").to_dtype(DType::U32).unwrap());
+    let t = cfg.total_seq_length();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = ids
+        .chunks(t)
+        .map(|r| (r[l..l + n].to_vec(), r[l + n..].to_vec()))
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|(c, t)| (&c[..], &t[..])).collect();
+    let pa = rudolph::pipelines::rerank::score_pairs(&exact, &pairs, 1, 4).unwrap();
+    let pb = rudolph::pipelines::rerank::score_pairs(&q8, &pairs, 1, 4).unwrap();
+    let mut worst = 0f32;
+    for (x, y) in pa.iter().zip(&pb) {
+        for (u, w) in [(x.ppl_text, y.ppl_text), (x.ppl_image, y.ppl_image)] {
+            let rel = ((u - w) / u).abs();
+            assert!(rel < 0.02, "perplexity {u} became {w}");
+            worst = worst.max(rel);
+        }
+    }
+    eprintln!(
+        "q8 on the fixtures' model: {done}/{total} layers quantized, top-1 agreement {top1:?}, \
+         free-running greedy agreement {same:.3}, perplexities within {worst:.2e} relative"
+    );
+}
