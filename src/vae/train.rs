@@ -3,7 +3,7 @@
 //! ruDALL-E's Gumbel quantizer, trained on a small world, collapses to a handful of codes. This
 //! trainer uses nearest-neighbour vector quantisation instead (van den Oord et al.: codebook and
 //! commitment losses, straight-through gradients) and re-seeds codes that went unused with
-//! latents from the current batch. The result is stored in the Gumbel layout: `quantize.proj`
+//! the current batch's worst-represented latents. The result is stored in the Gumbel layout: `quantize.proj`
 //! becomes the 1×1 convolution whose logits are `2·e·z − ‖e‖² = −‖z − e‖² + ‖z‖²`, so the
 //! argmax that [`Vqgan::encode_codes`] takes is the nearest codebook entry, and inference runs
 //! the same code path as for the real VQGAN.
@@ -187,7 +187,25 @@ impl VqTrainer {
                 .collect();
             reseeded = dead.len();
             if !dead.is_empty() {
-                self.seed_codes(&flat.detach(), &dead)?;
+                // The worst-represented latents (edges of shapes, rare colours) get the free
+                // codes, rather than random ones, which are mostly plain background.
+                let chosen = self.embed.as_tensor().index_select(&codes, 0)?;
+                let error = (flat.detach() - chosen)?.sqr()?.sum(D::Minus1)?;
+                let mut order: Vec<(f32, usize)> = error
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| (e, i))
+                    .collect();
+                order.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let worst: Vec<u32> = order
+                    .iter()
+                    .take(dead.len().max(1))
+                    .map(|&(_, i)| i as u32)
+                    .collect();
+                let idx = Tensor::from_vec(worst.clone(), worst.len(), flat.device())?;
+                let pool = flat.detach().index_select(&idx, 0)?;
+                self.seed_codes(&pool, &dead)?;
             }
             self.usage.iter_mut().for_each(|u| *u = 0);
         }
