@@ -15,7 +15,19 @@ fn main() -> anyhow::Result<()> {
     let grid = rudolph::image::grid(&both, 16)?;
     rudolph::image::save_png(&rudolph::image::to_rgb8(&grid)?, &dir.join("check.png"))?;
     let n: usize = args.get(2).map_or(50, |s| s.parse().unwrap());
-    println!("{}", serde_json::to_string(&reconstruction_rates(&vae, &rudolph::world::sample(n, 5, false))?)?);
-    println!("{}", serde_json::to_string(&reconstruction_rates(&vae, &rudolph::world::sample(n, 5, true))?)?);
+    println!(
+        "{}",
+        serde_json::to_string(&reconstruction_rates(
+            &vae,
+            &rudolph::world::sample(n, 5, false)
+        )?)?
+    );
+    println!(
+        "{}",
+        serde_json::to_string(&reconstruction_rates(
+            &vae,
+            &rudolph::world::sample(n, 5, true)
+        )?)?
+    );
     Ok(())
 }

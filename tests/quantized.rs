@@ -38,7 +38,10 @@ fn q8_stays_close_to_float32() {
     let mut q8 = tiny_model();
     let (done, total) = q8.quantize(GgmlDType::Q8_0).unwrap();
     assert_eq!(total, 4 * exact.config().num_layers + 1);
-    assert!(done > 0, "no layer of the fixtures' model could be quantized");
+    assert!(
+        done > 0,
+        "no layer of the fixtures' model could be quantized"
+    );
     assert_eq!(q8.dtype(), DType::F32);
 
     // Logits under the pipeline masks: relative RMS error, and the share of positions whose

@@ -55,7 +55,11 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let jsonl = write_scenes(&world::sample(args.n, args.seed, args.held_out), &args.out, true)?;
+    let jsonl = write_scenes(
+        &world::sample(args.n, args.seed, args.held_out),
+        &args.out,
+        true,
+    )?;
     println!("wrote {} scenes and {}", args.n, jsonl.display());
     Ok(())
 }

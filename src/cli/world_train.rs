@@ -6,8 +6,8 @@ use super::train::TrainArgs;
 use super::world::write_scenes;
 use crate::tokenizer::TextTokenizer;
 use crate::tokenizer::{TrainOptions as BpeOptions, train_bpe};
-use crate::train::schedule::Schedule;
 use crate::train::Freeze;
+use crate::train::schedule::Schedule;
 use crate::world::recipe::{
     RunDirs, VQGAN_GATE, VqganStage, all_seen_captions, model_config, save_vqgan, train_vqgan,
     vqgan_gate,
@@ -54,7 +54,8 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     let dirs = RunDirs::new(&args.out);
     let progress = !args.quiet;
     let start = Instant::now();
-    let stamp = |what: &str| eprintln!("[{:>5.1} min] {what}", start.elapsed().as_secs_f64() / 60.0);
+    let stamp =
+        |what: &str| eprintln!("[{:>5.1} min] {what}", start.elapsed().as_secs_f64() / 60.0);
 
     // 1. The VQGAN, gated on reading its reconstructions back.
     let mut stage = VqganStage::default();
@@ -159,7 +160,10 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
         std::fs::copy(dirs.rudolph.join(name), dirs.model.join(name))
             .with_context(|| format!("copying {name} into {}", dirs.model.display()))?;
     }
-    stamp(&format!("done: the model folder is {}", dirs.model.display()));
+    stamp(&format!(
+        "done: the model folder is {}",
+        dirs.model.display()
+    ));
     Ok(())
 }
 

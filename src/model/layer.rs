@@ -98,7 +98,12 @@ impl Layer {
     /// The layer's four linear maps.
     pub(crate) fn denses_mut(&mut self) -> [&mut Dense; 4] {
         let (qkv, dense) = self.attention.denses_mut();
-        [qkv, dense, &mut self.mlp.dense_h_to_4h, &mut self.mlp.dense_4h_to_h]
+        [
+            qkv,
+            dense,
+            &mut self.mlp.dense_h_to_4h,
+            &mut self.mlp.dense_4h_to_h,
+        ]
     }
 
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {

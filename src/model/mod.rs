@@ -226,7 +226,10 @@ impl Rudolph {
     /// (e.g. `GgmlDType::Q8_0`) for inference; embeddings and norms stay in float. Layers
     /// whose input width is not a multiple of the format's block size stay in float; the
     /// result says how many were quantized out of how many. Training needs float weights.
-    pub fn quantize(&mut self, format: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
+    pub fn quantize(
+        &mut self,
+        format: candle_core::quantized::GgmlDType,
+    ) -> Result<(usize, usize)> {
         let mut denses: Vec<&mut Dense> = self
             .layers
             .iter_mut()

@@ -308,7 +308,11 @@ impl Encoder {
                 )?);
                 block_in = block_out;
                 if dd.attn_resolutions.contains(&curr_res) {
-                    attns.push(AttnBlock::new(block_in, dd.norm_groups, vb_l.pp("attn").pp(i))?);
+                    attns.push(AttnBlock::new(
+                        block_in,
+                        dd.norm_groups,
+                        vb_l.pp("attn").pp(i),
+                    )?);
                 }
             }
             let resample = if level + 1 != n_levels {
@@ -382,7 +386,11 @@ impl Decoder {
                 )?);
                 block_in = block_out;
                 if dd.attn_resolutions.contains(&curr_res) {
-                    attns.push(AttnBlock::new(block_in, dd.norm_groups, vb_l.pp("attn").pp(i))?);
+                    attns.push(AttnBlock::new(
+                        block_in,
+                        dd.norm_groups,
+                        vb_l.pp("attn").pp(i),
+                    )?);
                 }
             }
             let resample = if level != 0 {

@@ -149,7 +149,10 @@ impl VqTrainer {
         // [B·s·s, D]
         let flat = z.permute((0, 2, 3, 1))?.reshape((b * s * s, d))?;
         if !self.codebook_initialised {
-            self.seed_codes(&flat.detach(), &(0..self.config.n_embed).collect::<Vec<_>>())?;
+            self.seed_codes(
+                &flat.detach(),
+                &(0..self.config.n_embed).collect::<Vec<_>>(),
+            )?;
             self.codebook_initialised = true;
         }
         let embed = self.embed.as_tensor();
@@ -181,7 +184,8 @@ impl VqTrainer {
         distinct.sort_unstable();
         distinct.dedup();
         let mut reseeded = 0;
-        if self.opts.reseed_every > 0 && self.optimizer.step % self.opts.reseed_every == 0 {
+        if self.opts.reseed_every > 0 && self.optimizer.step.is_multiple_of(self.opts.reseed_every)
+        {
             let dead: Vec<usize> = (0..self.usage.len())
                 .filter(|&c| self.usage[c] == 0)
                 .collect();
@@ -229,7 +233,8 @@ impl VqTrainer {
         for &c in which {
             let src = &latents[(self.rng.next_u64() % n as u64) as usize];
             for j in 0..d {
-                rows[c][j] = src[j] + 0.01 * ((self.rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 - 0.5);
+                rows[c][j] =
+                    src[j] + 0.01 * ((self.rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 - 0.5);
             }
         }
         let flat_rows: Vec<f32> = rows.into_iter().flatten().collect();
@@ -262,10 +267,7 @@ impl VqTrainer {
             "quantize.proj.weight".into(),
             (e.clone() * 2.0)?.reshape((k, d, 1, 1))?,
         );
-        out.insert(
-            "quantize.proj.bias".into(),
-            e.sqr()?.sum(D::Minus1)?.neg()?,
-        );
+        out.insert("quantize.proj.bias".into(), e.sqr()?.sum(D::Minus1)?.neg()?);
         Ok(out)
     }
 
@@ -369,7 +371,11 @@ mod tests {
             .unwrap();
         assert!(b.track_op());
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
-        let codes = inference.encode_codes(&images).unwrap().flatten_all().unwrap();
+        let codes = inference
+            .encode_codes(&images)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         let (bsz, d, s, _) = a.dims4().unwrap();
         let flat = a
             .permute((0, 2, 3, 1))
@@ -377,13 +383,23 @@ mod tests {
             .reshape((bsz * s * s, d))
             .unwrap();
         let nearest = nearest_codes(&flat, t.embed.as_tensor()).unwrap();
-        assert_eq!(codes.to_vec1::<u32>().unwrap(), nearest.to_vec1::<u32>().unwrap());
-        let zq = inference.embed_codes(&codes.reshape((bsz, s * s)).unwrap()).unwrap();
-        let dec_inf = inference.decode_z_preclamp(&zq).unwrap();
-        let zq_tracked = (zq.clone() + Var::zeros(zq.dims(), DType::F32, &dev).unwrap().as_tensor())
+        assert_eq!(
+            codes.to_vec1::<u32>().unwrap(),
+            nearest.to_vec1::<u32>().unwrap()
+        );
+        let zq = inference
+            .embed_codes(&codes.reshape((bsz, s * s)).unwrap())
             .unwrap();
+        let dec_inf = inference.decode_z_preclamp(&zq).unwrap();
+        let zq_tracked =
+            (zq.clone() + Var::zeros(zq.dims(), DType::F32, &dev).unwrap().as_tensor()).unwrap();
         let dec_tr = inference.decode_z_preclamp(&zq_tracked).unwrap();
-        let diff = (dec_inf - dec_tr).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (dec_inf - dec_tr)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
     }
 
@@ -427,6 +443,11 @@ mod tests {
         let lb = b.train_step(&images, &weights).unwrap();
         assert_eq!(la.step, 3);
         assert_eq!(lb.step, 3);
-        assert!((la.loss - lb.loss).abs() < 1e-6, "{} vs {}", la.loss, lb.loss);
+        assert!(
+            (la.loss - lb.loss).abs() < 1e-6,
+            "{} vs {}",
+            la.loss,
+            lb.loss
+        );
     }
 }
