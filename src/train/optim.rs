@@ -87,4 +87,17 @@ impl AdamW {
         }
         Ok(())
     }
+
+    /// The moments, named `exp_avg.<tensor>` / `exp_avg_sq.<tensor>` (what a checkpoint saves).
+    pub fn moments(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .flat_map(|s| {
+                [
+                    (format!("exp_avg.{}", s.name), s.exp_avg.clone()),
+                    (format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.clone()),
+                ]
+            })
+            .collect()
+    }
 }

@@ -346,16 +346,7 @@ impl Trainer {
 
     /// AdamW's moments as `exp_avg.<name>` / `exp_avg_sq.<name>` (trainable parameters only).
     pub fn optimizer_state(&self) -> Vec<(String, Tensor)> {
-        self.optimizer
-            .slots
-            .iter()
-            .flat_map(|s| {
-                [
-                    (format!("exp_avg.{}", s.name), s.exp_avg.clone()),
-                    (format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.clone()),
-                ]
-            })
-            .collect()
+        self.optimizer.moments()
     }
 
     /// Where the dropout generator stands (saved with a checkpoint).

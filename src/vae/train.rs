@@ -273,16 +273,7 @@ impl VqTrainer {
 
     /// The optimizer's moments, named `exp_avg.<tensor>` / `exp_avg_sq.<tensor>`.
     pub fn optimizer_state(&self) -> HashMap<String, Tensor> {
-        self.optimizer
-            .slots
-            .iter()
-            .flat_map(|s| {
-                [
-                    (format!("exp_avg.{}", s.name), s.exp_avg.clone()),
-                    (format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.clone()),
-                ]
-            })
-            .collect()
+        self.optimizer.moments().into_iter().collect()
     }
 
     /// Continues a saved run: weights, moments, step.
