@@ -73,10 +73,10 @@ impl Attention {
         let q = (heads(0)? / (self.head_dim as f64).sqrt())?;
         let (k, v) = append(&heads(1)?, &heads(2)?)?;
         let scores = q.matmul(&k.t()?)?; // [B, nh, Sq, Sk]
-        let scores = scores
-            .broadcast_mul(&mask.keep)?
-            .broadcast_sub(&mask.penalty)?;
         let probs = if ops.differentiable {
+            let scores = scores
+                .broadcast_mul(&mask.keep)?
+                .broadcast_sub(&mask.penalty)?;
             // PB-relax: subtracting the per-(sample, head) maximum over the whole matrix changes
             // nothing mathematically; training does it as the original does, so gradients
             // round alike.
@@ -91,7 +91,8 @@ impl Attention {
         } else {
             // Inference skips those four passes over [B, heads, Sq, Sk]: softmax already
             // subtracts each row's maximum, so only rounding differs (far inside float32 parity).
-            candle_nn::ops::softmax_last_dim(&scores)?
+            // Masking and softmax then share one pass on all cores.
+            super::fused::masked_softmax(scores, &mask.keep, &mask.penalty)?
         };
         let probs = ops.dropout(probs)?;
         let context = probs

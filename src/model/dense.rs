@@ -60,9 +60,13 @@ impl Dense {
     }
 }
 
-impl Module for Dense {
-    /// `[…, in]` → `[…, out]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Dense {
+    /// `[…, in]` → GELU of `[…, out]`, with the bias add and the activation in one pass.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, true)
+    }
+
+    fn forward_with(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
@@ -72,6 +76,13 @@ impl Module for Dense {
             Weight::Quantized { matmul, .. } => matmul.forward(&x)?,
         };
         dims.push(self.out_dim);
-        y.broadcast_add(&self.bias)?.reshape(dims)
+        super::fused::bias_activation(y, &self.bias, gelu)?.reshape(dims)
+    }
+}
+
+impl Module for Dense {
+    /// `[…, in]` → `[…, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
     }
 }

@@ -80,7 +80,7 @@ impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation, the original's `gelu_jit`.
         self.dense_4h_to_h
-            .forward(&self.dense_h_to_4h.forward(x)?.gelu()?)
+            .forward(&self.dense_h_to_4h.forward_gelu(x)?)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod dense;
 pub mod dropout;
 pub mod embeddings;
+mod fused;
 pub mod layer;
 pub mod load;
 pub mod loss;

@@ -1,0 +1,195 @@
+//! Inference kernels for the CPU that fuse elementwise passes and spread them over every core.
+//!
+//! candle runs its unary and binary maps (bias add, GELU, the two halves of the additive mask)
+//! on one core, one full pass over memory each, while the matrix products around them use all
+//! cores. At full sequence length those passes cost a sizeable share of a forward, so inference
+//! does them here: in place, one pass, all cores, with the same float operations in the same
+//! order as the unfused ops (results are bit-identical). Anything else (other devices or dtypes,
+//! tensors that carry gradients) takes the unfused path.
+
+use super::attention::MASK_VALUE;
+use candle_core::{CpuStorage, D, InplaceOp2, Layout, Result, Tensor};
+use rayon::prelude::*;
+
+/// `y + bias`, then GELU (tanh form) when `gelu`. `y`: `[…, out]`, `bias`: `[out]`.
+pub fn bias_activation(y: Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
+    if fusable(&y) && fusable(bias) && bias.dims() == [y.dim(D::Minus1)?] {
+        y.inplace_op2(bias, &BiasActivation { gelu })?;
+        return Ok(y);
+    }
+    let y = y.broadcast_add(bias)?;
+    if gelu { y.gelu() } else { Ok(y) }
+}
+
+/// The original's masking `s·m − 10000·(1−m)` followed by a softmax over the keys.
+/// `scores`: `[B, heads, Sq, Sk]`; `keep`: `[B or 1, 1, Sq, Sk]` of 0/1.
+pub fn masked_softmax(scores: Tensor, keep: &Tensor, penalty: &Tensor) -> Result<Tensor> {
+    let (b, _, sq, sk) = scores.dims4()?;
+    let (kb, kh, ksq, ksk) = keep.dims4()?;
+    if fusable(&scores) && fusable(keep) && (kb == b || kb == 1) && (kh, ksq, ksk) == (1, sq, sk) {
+        scores.inplace_op2(keep, &MaskedSoftmax)?;
+        return Ok(scores);
+    }
+    let scores = scores.broadcast_mul(keep)?.broadcast_sub(penalty)?;
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// A fresh (or read-only) f32 tensor in one contiguous block on the CPU, outside any graph.
+fn fusable(t: &Tensor) -> bool {
+    t.device().is_cpu()
+        && t.dtype() == candle_core::DType::F32
+        && t.is_contiguous()
+        && !t.track_op()
+}
+
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op on a strided tensor".into()))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+fn slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op on a strided tensor".into()))?;
+    match storage {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("fused op on a non-f32 tensor"),
+    }
+}
+
+struct BiasActivation {
+    gelu: bool,
+}
+
+impl InplaceOp2 for BiasActivation {
+    fn name(&self) -> &'static str {
+        "bias-activation"
+    }
+
+    fn cpu_fwd(&self, y: &mut CpuStorage, yl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
+        let bias = slice(b, bl)?;
+        let y = slice_mut(y, yl)?;
+        let gelu = self.gelu;
+        y.par_chunks_mut(bias.len()).for_each(|row| {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+                if gelu {
+                    // candle's f32 `gelu`, term for term.
+                    let x = *v;
+                    *v = 0.5
+                        * x
+                        * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)));
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+
+struct MaskedSoftmax;
+
+impl InplaceOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, sl: &Layout, k: &CpuStorage, kl: &Layout) -> Result<()> {
+        let (_, heads, sq, sk) = sl.shape().dims4()?;
+        let keep = slice(k, kl)?;
+        let keep_rows = keep.len() / sk;
+        let scores = slice_mut(s, sl)?;
+        let penalty = MASK_VALUE as f32;
+        scores
+            .par_chunks_mut(sk)
+            .enumerate()
+            .for_each(|(row, scores)| {
+                // Row `row` is (sample, head, query); the mask has one row per (sample, query),
+                // or per query when it is shared by the batch.
+                let (sample, query) = (row / (heads * sq), row % sq);
+                let k = (sample * sq + query) % keep_rows;
+                let keep = &keep[k * sk..(k + 1) * sk];
+                let mut max = f32::NEG_INFINITY;
+                for (s, &m) in scores.iter_mut().zip(keep) {
+                    *s = *s * m - (m * -penalty + penalty);
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for s in scores.iter_mut() {
+                    *s /= sum;
+                }
+            });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn bias_and_gelu_are_bit_identical_to_the_unfused_ops() {
+        let y = random(&[6, 10], 1);
+        let bias = random(&[10], 2);
+        for gelu in [false, true] {
+            let plain = y.broadcast_add(&bias).unwrap();
+            let plain = if gelu { plain.gelu().unwrap() } else { plain };
+            let fused = bias_activation(y.copy().unwrap(), &bias, gelu).unwrap();
+            assert_eq!(bits(&fused), bits(&plain), "gelu {gelu}");
+        }
+    }
+
+    #[test]
+    fn masked_softmax_is_bit_identical_to_the_unfused_ops() {
+        let (b, heads, sq, sk) = (2, 3, 4, 7);
+        let scores = random(&[b, heads, sq, sk], 3);
+        for kb in [1, b] {
+            let keep = random(&[kb, 1, sq, sk], 4 + kb as u64)
+                .ge(0.0)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            let penalty = keep.affine(-MASK_VALUE, MASK_VALUE).unwrap();
+            let plain = scores
+                .broadcast_mul(&keep)
+                .unwrap()
+                .broadcast_sub(&penalty)
+                .unwrap();
+            let plain = candle_nn::ops::softmax_last_dim(&plain).unwrap();
+            let fused = masked_softmax(scores.copy().unwrap(), &keep, &penalty).unwrap();
+            assert_eq!(bits(&fused), bits(&plain), "mask batch {kb}");
+        }
+    }
+}
