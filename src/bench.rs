@@ -55,10 +55,7 @@ pub fn run(
         "--images and --batch-size must be positive"
     );
     let t0 = Instant::now();
-    let mut model = Rudolph::random(cfg, 0, precision.load_dtype(), device)?;
-    if let Precision::Quantized(format) = precision {
-        model.quantize(format)?;
-    }
+    let model = Rudolph::random(cfg, 0, precision, device)?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let (l, n, r) = (
         cfg.l_text_seq_length,

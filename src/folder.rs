@@ -4,8 +4,8 @@
 
 use crate::config::Config;
 use crate::error::{Result, invalid};
-use crate::model::Rudolph;
 use crate::model::load::LoadReport;
+use crate::model::{Precision, Rudolph};
 use crate::tokenizer::TextTokenizer;
 use crate::vae::Vqgan;
 use crate::weights::Checkpoint;
@@ -131,6 +131,12 @@ impl Loaded {
     /// Loads every part on `device`; the transformer's weights in `dtype` (f32 is exact; f16 and
     /// bf16 halve the memory and suit GPUs).
     pub fn load(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_as(spec, device, Precision::Float(dtype))
+    }
+
+    /// As [`Loaded::load`] in any [`Precision`]: a quantized model is quantized layer by layer
+    /// as it is read, so the float weights are never all in memory.
+    pub fn load_as(spec: &ModelSpec, device: &Device, precision: Precision) -> Result<Self> {
         let files = spec.resolve()?;
         let ckpt = Checkpoint::open(&files.weights)?;
         let cfg = match &files.config {
@@ -145,7 +151,7 @@ impl Loaded {
                 Config::preset(preset)?
             }
         };
-        let (model, report) = Rudolph::from_checkpoint(&ckpt, &cfg, dtype, device)?;
+        let (model, report) = Rudolph::from_checkpoint_as(&ckpt, &cfg, precision, device)?;
         let tokenizer = TextTokenizer::load(&files.tokenizer)?;
         let vae = match &files.vae {
             Some(p) => Some(Vqgan::load(p, files.vae_config.as_deref(), device)?),

@@ -100,3 +100,26 @@ fn q8_stays_close_to_float32() {
          free-running greedy agreement {same:.3}, perplexities within {worst:.2e} relative"
     );
 }
+
+/// Quantizing layer by layer while the checkpoint is read gives the same model as loading in
+/// float32 and quantizing afterwards: identical logits.
+#[test]
+fn quantizing_while_loading_equals_quantizing_after() {
+    use rudolph::model::{Precision, Rudolph};
+    let ckpt =
+        rudolph::weights::Checkpoint::open(fixture("rudolph_tiny/model.safetensors")).unwrap();
+    let cfg = tiny_config();
+    let format = GgmlDType::Q8_0;
+    let (mut after, _) = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu).unwrap();
+    after.quantize(format).unwrap();
+    let (while_loading, _) =
+        Rudolph::from_checkpoint_as(&ckpt, &cfg, Precision::Quantized(format), &Device::Cpu)
+            .unwrap();
+    let g = goldens("model_goldens/forward.safetensors");
+    let (ids, mask) = (get(&g, "input_ids"), get(&g, "attention_mask_default"));
+    let a = flat_f64(&after.forward(ids, mask).unwrap());
+    let b = flat_f64(&while_loading.forward(ids, mask).unwrap());
+    assert_eq!(a, b);
+    let exact = flat_f64(&tiny_model().forward(ids, mask).unwrap());
+    assert_ne!(a, exact, "the fixtures' model was not quantized at all");
+}

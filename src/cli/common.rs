@@ -82,11 +82,7 @@ impl ModelArgs {
         };
         let device = parse_device(&self.device)?;
         let precision = parse_precision(&self.dtype)?;
-        let mut loaded = Loaded::load(&spec, &device, precision.load_dtype())?;
-        if let Precision::Quantized(format) = precision {
-            loaded.model.quantize(format)?;
-        }
-        Ok(loaded)
+        Ok(Loaded::load_as(&spec, &device, precision)?)
     }
 }
 

@@ -1,8 +1,8 @@
 //! Building a [`Rudolph`] from an original checkpoint: key check, weights, and the checkpoint's
 //! own layer masks (which win over the built ones; their version is reported).
 
-use super::Rudolph;
 use super::masks::{self, LayerMaskKind, LayerMasks, MaskVariant};
+use super::{Precision, Rudolph};
 use crate::config::Config;
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
@@ -48,18 +48,26 @@ impl Rudolph {
         dtype: DType,
         device: &Device,
     ) -> crate::Result<(Self, LoadReport)> {
+        Self::from_checkpoint_as(ckpt, cfg, Precision::Float(dtype), device)
+    }
+
+    /// As [`Rudolph::from_checkpoint`] in any [`Precision`]. Tensors are read when their layer
+    /// is built, so a quantized model never holds more than one layer's float weights.
+    pub fn from_checkpoint_as(
+        ckpt: &Checkpoint,
+        cfg: &Config,
+        precision: Precision,
+        device: &Device,
+    ) -> crate::Result<(Self, LoadReport)> {
         ckpt.check(&Self::tensor_shapes(cfg))?;
-        let mut tensors = std::collections::HashMap::new();
-        for (name, _) in Self::tensor_shapes(cfg) {
-            if !name.ends_with("_mask") {
-                let t = ckpt.load(&name, dtype, device)?;
-                tensors.insert(name, t);
-            }
-        }
         let masks = masks_from_checkpoint(ckpt, device)?;
         let report = LoadReport::of(ckpt, cfg, &masks)?;
-        let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-        Ok((Self::new(cfg, vb, masks)?, report))
+        let vb = candle_nn::VarBuilder::from_backend(
+            Box::new(Lazy(ckpt)),
+            precision.load_dtype(),
+            device.clone(),
+        );
+        Ok((Self::build(cfg, vb, masks, precision)?, report))
     }
 
     /// The published preset whose tensor shapes a checkpoint has, if any.
@@ -83,4 +91,39 @@ pub fn masks_from_checkpoint(ckpt: &Checkpoint, device: &Device) -> crate::Resul
         mask(LayerMaskKind::Conv)?,
         mask(LayerMaskKind::LastConv)?,
     ]))
+}
+
+/// A checkpoint read tensor by tensor as the model asks for them (shapes were checked up front).
+struct Lazy<'a>(&'a Checkpoint);
+
+impl candle_nn::var_builder::SimpleBackend for Lazy<'_> {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, device)?;
+        if t.shape() != &shape {
+            candle_core::bail!("{name}: shape {:?}, expected {shape:?}", t.dims());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .load(name, dtype, device)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.info(name).is_some()
+    }
 }

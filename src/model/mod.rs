@@ -57,19 +57,44 @@ impl Rudolph {
     /// Builds the model from tensors named as in the original state dict. The layer masks are
     /// passed separately because checkpoints carry their own (see [`Rudolph::masks_from`]).
     pub fn new(cfg: &Config, vb: VarBuilder, masks: LayerMasks) -> Result<Self> {
+        let precision = Precision::Float(vb.dtype());
+        Self::build(cfg, vb, masks, precision)
+    }
+
+    /// As [`Rudolph::new`]; with a quantized `precision`, each linear weight is quantized as
+    /// soon as its layer is built. When `vb` reads lazily (checkpoints, [`Rudolph::random`]),
+    /// the float weights of only one layer are then held at a time.
+    pub fn build(
+        cfg: &Config,
+        vb: VarBuilder,
+        masks: LayerMasks,
+        precision: Precision,
+    ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::wrap)?;
+        let quantize = |dense: &mut Dense| -> Result<()> {
+            if let Precision::Quantized(format) = precision {
+                dense.quantize(format)?;
+            }
+            Ok(())
+        };
         let h = cfg.hidden_size;
         let tvb = vb.pp("transformer");
         let layers = (0..cfg.num_layers)
-            .map(|i| Layer::new(cfg, tvb.pp(format!("layers.{i}"))))
+            .map(|i| {
+                let mut layer = Layer::new(cfg, tvb.pp(format!("layers.{i}")))?;
+                layer.denses_mut().into_iter().try_for_each(quantize)?;
+                Ok(layer)
+            })
             .collect::<Result<_>>()?;
+        let mut head = Dense::new(h, cfg.total_vocab(), vb.pp("to_logits.1"))?;
+        quantize(&mut head)?;
         Ok(Self {
             cfg: cfg.clone(),
             embeddings: Embeddings::new(cfg, vb.clone())?,
             layers,
             final_layernorm: Norm::new(h, tvb.pp("final_layernorm"))?,
             head_layernorm: Norm::new(h, vb.pp("to_logits.0"))?,
-            head: Dense::new(h, cfg.total_vocab(), vb.pp("to_logits.1"))?,
+            head,
             masks,
         })
     }
@@ -148,17 +173,20 @@ impl Rudolph {
         out
     }
 
-    /// A model with random weights (see [`Rudolph::random_weights`]) and the rc1 masks: for
-    /// benchmarks.
-    pub fn random(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    /// A model with random weights and the rc1 masks, for benchmarks: initialised as
+    /// [`Rudolph::random_weights`] does, each tensor from its own stream (seeded by `seed` and its
+    /// name) and only when its layer is built, so a quantized model never holds all its float
+    /// weights at once.
+    pub fn random(cfg: &Config, seed: u64, precision: Precision, device: &Device) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::wrap)?;
-        let tensors = Self::random_weights(cfg, seed, device)?
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
-            .collect::<Result<_>>()?;
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let backend = RandomBackend {
+            seed,
+            shapes: Self::tensor_shapes(cfg).into_iter().collect(),
+        };
+        let dtype = precision.load_dtype();
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let masks = LayerMasks::build(cfg, MaskVariant::Rc1, device)?;
-        Self::new(cfg, vb, masks)
+        Self::build(cfg, vb, masks, precision)
     }
 
     /// Every parameter, randomly initialised from `seed`: normal with std 0.02 for weights and
@@ -176,22 +204,7 @@ impl Rudolph {
             if name.ends_with("_mask") {
                 continue;
             }
-            let numel: usize = shape.iter().product();
-            let is_norm = name.contains("layernorm") || name.starts_with("to_logits.0");
-            let values: Vec<f32> = if name.ends_with(".bias") {
-                vec![0.0; numel]
-            } else if is_norm {
-                vec![1.0; numel]
-            } else {
-                // Box–Muller, from our own seeded stream.
-                (0..numel)
-                    .map(|_| {
-                        let (u1, u2) = (unit().max(f64::MIN_POSITIVE), unit());
-                        (0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
-                            as f32
-                    })
-                    .collect()
-            };
+            let values = initial_values(&name, shape.iter().product(), &mut unit);
             out.insert(name, Tensor::from_vec(values, shape, device)?);
         }
         Ok(out)
@@ -427,4 +440,66 @@ struct Hidden {
     embeddings: Option<Tensor>,
     hidden_states: Vec<Tensor>,
     final_hidden: Tensor,
+}
+
+/// One parameter's initial values (see [`Rudolph::random_weights`]), drawn from `unit`
+/// (uniform in [0, 1)).
+fn initial_values(name: &str, numel: usize, unit: &mut impl FnMut() -> f64) -> Vec<f32> {
+    let is_norm = name.contains("layernorm") || name.starts_with("to_logits.0");
+    if name.ends_with(".bias") {
+        vec![0.0; numel]
+    } else if is_norm {
+        vec![1.0; numel]
+    } else {
+        // Box–Muller, from our own seeded stream.
+        (0..numel)
+            .map(|_| {
+                let (u1, u2) = (unit().max(f64::MIN_POSITIVE), unit());
+                (0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect()
+    }
+}
+
+/// Random parameters made on request, each from a stream seeded by the model seed and its name.
+struct RandomBackend {
+    seed: u64,
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for RandomBackend {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, device)?;
+        if t.shape() != &shape {
+            bail!("{name}: shape {:?}, expected {shape:?}", t.dims());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter named {name}")))?;
+        // FNV-1a of the name, so a tensor's values do not depend on the order of requests.
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ name_hash);
+        let mut unit = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let values = initial_values(name, shape.iter().product(), &mut unit);
+        Tensor::from_vec(values, shape.as_slice(), device)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
 }
