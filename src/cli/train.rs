@@ -93,8 +93,8 @@ pub struct TrainArgs {
     pub log_every: u64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Score each segment only within its own vocabulary (drop the original's two
-    /// boundary-crossing targets).
+    /// Score each target in its own vocabulary: the first image code as an image class from the
+    /// last left-text position (the original scores it as a text class), the right BOS not at all.
     #[arg(long)]
     pub corrected_labels: bool,
     /// Probability of blanking the left text of a picture sample, so captioning learns from

@@ -39,8 +39,10 @@ pub enum Labels {
     /// class.
     #[default]
     Original,
-    /// Each position is only scored within its own segment's vocabulary: the two boundary
-    /// targets are dropped.
+    /// Each position is scored in the vocabulary of the token it predicts, as inference samples
+    /// it: the last left position against the first image code as an *image* class (so the first
+    /// code, which sets a picture's corner, is learnt from the text); the right-text BOS, which
+    /// is never sampled, is not scored.
     Corrected,
 }
 
@@ -116,9 +118,11 @@ pub fn rudolph_loss(
         x.contiguous()?.reshape((rows, classes))
     };
     let flat_ids = |x: Tensor| -> Result<Tensor> { x.contiguous()?.flatten_all() };
-    let (lt_positions, img_positions) = match labels {
-        Labels::Original => (l, n),
-        Labels::Corrected => (l - 1, n - 1),
+    // (left-text positions, first image-term position): the original scores positions
+    // l … l+n−1 as image classes; corrected, positions l−1 … l+n−2, i.e. exactly the n codes.
+    let (lt_positions, img_from) = match labels {
+        Labels::Original => (l, l),
+        Labels::Corrected => (l - 1, l - 1),
     };
     let lt = mean_cross_entropy(
         &flat(logits.narrow(1, 0, lt_positions)?.narrow(2, 0, v)?, v)?,
@@ -126,8 +130,8 @@ pub fn rudolph_loss(
         None,
     )?;
     let img = mean_cross_entropy(
-        &flat(logits.narrow(1, l, img_positions)?.narrow(2, v, vi)?, vi)?,
-        &flat_ids(next.narrow(1, l, img_positions)?)?,
+        &flat(logits.narrow(1, img_from, n)?.narrow(2, v, vi)?, vi)?,
+        &flat_ids(next.narrow(1, img_from, n)?)?,
         None,
     )?;
     let rt = mean_cross_entropy(
