@@ -1,0 +1,133 @@
+//! The built-in shapes-world model (`models/shapes/`): it loads with no flags, and what it draws
+//! and says reads back as the world it learnt.
+
+use candle_core::{DType, Device, Tensor};
+use rudolph::folder::{Loaded, ModelSpec};
+use rudolph::pipelines::GenerateOptions;
+use rudolph::pipelines::captions::generate_captions;
+use rudolph::pipelines::images::generate_images;
+use rudolph::sampling::SamplingParams;
+use rudolph::world::read::{parse_caption, read_picture};
+use rudolph::world::{Background, Colour, Position};
+use std::process::Command;
+
+fn builtin() -> Loaded {
+    let dir = rudolph::builtin::dir().expect("the built-in model is in the repository");
+    Loaded::load(
+        &ModelSpec {
+            dir: Some(dir),
+            ..Default::default()
+        },
+        &Device::Cpu,
+        DType::F32,
+    )
+    .expect("the built-in model loads")
+}
+
+/// The README's first command, through the library: the best of eight drawings of «большая
+/// красная звезда слева на белом фоне» is red, on the left, on white.
+#[test]
+fn draws_the_colour_position_and_background_it_is_asked_for() {
+    let loaded = builtin();
+    let vae = loaded.vae().unwrap();
+    let mut opts = GenerateOptions::new(SamplingParams {
+        top_k: 512,
+        top_p: 0.9,
+        temperature: 1.0,
+    });
+    opts.seed = 1;
+    opts.progress = false;
+    let ranked = generate_images(
+        &loaded.model,
+        &loaded.tokenizer,
+        "большая красная звезда слева на белом фоне",
+        8,
+        None,
+        &opts,
+    )
+    .unwrap();
+    let n = loaded.model.config().image_seq_length();
+    let codes = Tensor::from_vec(ranked[0].codes.clone(), (1, n), vae.device()).unwrap();
+    let picture = vae.decode_codes(&codes).unwrap().get(0).unwrap();
+    let read =
+        read_picture(&rudolph::image::to_rgb8(&picture).unwrap()).expect("a shape is visible");
+    assert_eq!(read.colour, Colour::Red);
+    assert_eq!(read.position, Position::Left);
+    assert_eq!(read.background, Background::White);
+}
+
+/// A rendered picture is captioned greedily with a grammatical caption that states its
+/// colour, position and background.
+#[test]
+fn captions_a_rendered_picture() {
+    let loaded = builtin();
+    let vae = loaded.vae().unwrap();
+    let scene = rudolph::world::sample(1, 3, false)[0];
+    let img = rudolph::world::render::render(&scene);
+    let pixels = rudolph::image::to_tensor(&img, vae.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let codes = vae.encode_codes(&pixels).unwrap().flatten_all().unwrap();
+    let mut opts = GenerateOptions::new(SamplingParams {
+        top_k: 1,
+        top_p: 1.0,
+        temperature: 1.0,
+    });
+    opts.progress = false;
+    let captions = generate_captions(
+        &loaded.model,
+        &loaded.tokenizer,
+        &codes.to_vec1::<u32>().unwrap(),
+        "",
+        1,
+        &opts,
+    )
+    .unwrap();
+    let parsed = parse_caption(&captions[0].text).expect("a world caption");
+    assert!(parsed.grammatical, "{}", captions[0].text);
+    assert_eq!(
+        parsed.attributes.colour, scene.colour,
+        "{}",
+        captions[0].text
+    );
+    assert_eq!(parsed.attributes.position, scene.position);
+    assert_eq!(parsed.attributes.background, scene.background);
+}
+
+/// `rudolph image` and `rudolph caption` with no model flags use the built-in model.
+#[test]
+fn cli_runs_without_model_flags() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("builtin-cli");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let star = dir.join("star.png");
+    let bin = env!("CARGO_BIN_EXE_rudolph");
+    let out = Command::new(bin)
+        .args(["image", "маленький синий круг справа на сером фоне", "-o"])
+        .arg(&star)
+        .args(["--seed", "2", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let picture = image::open(&star).unwrap().to_rgb8();
+    assert_eq!(picture.dimensions(), (64, 64));
+    let out = Command::new(bin)
+        .arg("caption")
+        .arg(&star)
+        .args(["--json", "--quiet", "--seed", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let best = doc["captions"][0]["text"].as_str().unwrap();
+    assert!(parse_caption(best).is_some(), "not a world caption: {best}");
+}
