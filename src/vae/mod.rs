@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod dwt;
+mod kernels;
 mod load;
 pub mod taming;
 pub mod train;

@@ -3,15 +3,49 @@
 //! with convolutions. Modules are built from a [`VarBuilder`] under the original tensor names
 //! (`down.0.block.1.norm1.weight`, `mid.attn_1.q.bias`, …).
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::config::DdConfig;
+use super::kernels::{self, ConvGeometry};
 
-/// taming's `Normalize`: `GroupNorm(groups, …)` (32 groups in every published model), with an
-/// epsilon of 1e-6, not PyTorch's default 1e-5.
+/// Whether `x` takes the training kernels: it carries gradients, on the CPU, in f32.
+fn training(x: &Tensor) -> bool {
+    x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// taming's epsilon: 1e-6, not PyTorch's default 1e-5.
+const NORM_EPS: f64 = 1e-6;
+
+/// taming's `Normalize`: `GroupNorm(groups, …)` (32 groups in every published model).
+#[derive(Debug, Clone)]
+struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+}
+
 fn normalize(channels: usize, groups: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, 1e-6, vb)
+    let gamma = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let beta = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, NORM_EPS)?,
+        gamma,
+        beta,
+        groups,
+    })
+}
+
+impl Module for GroupNorm {
+    // [B, C, H, W] -> [B, C, H, W]
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if training(x) {
+            kernels::group_norm(x, &self.gamma, &self.beta, self.groups, NORM_EPS)
+        } else {
+            self.inner.forward(x)
+        }
+    }
 }
 
 pub(crate) fn conv(
@@ -29,75 +63,58 @@ pub(crate) fn conv(
     };
     Ok(Conv {
         inner: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
-        kernel,
-        stride,
-        padding,
+        geometry: ConvGeometry::symmetric(kernel, stride, padding),
     })
 }
 
-/// A convolution that runs as candle's `conv2d` at inference and as one explicit GEMM over
-/// gathered taps when gradients are tracked: candle's CPU backward of `conv2d` is a naive
-/// transposed convolution, far slower than the matmul whose backward is two matmuls.
+/// A convolution that runs as candle's `conv2d` at inference and as the training kernel (im2col
+/// and one GEMM per picture, with its own backward) when gradients are tracked: candle's CPU
+/// backward of `conv2d` is a naive transposed convolution.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv {
     inner: Conv2d,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
+    geometry: ConvGeometry,
+}
+
+impl Conv {
+    /// The same convolution on an input padded `pad` (top, bottom, left, right) beforehand.
+    fn forward_padded(&self, x: &Tensor, pad: [usize; 4]) -> Result<Tensor> {
+        let bias = self.inner.bias();
+        if training(x)
+            && let Some(bias) = bias
+        {
+            let mut geometry = self.geometry;
+            geometry
+                .pad
+                .iter_mut()
+                .zip(pad)
+                .for_each(|(p, extra)| *p += extra);
+            return kernels::conv2d(x, self.inner.weight(), bias, geometry);
+        }
+        let x = if pad == [0; 4] {
+            x.clone()
+        } else {
+            x.pad_with_zeros(2, pad[0], pad[1])?
+                .pad_with_zeros(3, pad[2], pad[3])?
+        };
+        self.inner.forward(&x)
+    }
 }
 
 impl Module for Conv {
     // [B, C, H, W] -> [B, O, H', W']
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
-            self.forward_gemm(x)
-        } else {
-            self.inner.forward(x)
-        }
-    }
-}
-
-impl Conv {
-    fn forward_gemm(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
-        let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-        // Pad so that every tap can take `s·ho` rows (the surplus ones are dropped below).
-        let (hp, wp) = (s * (ho - 1) + k + s - 1, s * (wo - 1) + k + s - 1);
-        let xp = x
-            .pad_with_zeros(2, p, hp - h - p)?
-            .pad_with_zeros(3, p, wp - w - p)?;
-        let mut taps = Vec::with_capacity(k * k);
-        for ky in 0..k {
-            for kx in 0..k {
-                let t = xp.narrow(2, ky, s * ho)?.narrow(3, kx, s * wo)?;
-                let t = if s == 1 {
-                    t
-                } else {
-                    t.reshape((b, c, ho, s, wo, s))?
-                        .narrow(3, 0, 1)?
-                        .narrow(5, 0, 1)?
-                        .reshape((b, c, ho, wo))?
-                };
-                taps.push(t);
-            }
-        }
-        // [B, k·k·C, H'·W'], taps outermost, matching the weight's (ky, kx, c) order below.
-        let cols = Tensor::cat(&taps, 1)?.reshape((b, k * k * c, ho * wo))?;
-        let weight = self.inner.weight();
-        let o = weight.dim(0)?;
-        let wm = weight.permute((0, 2, 3, 1))?.reshape((o, k * k * c))?;
-        let y = wm.broadcast_matmul(&cols)?.reshape((b, o, ho, wo))?;
-        match self.inner.bias() {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
-            None => Ok(y),
-        }
+        self.forward_padded(x, [0; 4])
     }
 }
 
 /// `x · sigmoid(x)` (taming's `nonlinearity`).
 fn swish(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(x)?
+    if training(x) {
+        kernels::swish(x)
+    } else {
+        x * candle_nn::ops::sigmoid(x)?
+    }
 }
 
 /// Pre-activation residual block; a 1×1 `nin_shortcut` projects the skip path when the channel
@@ -194,8 +211,7 @@ struct Downsample {
 impl Module for Downsample {
     // [B, C, H, W] -> [B, C, H/2, W/2]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-        self.conv.forward(&x)
+        self.conv.forward_padded(x, [0, 1, 0, 1])
     }
 }
 
@@ -208,13 +224,9 @@ struct Upsample {
 impl Module for Upsample {
     // [B, C, H, W] -> [B, C, 2H, 2W]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let up = if x.track_op() {
-            // A broadcast, whose backward is a sum, instead of the grouped-conv backward of
-            // `upsample_nearest2d`.
-            x.reshape((b, c, h, 1, w, 1))?
-                .broadcast_as((b, c, h, 2, w, 2))?
-                .reshape((b, c, 2 * h, 2 * w))?
+        let (_, _, h, w) = x.dims4()?;
+        let up = if training(x) {
+            kernels::upsample2(x)?
         } else {
             x.upsample_nearest2d(2 * h, 2 * w)?
         };
