@@ -123,3 +123,60 @@ fn quantizing_while_loading_equals_quantizing_after() {
     let exact = flat_f64(&tiny_model().forward(ids, mask).unwrap());
     assert_ne!(a, exact, "the fixtures' model was not quantized at all");
 }
+
+/// f16 / bf16 linear weights under f32 compute (`--dtype f16w` / `bf16w`): the only change is
+/// the rounding of the weights, so logits stay within that rounding of float32's, and decoding
+/// steps (the few-rows kernel, which widens the weights as it reads them) agree with a full
+/// forward of the same model.
+#[test]
+fn half_weights_cost_only_their_rounding() {
+    use rudolph::model::{Precision, Rudolph};
+    let ckpt =
+        rudolph::weights::Checkpoint::open(fixture("rudolph_tiny/model.safetensors")).unwrap();
+    let cfg = tiny_config();
+    let exact = tiny_model();
+    let g = goldens("model_goldens/forward.safetensors");
+    let (ids, mask) = (get(&g, "input_ids"), get(&g, "attention_mask_default"));
+    let la = flat_f64(&exact.forward(ids, mask).unwrap());
+    for (dtype, bound) in [(DType::F16, 2e-3), (DType::BF16, 2e-2)] {
+        let (half, _) =
+            Rudolph::from_checkpoint_as(&ckpt, &cfg, Precision::HalfWeights(dtype), &Device::Cpu)
+                .unwrap();
+        assert_eq!(half.dtype(), DType::F32);
+        let lb = flat_f64(&half.forward(ids, mask).unwrap());
+        let err: f64 = la
+            .iter()
+            .zip(&lb)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>();
+        let norm: f64 = la.iter().map(|x| x * x).sum::<f64>();
+        let rel = (err / norm).sqrt();
+        assert!(
+            rel > 0.0 && rel < bound,
+            "{dtype:?}: relative RMS error {rel}"
+        );
+
+        // The first sequence token by token through the cache against one full forward.
+        let one = ids.narrow(0, 0, 1).unwrap().to_dtype(DType::U32).unwrap();
+        let t = one.dim(1).unwrap();
+        let causal = masks::causal_mask(1, cfg.total_seq_length(), &Device::Cpu).unwrap();
+        let full = half.forward(&one, &causal).unwrap();
+        let mut cache = half.new_cache();
+        for p in 0..t {
+            let step = half
+                .forward_cached(&one.narrow(1, p, 1).unwrap(), &causal, &mut cache)
+                .unwrap();
+            let want = flat_f64(&full.narrow(1, p, 1).unwrap());
+            let got = flat_f64(&step);
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+                .fold(0f64, f64::max);
+            assert!(
+                worst < 1e-4,
+                "{dtype:?} position {p}: cached step differs by {worst}"
+            );
+        }
+    }
+}

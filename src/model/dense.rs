@@ -3,6 +3,10 @@
 //! over the batch, which re-reads the whole weight matrix once per sequence: in batched decoding
 //! that multiplies the memory traffic by the batch size.
 //!
+//! The weight can be held in f16 or bf16 while activations stay in f32: decoding steps read it
+//! through the few-rows kernel (`skinny`), which widens it as it streams, so a step reads half
+//! the bytes; larger products widen it to f32 first.
+//!
 //! The weight can be quantized in place (ggml block formats through candle's `QMatMul`): batch-1
 //! decoding reads every weight once per token, so fewer bytes per weight is the way past the
 //! memory-bandwidth limit. Activations and the bias stay in float.
@@ -14,7 +18,12 @@ use candle_nn::VarBuilder;
 #[derive(Debug, Clone)]
 enum Weight {
     Float(Tensor),
-    Quantized { matmul: QMatMul, dtype: DType },
+    /// An f16 or bf16 weight under f32 activations.
+    Half(Tensor),
+    Quantized {
+        matmul: QMatMul,
+        dtype: DType,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -37,8 +46,18 @@ impl Dense {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             Weight::Float(w) => w.dtype(),
+            Weight::Half(_) => DType::F32,
             Weight::Quantized { dtype, .. } => *dtype,
         }
+    }
+
+    /// Keeps the weight in `dtype` (f16 or bf16) under f32 activations and bias.
+    pub fn store_half(&mut self, dtype: DType) -> Result<()> {
+        if let Weight::Float(w) = &self.weight {
+            self.weight = Weight::Half(w.to_dtype(dtype)?);
+            self.bias = self.bias.to_dtype(DType::F32)?;
+        }
+        Ok(())
     }
 
     /// Replaces the float weight by its `format` quantization. Returns false (and keeps the
@@ -72,7 +91,11 @@ impl Dense {
         let rows: usize = dims.iter().product();
         let x = x.contiguous()?.reshape((rows, in_dim))?;
         let y = match &self.weight {
+            Weight::Float(w) | Weight::Half(w) if super::skinny::applies(&x, w) => {
+                super::skinny::matmul_t(&x, w)?
+            }
             Weight::Float(w) => x.matmul(&w.t()?)?,
+            Weight::Half(w) => x.matmul(&w.to_dtype(DType::F32)?.t()?)?,
             Weight::Quantized { matmul, .. } => matmul.forward(&x)?,
         };
         dims.push(self.out_dim);

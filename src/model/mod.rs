@@ -15,6 +15,7 @@ pub mod load;
 pub mod loss;
 pub mod masks;
 pub mod precision;
+pub mod skinny;
 
 pub use cache::KvCache;
 pub use loss::{Labels, Loss, LossWeights};
@@ -72,8 +73,12 @@ impl Rudolph {
     ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::wrap)?;
         let quantize = |dense: &mut Dense| -> Result<()> {
-            if let Precision::Quantized(format) = precision {
-                dense.quantize(format)?;
+            match precision {
+                Precision::Quantized(format) => {
+                    dense.quantize(format)?;
+                }
+                Precision::HalfWeights(dtype) => dense.store_half(dtype)?,
+                Precision::Float(_) => {}
             }
             Ok(())
         };

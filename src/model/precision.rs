@@ -1,5 +1,6 @@
-//! How the weights are held: a float dtype (the model computes in it), or float32 compute over
-//! linear weights quantized to a ggml block format.
+//! How the weights are held: a float dtype (the model computes in it), float32 compute over
+//! linear weights stored in f16 or bf16, or float32 compute over linear weights quantized to a
+//! ggml block format.
 
 use candle_core::DType;
 use candle_core::quantized::GgmlDType;
@@ -7,18 +8,23 @@ use candle_core::quantized::GgmlDType;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     Float(DType),
+    /// f32 activations, embeddings and norms; every linear weight stored in this dtype (f16 or
+    /// bf16) and widened as it is used. On the CPU, faster than computing in f16 and as exact
+    /// as f32 for a checkpoint saved in that dtype (the real RuDOLPH ones are f16).
+    HalfWeights(DType),
     /// f32 activations, embeddings and norms; every linear weight in this format.
     Quantized(GgmlDType),
 }
 
 impl Precision {
-    pub const NAMES: &'static str = "f32, f16, bf16, q8 (8-bit blocks) or q4k (4-bit k-quants)";
+    pub const NAMES: &'static str = "f32, f16, bf16, f16w / bf16w (f16 / bf16 linear weights, f32 compute), \
+         q8 (8-bit blocks) or q4k (4-bit k-quants)";
 
     /// The dtype to load the checkpoint in (a quantized model is loaded in f32 first).
     pub fn load_dtype(self) -> DType {
         match self {
             Self::Float(d) => d,
-            Self::Quantized(_) => DType::F32,
+            Self::HalfWeights(_) | Self::Quantized(_) => DType::F32,
         }
     }
 
@@ -27,6 +33,8 @@ impl Precision {
             Self::Float(DType::F16) => "f16",
             Self::Float(DType::BF16) => "bf16",
             Self::Float(_) => "f32",
+            Self::HalfWeights(DType::BF16) => "bf16w",
+            Self::HalfWeights(_) => "f16w",
             Self::Quantized(GgmlDType::Q8_0) => "q8",
             Self::Quantized(_) => "q4k",
         }
@@ -41,6 +49,8 @@ impl std::str::FromStr for Precision {
             "f32" => Self::Float(DType::F32),
             "f16" => Self::Float(DType::F16),
             "bf16" => Self::Float(DType::BF16),
+            "f16w" => Self::HalfWeights(DType::F16),
+            "bf16w" => Self::HalfWeights(DType::BF16),
             "q8" => Self::Quantized(GgmlDType::Q8_0),
             "q4k" => Self::Quantized(GgmlDType::Q4K),
             _ => return Err(format!("'{s}': expected {}", Self::NAMES)),

@@ -1,0 +1,284 @@
+//! Matrix products with few rows, `y = x·Wᵀ` for `x` `[m, k]` with `m` ≤ [`MAX_ROWS`]: every
+//! decoding step of every layer (one new token per sequence).
+//!
+//! Such a product is bound by reading `W` from memory: each weight is used `m` times and never
+//! again in the step. A general GEMM first packs (copies) `W` into its own layout, so it reads the
+//! weights twice and writes them once; here each weight row is streamed once, straight from
+//! where it lies, against all `m` rows of `x` (which stay in cache), on all cores. Weights may be
+//! stored in f16 or bf16 and are widened to f32 as they are read: half the bytes per step, f32
+//! arithmetic. The real RuDOLPH checkpoints are f16, so f16 storage loses nothing for them.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// The most rows of `x` handled here; more rows go to the GEMM.
+pub const MAX_ROWS: usize = 8;
+
+/// Whether `x·wᵀ` takes this path: CPU, f32 activations of at most [`MAX_ROWS`] rows, a
+/// contiguous `[n, k]` weight in f32, f16 or bf16, outside any autograd graph.
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && w.rank() == 2
+        && w.is_contiguous()
+        && x.rank() == 2
+        && x.dim(0).is_ok_and(|m| m <= MAX_ROWS)
+        && !x.track_op()
+        && !w.track_op()
+}
+
+/// `x` `[m, k]` (f32) · `w` `[n, k]`ᵀ → `[m, n]` (f32).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(w, &SkinnyMatmul)
+}
+
+struct SkinnyMatmul;
+
+/// Weight rows given to one task: enough work to amortise the task, several tasks per core.
+const ROWS_PER_TASK: usize = 64;
+
+impl CustomOp2 for SkinnyMatmul {
+    fn name(&self) -> &'static str {
+        "rudolph-skinny-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, wk) = wl.shape().dims2()?;
+        if wk != k || m > MAX_ROWS {
+            candle_core::bail!("skinny matmul of {:?} by {:?}ᵀ", xl.shape(), wl.shape());
+        }
+        let (xo, _) = xl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("skinny matmul: strided input".into()))?;
+        let (wo, _) = wl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("skinny matmul: strided weight".into()))?;
+        let x = &xs.as_slice::<f32>()?[xo..xo + m * k];
+        // yt[j, i] = row j of W · row i of x: each task fills a contiguous block of yt.
+        let mut yt = vec![0f32; n * m];
+        match ws {
+            CpuStorage::F32(w) => run(&w[wo..wo + n * k], x, m, k, &mut yt),
+            CpuStorage::F16(w) => run(&w[wo..wo + n * k], x, m, k, &mut yt),
+            CpuStorage::BF16(w) => run(&w[wo..wo + n * k], x, m, k, &mut yt),
+            _ => candle_core::bail!("skinny matmul: the weight is not f32, f16 or bf16"),
+        }
+        let mut y = vec![0f32; m * n];
+        for (j, col) in yt.chunks(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                y[i * n + j] = v;
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// A weight element type that widens to f32.
+trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+    /// Eight consecutive elements as f32, with the fastest instructions this CPU has.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Widen for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Widen for f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+impl Widen for bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32: widen to 32 bits and shift into place.
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+}
+
+/// Columns of `x` per pass when all of `x` would not fit the L1 cache: `MAX_ROWS` rows of this
+/// many f32 stay there while the weight rows stream past. A smaller `x` is taken whole, so each
+/// weight row is read front to back in one go.
+const K_BLOCK: usize = 256;
+const L1_FLOATS: usize = 4096;
+
+fn run<W: Widen>(w: &[W], x: &[f32], m: usize, k: usize, yt: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    let simd = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    let block = if m * k <= L1_FLOATS {
+        k.max(1)
+    } else {
+        K_BLOCK
+    };
+    yt.par_chunks_mut(ROWS_PER_TASK * m)
+        .zip(w.par_chunks(ROWS_PER_TASK * k))
+        .for_each(|(out, rows)| {
+            for k0 in (0..k).step_by(block) {
+                let k1 = (k0 + block).min(k);
+                for (o, row) in out.chunks_mut(m).zip(rows.chunks(k)) {
+                    #[cfg(target_arch = "x86_64")]
+                    if simd {
+                        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                        unsafe { dots_avx2_any(row, x, k, k0..k1, o) };
+                        continue;
+                    }
+                    let _ = simd;
+                    dots_scalar(row, x, k, k0..k1, o);
+                }
+            }
+        });
+}
+
+/// `out[i] += row[span] · x[i][span]` for every row `i` of `x` (rows of length `k`).
+fn dots_scalar<W: Widen>(
+    row: &[W],
+    x: &[f32],
+    k: usize,
+    span: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o += row[span.clone()]
+            .iter()
+            .zip(&x[i * k + span.start..i * k + span.end])
+            .map(|(w, v)| w.widen() * v)
+            .sum::<f32>();
+    }
+}
+
+/// [`dots_avx2`] with the row count as a constant, so the accumulators live in registers, and
+/// with enough independent accumulator chains (`U` per row) to hide the FMA latency.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_avx2_any<W: Widen>(
+    row: &[W],
+    x: &[f32],
+    k: usize,
+    span: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    unsafe {
+        match out.len() {
+            1 => dots_avx2::<W, 1, 4>(row, x, k, span, out),
+            2 => dots_avx2::<W, 2, 4>(row, x, k, span, out),
+            3 => dots_avx2::<W, 3, 2>(row, x, k, span, out),
+            4 => dots_avx2::<W, 4, 2>(row, x, k, span, out),
+            5 => dots_avx2::<W, 5, 1>(row, x, k, span, out),
+            6 => dots_avx2::<W, 6, 1>(row, x, k, span, out),
+            7 => dots_avx2::<W, 7, 1>(row, x, k, span, out),
+            _ => dots_avx2::<W, 8, 1>(row, x, k, span, out),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_avx2<W: Widen, const M: usize, const U: usize>(
+    row: &[W],
+    x: &[f32],
+    k: usize,
+    span: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); U]; M];
+    let step = 8 * U;
+    let body = span.start + (span.end - span.start) / step * step;
+    let mut c = span.start;
+    while c < body {
+        for u in 0..U {
+            // SAFETY: c + 8·U ≤ span.end ≤ k bounds the row and every row of x.
+            unsafe {
+                let wv = W::load8(row.as_ptr().add(c + 8 * u));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(i * k + c + 8 * u));
+                    a[u] = _mm256_fmadd_ps(wv, xv, a[u]);
+                }
+            }
+        }
+        c += step;
+    }
+    for (i, o) in out.iter_mut().enumerate().take(M) {
+        let a = acc[i][1..]
+            .iter()
+            .fold(acc[i][0], |sum, &v| _mm256_add_ps(sum, v));
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        let mut total = _mm_cvtss_f32(s);
+        for j in body..span.end {
+            total += row[j].widen() * x[i * k + j];
+        }
+        *o += total;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_the_gemm_in_every_weight_format() {
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[(1, 64, 130), (3, 37, 9), (8, 1024, 200), (5, 8, 1)] {
+            let x = Tensor::randn(0f32, 1., (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let wd = w.to_dtype(dtype).unwrap();
+                let ours = matmul_t(&x, &wd).unwrap();
+                let reference = x
+                    .matmul(&wd.to_dtype(DType::F32).unwrap().t().unwrap())
+                    .unwrap();
+                let err = (ours - reference)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    err < 1e-3 * (k as f32).sqrt(),
+                    "{m}×{k}·{n} {dtype:?}: {err}"
+                );
+            }
+        }
+    }
+}
