@@ -12,9 +12,10 @@ use crate::vae::Vqgan;
 pub struct EncodeImageArgs {
     /// A PNG or JPEG picture; it is centre-cropped to a square and resized (PIL bilinear).
     pub image: PathBuf,
-    /// The VQGAN checkpoint (.ckpt / .bin / .safetensors, plain or DWT layout).
+    /// The VQGAN checkpoint (.ckpt / .bin / .safetensors, plain or DWT layout; default: the
+    /// built-in model's).
     #[arg(long)]
-    pub vae: PathBuf,
+    pub vae: Option<PathBuf>,
     /// The VQGAN .config.yml (default: the one beside the checkpoint, else the real
     /// vqgan.gumbelf8-sber config).
     #[arg(long)]
@@ -32,9 +33,10 @@ pub struct DecodeCodesArgs {
     /// JSON codes: `{"codes": [...]}` as written by `encode-image --json`, or a bare array;
     /// a list of lists decodes several images into one grid.
     pub codes: PathBuf,
-    /// The VQGAN checkpoint (.ckpt / .bin / .safetensors, plain or DWT layout).
+    /// The VQGAN checkpoint (.ckpt / .bin / .safetensors, plain or DWT layout; default: the
+    /// built-in model's).
     #[arg(long)]
-    pub vae: PathBuf,
+    pub vae: Option<PathBuf>,
     /// The VQGAN .config.yml (default: the one beside the checkpoint, else the real config).
     #[arg(long)]
     pub vae_config: Option<PathBuf>,
@@ -49,7 +51,15 @@ pub struct DecodeCodesArgs {
     pub force: bool,
 }
 
-fn load_vae(path: &Path, config: Option<&Path>) -> anyhow::Result<Vqgan> {
+fn load_vae(path: Option<&Path>, config: Option<&Path>) -> anyhow::Result<Vqgan> {
+    let builtin;
+    let path = match path {
+        Some(p) => p,
+        None => {
+            builtin = crate::builtin::dir()?.join("vqgan.safetensors");
+            &builtin
+        }
+    };
     let vae = Vqgan::load(path, config, &Device::Cpu)?;
     if !vae.ignored_keys().is_empty() {
         eprintln!(
@@ -64,7 +74,7 @@ fn load_vae(path: &Path, config: Option<&Path>) -> anyhow::Result<Vqgan> {
 pub fn encode_image(args: EncodeImageArgs) -> anyhow::Result<()> {
     // Read the picture first: a bad path fails before the (large) checkpoint is loaded.
     let picture = img::load_image(&args.image)?;
-    let vae = load_vae(&args.vae, args.vae_config.as_deref())?;
+    let vae = load_vae(args.vae.as_deref(), args.vae_config.as_deref())?;
     let size = args.size.unwrap_or(vae.config().ddconfig.resolution as u32);
     let f = vae.config().downsample_factor() as u32;
     if size == 0 || !size.is_multiple_of(f) {
@@ -129,7 +139,7 @@ pub fn decode_codes(args: DecodeCodesArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", args.codes.display()))?;
     let images =
         parse_codes(&text).with_context(|| format!("bad codes file {}", args.codes.display()))?;
-    let vae = load_vae(&args.vae, args.vae_config.as_deref())?;
+    let vae = load_vae(args.vae.as_deref(), args.vae_config.as_deref())?;
     let (b, n) = (images.len(), images[0].len());
     let codes = Tensor::from_vec(images.concat(), (b, n), &Device::Cpu)?;
     let decoded = vae

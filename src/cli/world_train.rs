@@ -23,7 +23,7 @@ pub struct WorldTrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// VQGAN optimizer steps (batch 8; 32 px crops but for the last 150 steps).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 7000)]
     pub vqgan_steps: u64,
     /// BPE vocabulary size.
     #[arg(long, default_value_t = 192)]

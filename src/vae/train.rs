@@ -100,6 +100,20 @@ impl VqTrainer {
             .find(|(k, _)| k == "quantize.embed.weight")
             .map(|(_, v)| v.clone())
             .ok_or_else(|| VaeError::BadInput("the model has no quantize.embed.weight".into()))?;
+        // Every residual branch starts as the identity (its last convolution zeroed), so the
+        // untrained network passes its input through and each block learns a correction: on
+        // the world this reached the same reconstructions in about half the steps.
+        {
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| VaeError::BadInput("VarMap lock poisoned".into()))?;
+            for (name, var) in data.iter() {
+                if name.ends_with("conv2.weight") || name.ends_with("proj_out.weight") {
+                    var.set(&var.as_tensor().zeros_like()?).map_err(candle)?;
+                }
+            }
+        }
         // The projection is derived from the codebook when saving; it is not trained.
         let trained = vars
             .into_iter()

@@ -56,27 +56,41 @@ pub fn read_picture(img: &RgbImage) -> Option<Attributes> {
             .sum::<f64>()
     });
     let bg = background.rgb();
-    // Foreground: far from the background (anti-aliased edges count by coverage).
-    let mut mask = vec![false; (w * h) as usize];
-    let (mut sx, mut sy, mut n) = (0.0, 0.0, 0.0);
+    // Foreground colour: the palette colour most of the pixels clearly off the background
+    // are nearest to (faint halos included, so that a small shape still votes).
     let mut colour_votes = [0usize; 6];
-    for (x, y, p) in img.enumerate_pixels() {
+    let mut visible = 0usize;
+    for p in img.pixels() {
         if dist2(p.0, bg) > 60 * 60 {
-            mask[(y * w + x) as usize] = true;
-            sx += x as f64 + 0.5;
-            sy += y as f64 + 0.5;
-            n += 1.0;
+            visible += 1;
             let c = nearest(&Colour::ALL, |c| dist2(p.0, c.rgb()) as f64);
             colour_votes[Colour::ALL.iter().position(|&k| k == c).expect("listed")] += 1;
         }
     }
-    if n < 8.0 {
+    if visible < 8 {
         return None;
     }
     let best = (0..6)
         .max_by_key(|&i| colour_votes[i])
         .expect("six colours");
     let colour = Colour::ALL[best];
+    // The silhouette: pixels nearer the shape's colour than the background, i.e. at least
+    // half covered by an anti-aliased (or blurred) edge, so a soft edge neither grows nor
+    // shrinks the shape.
+    let fg = colour.rgb();
+    let mut mask = vec![false; (w * h) as usize];
+    let (mut sx, mut sy, mut n) = (0.0, 0.0, 0.0);
+    for (x, y, p) in img.enumerate_pixels() {
+        if dist2(p.0, fg) < dist2(p.0, bg) {
+            mask[(y * w + x) as usize] = true;
+            sx += x as f64 + 0.5;
+            sy += y as f64 + 0.5;
+            n += 1.0;
+        }
+    }
+    if n < 8.0 {
+        return None;
+    }
     let (cx, cy) = (sx / n, sy / n);
     let position = nearest(&Position::ALL, |p| {
         let (px, py) = p.centre();
