@@ -81,6 +81,56 @@ fn pipeline_masks_equal_the_goldens() {
     assert_close("i2t mask", &i2t, get(&g, "attention_mask_i2t"), 0.0, 0.0);
 }
 
+/// Under the i2t mask no position after the left text sees it, so a window from there gives
+/// the golden logits of every row that sees anything (fully masked rows, the right-text pads,
+/// attend uniformly to whatever keys there are, which is why scoring ignores them); a mask
+/// that lets the window see earlier positions is refused.
+#[test]
+fn a_window_past_the_hidden_left_text_gives_the_same_logits() {
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let g = goldens("model_goldens/forward.safetensors");
+    let ids = get(&g, "input_ids").to_dtype(DType::U32).unwrap();
+    let (l, t) = (cfg.l_text_seq_length, cfg.total_seq_length());
+    let want = get(&g, "logits_i2t");
+    for end in [t, t - 1, l + cfg.image_seq_length()] {
+        let window = ids.narrow(1, l, end - l).unwrap();
+        let got = model
+            .forward_window(&window, get(&g, "attention_mask_i2t"), l)
+            .unwrap();
+        let mask = get(&g, "attention_mask_i2t");
+        for b in 0..ids.dim(0).unwrap() {
+            for q in l..end {
+                let sees = mask.i((b, 0, q)).unwrap().sum_all().unwrap();
+                if sees
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+                {
+                    continue;
+                }
+                assert_close(
+                    &format!("window {l}..{end}, sample {b}, row {q}"),
+                    &got.i((b, q - l)).unwrap(),
+                    &want.i((b, q)).unwrap(),
+                    RTOL,
+                    ATOL,
+                );
+            }
+        }
+    }
+    let err = model
+        .forward_window(
+            &ids.narrow(1, l, t - l).unwrap(),
+            get(&g, "attention_mask_default"),
+            l,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("see earlier ones"), "{err}");
+}
+
 #[test]
 fn logits_match_under_every_pipeline_mask() {
     let cfg = tiny_config();

@@ -284,6 +284,48 @@ impl Rudolph {
         self.run(input_ids, attention_mask, None, true, Ops::default())
     }
 
+    /// Logits `[B, s, V + Vi]` of the positions `first..first + s` alone (`ids` `[B, s]` holds
+    /// their tokens), for a mask under which none of them sees a position before `first`: those
+    /// positions cannot change these logits, so they are not computed. (Masked scores become
+    /// −10000 and vanish in the softmax, so the result equals these rows of a full forward.)
+    /// Scoring uses it to skip the left text that the i2t mask hides, and the right-text pads at
+    /// the end. Fails if the mask lets a row see before `first`.
+    pub fn forward_window(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        first: usize,
+    ) -> Result<Tensor> {
+        let s = ids.dim(1)?;
+        if first > 0 {
+            let (mb, mh, mq, mk) = attention_mask.dims4()?;
+            if mh != 1 || mq < first + s || mk < first + s {
+                bail!(
+                    "attention mask has shape {:?}, expected [B, 1, ≥{}, ≥{}]",
+                    [mb, mh, mq, mk],
+                    first + s,
+                    first + s
+                );
+            }
+            let hidden = attention_mask
+                .narrow(2, first, s)?
+                .narrow(3, 0, first)?
+                .to_dtype(DType::F32)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if hidden != 0.0 {
+                bail!("forward_window: the mask lets positions from {first} on see earlier ones");
+            }
+        }
+        let h = self.run_hidden(ids, attention_mask, None, first, false, Ops::default())?;
+        self.head.forward(
+            &self
+                .head_layernorm
+                .forward(&h.final_hidden, Ops::default())?,
+        )
+    }
+
     /// Processes only `new_ids` `[B, s]`, the positions `cache.len()..cache.len() + s`, and
     /// returns their logits `[B, s, V + Vi]`. Earlier positions come from the cache, so the result
     /// equals the rows of a full forward over the whole prefix.
@@ -308,7 +350,7 @@ impl Rudolph {
     ) -> Result<Tensor> {
         let s = new_ids.dim(1)?;
         let ops = Ops::default();
-        let h = self.run_hidden(new_ids, attention_mask, Some(cache), false, ops)?;
+        let h = self.run_hidden(new_ids, attention_mask, Some(cache), 0, false, ops)?;
         let last = h.final_hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
         self.head.forward(&self.head_layernorm.forward(&last, ops)?)
     }
@@ -359,7 +401,7 @@ impl Rudolph {
         keep_hidden: bool,
         ops: Ops<'_>,
     ) -> Result<Forward> {
-        let h = self.run_hidden(ids, attention_mask, cache, keep_hidden, ops)?;
+        let h = self.run_hidden(ids, attention_mask, cache, 0, keep_hidden, ops)?;
         let logits = self
             .head
             .forward(&self.head_layernorm.forward(&h.final_hidden, ops)?)?;
@@ -372,18 +414,25 @@ impl Rudolph {
     }
 
     /// Everything up to the transformer output (after the final LayerNorm).
+    ///
+    /// Without a cache, `ids` are the positions `first..first + s` and they attend only among
+    /// themselves (the caller has checked that the mask hides everything before `first`).
     fn run_hidden(
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
+        first: usize,
         keep_hidden: bool,
         ops: Ops<'_>,
     ) -> Result<Hidden> {
         let ids = ids.to_dtype(DType::U32)?;
         let (b, s) = ids.dims2()?;
-        let start = cache.as_ref().map_or(0, |c| c.len());
+        let start = cache.as_ref().map_or(first, |c| c.len());
         let end = start + s;
+        // The first key position: 0 with a cache (it holds every earlier position), else the
+        // window's own start.
+        let keys_from = if cache.is_some() { 0 } else { start };
         let mask_dims = attention_mask.dims();
         if mask_dims.len() != 4
             || mask_dims[1] != 1
@@ -397,18 +446,18 @@ impl Rudolph {
         }
         let pipeline = attention_mask
             .narrow(2, start, s)?
-            .narrow(3, 0, end)?
+            .narrow(3, keys_from, end - keys_from)?
             .to_dtype(DType::F32)?;
         // One effective mask per kind used; layers of the same kind share it.
         let mut effective: [Option<AdditiveMask>; 4] = Default::default();
         for i in 0..self.cfg.num_layers {
             let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers);
             if effective[kind as usize].is_none() {
-                let layer = self
-                    .masks
-                    .get(kind)
-                    .narrow(0, start, s)?
-                    .narrow(1, 0, end)?;
+                let layer = self.masks.get(kind).narrow(0, start, s)?.narrow(
+                    1,
+                    keys_from,
+                    end - keys_from,
+                )?;
                 let keep = pipeline.broadcast_mul(&layer.unsqueeze(0)?.unsqueeze(0)?)?;
                 // Scores are computed in the weights' dtype (f16/bf16 on GPUs); so is the mask.
                 let keep = keep.to_dtype(self.dtype())?;

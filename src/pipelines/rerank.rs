@@ -44,7 +44,7 @@ pub fn score_pairs(
         }
         rows.push(([&vec![0; l], *codes, *text].concat(), text.to_vec()));
     }
-    score_rows(model, &rows, t - r + text_from..t, batch)
+    score_rows(model, &rows, t - r + text_from..t, batch, true)
 }
 
 /// rc1 `self_reranking_by_image`: each text (`r` ids) is put in both text slots around the
@@ -76,17 +76,24 @@ pub fn score_texts_by_image_rc1(
         }
         rows.push(([text, codes, text].concat(), text.clone()));
     }
-    score_rows(model, &rows, 1..l, batch)
+    // No window: the scored left rows attend uniformly to every position of the sequence.
+    score_rows(model, &rows, 1..l, batch, false)
 }
 
 /// One forward per chunk of full sequences (with the right text that decides each row's i2t
 /// mask); the text perplexity is over the targets at `text_targets`, pads ignored, and the
 /// image perplexity over codes 1…N−1.
+///
+/// With `window`, only the positions whose logits are scored, and those they attend to, are
+/// computed: under the i2t mask no scored position sees the left text, and none sees the pads
+/// after the chunk's last non-pad target, so that window gives the same logits as the full
+/// sequence (the left text and the trailing pads are a third of a 350M sequence).
 fn score_rows(
     model: &Rudolph,
     rows: &[(Vec<u32>, Vec<u32>)],
     text_targets: std::ops::Range<usize>,
     batch: usize,
+    window: bool,
 ) -> Result<Vec<PairScore>> {
     let cfg = model.config();
     let (l, n, t) = (
@@ -106,19 +113,33 @@ fn score_rows(
             .iter()
             .map(|(_, right)| right.iter().map(|&x| (x != 0) as u8).collect())
             .collect();
+        // The last text target that is not a pad (pads are ignored), over the chunk.
+        let last_target = chunk
+            .iter()
+            .filter_map(|(ids, _)| text_targets.clone().rev().find(|&p| ids[p] != 0))
+            .max()
+            .unwrap_or(text_targets.start);
+        let (texts, first, end) = if window {
+            let texts = text_targets.start..last_target + 1;
+            // Logits rows needed: texts − 1 and the image's l … l + n − 2.
+            let first = (texts.start - 1).min(l);
+            (texts.clone(), first, (texts.end - 1).max(l + n - 1).min(t))
+        } else {
+            (text_targets.clone(), 0, t)
+        };
         let ids = Tensor::from_vec(flat, (b, t), model.device())?;
         let mask = masks::i2t_mask(cfg, &pads, model.device())?;
-        let logits = model.forward(&ids, &mask)?;
+        let logits = model.forward_window(&ids.narrow(1, first, end - first)?, &mask, first)?;
         let text_ce = token_cross_entropy(
             &logits,
-            text_targets.start - 1..text_targets.end - 1,
+            texts.start - 1 - first..texts.end - 1 - first,
             0..v,
-            &ids.narrow(1, text_targets.start, text_targets.len())?,
+            &ids.narrow(1, texts.start, texts.len())?,
             Some(0),
         )?;
         let image_ce = token_cross_entropy(
             &logits,
-            l..l + n - 1,
+            l - first..l + n - 1 - first,
             v..v + cfg.image_vocab(),
             &ids.narrow(1, l + 1, n - 1)?,
             None,
