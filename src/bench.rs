@@ -68,8 +68,13 @@ pub fn run(
         top_p: 0.975,
         temperature: 1.0,
     };
-    // A short prompt followed by pads, like an encoded caption.
-    let mut left = vec![2u32, 100, 200, 300, 3];
+    // BOS, six ids and EOS followed by pads: as long as the original's bench prompt «рыжий кот
+    // сидит на окне» in the fixtures' tokenizer, so a rerank's window matches its work.
+    let vocab = cfg.vocab_size as u32;
+    let mut left: Vec<u32> = [2, 513, 331, 743, 124, 293, 130, 3]
+        .iter()
+        .map(|&id| id % vocab)
+        .collect();
     left.resize(l, 0);
     let codes: Vec<u32> = (0..n as u32)
         .map(|i| (i * 37) % cfg.image_vocab_size as u32)

@@ -162,6 +162,8 @@ fn evaluate_scores_a_random_world_model() {
         n: 3,
         seed: 5,
         batch_size: 2,
+        captions: 3,
+        images: 2,
         progress: false,
     };
     let report = evaluate(&loaded, &opts).unwrap();
@@ -172,6 +174,16 @@ fn evaluate_scores_a_random_world_model() {
         serde_json::to_value(&report).unwrap(),
         serde_json::to_value(&again).unwrap()
     );
+    // Greedy captions (captions = 0) are a different measurement, equally reproducible.
+    let greedy = EvalOptions {
+        captions: 0,
+        images: 1,
+        ..opts
+    };
+    let g = evaluate(&loaded, &greedy).unwrap();
+    check_report(&g, 3);
+    assert_eq!((g.captions, g.images), (0, 1));
+    assert!(g.table().contains("one greedy caption"), "{}", g.table());
 }
 
 #[test]
@@ -188,6 +200,16 @@ fn evaluate_needs_a_vqgan_and_a_scene() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("at least one scene"), "{err}");
+    let err = evaluate(
+        &loaded,
+        &EvalOptions {
+            images: 0,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("one picture per caption"), "{err}");
     loaded.vae = None;
     let err = evaluate(&loaded, &EvalOptions::default()).err().unwrap();
     assert!(
@@ -217,38 +239,36 @@ fn cli_world_eval_prints_json_and_saves_grids() {
     );
     let doc: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(doc["n"], 2);
+    assert_eq!(
+        (doc["captions"].clone(), doc["images"].clone()),
+        (16.into(), 8.into())
+    );
     assert_eq!(doc["targets_total"], 21);
     assert_eq!(doc["retrieval"]["target"], 0.9);
     assert_eq!(doc["captioning_seen"]["size"]["n"], 2);
     for f in ["text_to_image_seen.png", "text_to_image_held_out.png"] {
         assert!(out.join(f).is_file(), "{f} not written");
     }
-    // The first seen caption is exactly what `rudolph caption` says greedily of that picture.
+    // The first seen caption is exactly what `rudolph caption` (its defaults) ranks first for
+    // that picture with the example's seed.
     let scene = sample(2, 1, false)[0];
     let png = dir.join("scene0.png");
     rudolph::image::save_png(&rudolph::world::render::render(&scene), &png).unwrap();
+    let example = &doc["captioning_seen"]["examples"][0];
+    assert_eq!(example["truth"], scene.caption());
+    let seed = example["seed"]
+        .as_u64()
+        .expect("a sampled caption has its seed");
     let caption = Command::new(env!("CARGO_BIN_EXE_rudolph"))
         .arg("caption")
         .arg(&png)
-        .args([
-            "--captions",
-            "1",
-            "--top-k",
-            "1",
-            "--top-p",
-            "1",
-            "--seed",
-            "0",
-        ])
-        .args(["--json", "--quiet", "--model"])
+        .args(["--seed", &seed.to_string(), "--json", "--quiet", "--model"])
         .arg(&dir)
         .output()
         .unwrap();
     assert!(caption.status.success());
     let captions: serde_json::Value = serde_json::from_slice(&caption.stdout).unwrap();
     let want = captions["captions"][0]["text"].as_str().unwrap_or("");
-    let example = &doc["captioning_seen"]["examples"][0];
-    assert_eq!(example["truth"], scene.caption());
     assert_eq!(example["got"], want);
 
     let table = Command::new(env!("CARGO_BIN_EXE_rudolph"))

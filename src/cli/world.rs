@@ -79,6 +79,13 @@ pub struct EvalArgs {
     pub json: bool,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Captions sampled per picture, the lowest-perplexity one scored (as `rudolph caption`);
+    /// 0 = one greedy caption.
+    #[arg(long, default_value_t = 16)]
+    pub captions: usize,
+    /// Pictures sampled per caption, the one that best explains it scored (as `rudolph image`).
+    #[arg(long, default_value_t = 8)]
+    pub images: usize,
     /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
     /// text_to_image_held_out.png).
     #[arg(long, value_name = "DIR")]
@@ -116,6 +123,7 @@ pub fn write_scenes(
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(args.images > 0, "--images must be at least 1");
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     }
@@ -124,6 +132,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         n: args.n,
         seed: args.seed,
         batch_size: args.batch_size,
+        captions: args.captions,
+        images: args.images,
         progress: !args.quiet,
     };
     let report = evaluate(&loaded, &opts)?;

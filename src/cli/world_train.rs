@@ -31,12 +31,16 @@ pub struct WorldTrainArgs {
     /// Training scenes for the transformer (seen colour+shape pairs only).
     #[arg(long, default_value_t = 6000)]
     pub scenes: usize,
-    /// Transformer optimizer steps.
+    /// Transformer optimizer steps per round.
     #[arg(long, default_value_t = 2500)]
     pub steps: u64,
+    /// Transformer rounds: each on fresh scenes, from the previous round's weights, at half
+    /// its peak learning rate.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Peak learning rate of the transformer (cosine after a 100-step warmup).
+    /// Peak learning rate of the transformer's first round (cosine after a 100-step warmup).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// Fraction of picture samples trained image → text, with the left text blanked.
@@ -51,6 +55,7 @@ pub struct WorldTrainArgs {
 }
 
 pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     let dirs = RunDirs::new(&args.out);
     let progress = !args.quiet;
     let start = Instant::now();
@@ -113,51 +118,70 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
         cfg.l_text_seq_length
     ));
 
-    // 3. The training scenes.
-    let jsonl = dirs.data.join("data.jsonl");
-    if !jsonl.is_file() {
-        write_scenes(&sample(args.scenes, 1, false), &dirs.data, progress)?;
+    // 3–4. The transformer, by `rudolph train`, in rounds: each round draws fresh scenes (6000
+    // scenes are seen a dozen times in one round, and the image loss starts to overfit them)
+    // and continues from the previous round's weights with a fresh cosine cycle at half the
+    // peak learning rate.
+    let mut last = None;
+    for round in 1..=args.rounds {
+        let (data, run_dir) = if round == 1 {
+            (dirs.data.clone(), dirs.rudolph.clone())
+        } else {
+            (
+                args.out.join(format!("data-{round}")),
+                args.out.join(format!("rudolph-run-{round}")),
+            )
+        };
+        let jsonl = data.join("data.jsonl");
+        if !jsonl.is_file() {
+            write_scenes(&sample(args.scenes, round as u64, false), &data, progress)?;
+        }
+        let resume = latest_checkpoint(&run_dir);
+        let train = TrainArgs {
+            data: Some(jsonl),
+            model: if round == 1 { None } else { last.clone() },
+            config: if round == 1 {
+                Some(cfg_path.display().to_string())
+            } else {
+                None
+            },
+            tokenizer: Some(bpe_path.clone()),
+            vae: Some(dirs.model.join("vqgan.safetensors")),
+            vae_config: Some(dirs.model.join("vqgan.config.yml")),
+            out: Some(run_dir.clone()),
+            resume: resume.clone(),
+            steps: args.steps,
+            batch_size: args.batch_size,
+            accumulate: 1,
+            lr: args.lr * 0.5f64.powi(round as i32 - 1),
+            schedule: Schedule::Cosine,
+            warmup: 100,
+            clip: 1.0,
+            weight_decay: 0.01,
+            loss_weights: "1,2,1".into(),
+            freeze: Freeze::Nothing,
+            dropout: Some(0.0),
+            bpe_dropout: 0.0,
+            val_fraction: 0.02,
+            eval_every: 250,
+            save_every: 250,
+            log_every: 10,
+            seed: round as u64 - 1,
+            corrected_labels: true,
+            i2t_fraction: args.i2t_fraction,
+            synthetic: None,
+            quiet: args.quiet,
+            force: resume.is_none(),
+        };
+        if !run_dir.join("model.safetensors").is_file() || resume.is_some() {
+            super::train::run(train)?;
+            stamp(&format!("transformer round {round} of {}", args.rounds));
+        }
+        last = Some(run_dir);
     }
-
-    // 4. The transformer, by `rudolph train`.
-    let resume = latest_checkpoint(&dirs.rudolph);
-    let train = TrainArgs {
-        data: Some(jsonl),
-        model: None,
-        config: Some(cfg_path.display().to_string()),
-        tokenizer: Some(bpe_path.clone()),
-        vae: Some(dirs.model.join("vqgan.safetensors")),
-        vae_config: Some(dirs.model.join("vqgan.config.yml")),
-        out: Some(dirs.rudolph.clone()),
-        resume: resume.clone(),
-        steps: args.steps,
-        batch_size: args.batch_size,
-        accumulate: 1,
-        lr: args.lr,
-        schedule: Schedule::Cosine,
-        warmup: 100,
-        clip: 1.0,
-        weight_decay: 0.01,
-        loss_weights: "1,2,1".into(),
-        freeze: Freeze::Nothing,
-        dropout: Some(0.0),
-        bpe_dropout: 0.0,
-        val_fraction: 0.02,
-        eval_every: 250,
-        save_every: 250,
-        log_every: 10,
-        seed: 0,
-        corrected_labels: true,
-        i2t_fraction: args.i2t_fraction,
-        synthetic: None,
-        quiet: args.quiet,
-        force: resume.is_none(),
-    };
-    if !dirs.rudolph.join("model.safetensors").is_file() || resume.is_some() {
-        super::train::run(train)?;
-    }
+    let last = last.context("no transformer round ran")?;
     for name in ["model.safetensors", "config.json"] {
-        std::fs::copy(dirs.rudolph.join(name), dirs.model.join(name))
+        std::fs::copy(last.join(name), dirs.model.join(name))
             .with_context(|| format!("copying {name} into {}", dirs.model.display()))?;
     }
     stamp(&format!(

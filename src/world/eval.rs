@@ -33,6 +33,12 @@ pub struct EvalOptions {
     pub seed: u64,
     /// Rows per model call where the pipelines batch.
     pub batch_size: usize,
+    /// Captions sampled per picture, the one with the lowest perplexity given the picture kept
+    /// (`rudolph caption`'s default: 16 at top-k 32, top-p 0.6); 0 = one greedy caption.
+    pub captions: usize,
+    /// Pictures sampled per caption, the one that best explains the caption kept (`rudolph
+    /// image`'s default: 8 at top-k 512, top-p 0.9); 1 = the first draw.
+    pub images: usize,
     /// Progress bars on stderr.
     pub progress: bool,
 }
@@ -43,6 +49,8 @@ impl Default for EvalOptions {
             n: 100,
             seed: 0,
             batch_size: 8,
+            captions: 16,
+            images: 8,
             progress: false,
         }
     }
@@ -128,6 +136,9 @@ pub struct Example {
     /// Captioning: the generated caption. Text → image: the picture read back, written as a
     /// caption (empty when no shape was found).
     pub got: String,
+    /// The `--seed` with which `rudolph caption` / `rudolph image` (their default sampling and
+    /// counts) give exactly this item; none for a greedy caption.
+    pub seed: Option<u64>,
 }
 
 /// Per-attribute accuracy of captioning or of text → image over `n` scenes.
@@ -167,6 +178,7 @@ impl Tally {
         got: Option<Attributes>,
         grammatical: bool,
         shown: String,
+        seed: Option<u64>,
     ) {
         self.n += 1;
         if let Some(g) = got {
@@ -187,29 +199,31 @@ impl Tally {
         self.examples.push(Example {
             truth: truth.caption(),
             got: shown,
+            seed,
         });
     }
 
     /// A generated caption against its scene.
-    pub fn add_caption(&mut self, truth: &Scene, caption: &str) {
+    pub fn add_caption(&mut self, truth: &Scene, caption: &str, seed: Option<u64>) {
         let parsed: Option<ParsedCaption> = parse_caption(caption);
         self.add(
             truth,
             parsed.map(|p| p.attributes),
             parsed.is_some_and(|p| p.grammatical),
             caption.to_string(),
+            seed,
         );
     }
 
     /// A generated picture against the scene it was asked for.
-    pub fn add_picture(&mut self, truth: &Scene, picture: &RgbImage) {
+    pub fn add_picture(&mut self, truth: &Scene, picture: &RgbImage, seed: Option<u64>) {
         let read = if picture.dimensions() == (SIDE, SIDE) {
             read_picture(picture)
         } else {
             read_picture(&crate::image::center_crop_resize(picture, SIDE))
         };
         let shown = read.map(|a| describe(&a)).unwrap_or_default();
-        self.add(truth, read, true, shown);
+        self.add(truth, read, true, shown, seed);
     }
 
     pub fn report(self, targets: AttributeTargets, captioning: bool) -> AttributeReport {
@@ -272,6 +286,9 @@ pub struct TextsReport {
 pub struct EvalReport {
     pub n: usize,
     pub seed: u64,
+    /// Captions sampled per picture (0 = greedy) and pictures per caption.
+    pub captions: usize,
+    pub images: usize,
     pub captioning_seen: AttributeReport,
     pub text_to_image_seen: AttributeReport,
     pub captioning_held_out: AttributeReport,
@@ -387,9 +404,14 @@ impl EvalReport {
             .collect();
         let pad =
             |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(s.chars().count())));
+        let captions = match self.captions {
+            0 => "one greedy caption".to_string(),
+            n => format!("best of {n} captions"),
+        };
         let mut out = format!(
-            "shapes world eval: n = {} per task, seed {}\n",
-            self.n, self.seed
+            "shapes world eval: n = {} per task, seed {}; {captions} per picture, best of {} \
+             pictures per caption\n",
+            self.n, self.seed, self.images
         );
         out.push_str(&pad("task", name_w));
         for (c, w) in COLS.iter().zip(&widths) {
@@ -457,6 +479,12 @@ const GREEDY: SamplingParams = SamplingParams {
     top_p: 1.0,
     temperature: 1.0,
 };
+/// `rudolph caption`'s defaults.
+const CAPTION_SAMPLING: SamplingParams = SamplingParams {
+    top_k: 32,
+    top_p: 0.6,
+    temperature: 1.0,
+};
 /// `rudolph image`'s defaults.
 const IMAGE_SAMPLING: SamplingParams = SamplingParams {
     top_k: 512,
@@ -502,28 +530,37 @@ fn world_vae(loaded: &Loaded) -> Result<&crate::vae::Vqgan> {
     })
 }
 
-/// One greedy caption per picture (empty template).
+/// The best of `opts.captions` sampled captions per picture, as `rudolph caption` prints it, or
+/// one greedy caption (empty template either way).
 fn caption_scenes(
     loaded: &Loaded,
     scenes: &[Scene],
     codes: &[Vec<u32>],
     opts: &EvalOptions,
+    task: u64,
     what: &str,
 ) -> Result<AttributeReport> {
     let progress = Progress::new(scenes.len() as u64, what, opts.progress);
-    let sampling = options(GREEDY, opts.seed, opts.batch_size);
+    let (params, count) = match opts.captions {
+        0 => (GREEDY, 1),
+        n => (CAPTION_SAMPLING, n),
+    };
     let mut tally = Tally::default();
-    for (scene, c) in scenes.iter().zip(codes) {
-        let captions = generate_captions(&loaded.model, &loaded.tokenizer, c, "", 1, &sampling)?;
+    for (i, (scene, c)) in scenes.iter().zip(codes).enumerate() {
+        let seed = item_seed(opts.seed, task, i);
+        let sampling = options(params, seed, opts.batch_size);
+        let captions =
+            generate_captions(&loaded.model, &loaded.tokenizer, c, "", count, &sampling)?;
         let text = captions.first().map(|c| c.text.as_str()).unwrap_or("");
-        tally.add_caption(scene, text);
+        tally.add_caption(scene, text, (opts.captions > 0).then_some(seed));
         progress.inc(1);
     }
     progress.finish();
     Ok(tally.report(AttributeTargets::CAPTIONING_SEEN, true))
 }
 
-/// One sampled picture per caption, decoded and read back.
+/// The best of `opts.images` sampled pictures per caption (as `rudolph image` keeps it),
+/// decoded and read back.
 fn draw_scenes(
     loaded: &Loaded,
     scenes: &[Scene],
@@ -549,7 +586,7 @@ fn draw_scenes(
                 &loaded.model,
                 &loaded.tokenizer,
                 &scene.caption(),
-                1,
+                opts.images,
                 None,
                 &sampling,
             )?;
@@ -567,7 +604,11 @@ fn draw_scenes(
         )?)?;
         for (j, scene) in chunk.iter().enumerate() {
             let picture = crate::image::to_rgb8(&decoded.get(j)?)?;
-            tally.add_picture(scene, &picture);
+            tally.add_picture(
+                scene,
+                &picture,
+                Some(item_seed(opts.seed, task, k * batch + j)),
+            );
             pictures.push(picture);
         }
     }
@@ -745,15 +786,18 @@ pub fn evaluate(loaded: &Loaded, opts: &EvalOptions) -> Result<EvalReport> {
     if opts.batch_size == 0 {
         return Err(invalid("world eval needs a batch size of at least 1"));
     }
+    if opts.images == 0 {
+        return Err(invalid("world eval needs at least one picture per caption"));
+    }
     world_vae(loaded)?;
     let seen = sample(opts.n, opts.seed, false);
     let held = sample(opts.n, opts.seed, true);
     let seen_codes = scene_codes(loaded, &seen, opts.batch_size)?;
     let held_codes = scene_codes(loaded, &held, opts.batch_size)?;
 
-    let captioning_seen = caption_scenes(loaded, &seen, &seen_codes, opts, "captions")?;
+    let captioning_seen = caption_scenes(loaded, &seen, &seen_codes, opts, 3, "captions")?;
     let mut captioning_held_out =
-        caption_scenes(loaded, &held, &held_codes, opts, "captions (held-out)")?;
+        caption_scenes(loaded, &held, &held_codes, opts, 4, "captions (held-out)")?;
     retarget(&mut captioning_held_out, AttributeTargets::HELD_OUT);
     let (t, pictures_seen) = draw_scenes(loaded, &seen, opts, 1, "images")?;
     let text_to_image_seen = t.report(AttributeTargets::TEXT_TO_IMAGE_SEEN, false);
@@ -766,6 +810,8 @@ pub fn evaluate(loaded: &Loaded, opts: &EvalOptions) -> Result<EvalReport> {
     let mut report = EvalReport {
         n: opts.n,
         seed: opts.seed,
+        captions: opts.captions,
+        images: opts.images,
         captioning_seen,
         text_to_image_seen,
         captioning_held_out,
@@ -810,8 +856,8 @@ mod tests {
             .collect();
         let (mut caps, mut pics) = (Tally::default(), Tally::default());
         for s in &scenes {
-            caps.add_caption(s, &s.caption());
-            pics.add_picture(s, &render(s));
+            caps.add_caption(s, &s.caption(), None);
+            pics.add_picture(s, &render(s), None);
         }
         for report in [
             caps.report(AttributeTargets::CAPTIONING_SEEN, true),
@@ -831,10 +877,11 @@ mod tests {
     fn unreadable_is_wrong_everywhere_and_ungrammatical_is_counted() {
         let s = sample(1, 3, false)[0];
         let mut t = Tally::default();
-        t.add_caption(&s, "рыжий кот на окне");
+        t.add_caption(&s, "рыжий кот на окне", None);
         t.add_picture(
             &s,
             &RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255])),
+            None,
         );
         let r = t.report(AttributeTargets::CAPTIONING_SEEN, true);
         assert_eq!(r.n, 2);
@@ -852,7 +899,7 @@ mod tests {
         let caption = s
             .caption()
             .replacen(s.size.adjective(g), s.size.adjective(other), 1);
-        t.add_caption(&s, &caption);
+        t.add_caption(&s, &caption, None);
         let r = t.report(AttributeTargets::CAPTIONING_SEEN, true);
         assert_eq!(r.exact.correct, 1);
         assert_eq!(r.grammatical.unwrap().correct, 0);
