@@ -8,7 +8,7 @@ use rudolph::pipelines::captions::generate_captions;
 use rudolph::pipelines::images::generate_images;
 use rudolph::sampling::SamplingParams;
 use rudolph::world::read::{parse_caption, read_picture};
-use rudolph::world::{Background, Colour, Position};
+use rudolph::world::{Background, Colour, Position, Shape, Size};
 use std::process::Command;
 
 fn builtin() -> Loaded {
@@ -25,35 +25,45 @@ fn builtin() -> Loaded {
 }
 
 /// The README's first command, through the library: the best of eight drawings of «большая
-/// красная звезда слева на белом фоне» is red, on the left, on white.
+/// красная звезда слева на белом фоне» is a big red star, on the left, on white — for at least
+/// four of five seeds (sampling can go wrong: the evaluator finds all five attributes right in
+/// 96 % of text → image draws).
 #[test]
-fn draws_the_colour_position_and_background_it_is_asked_for() {
+fn draws_the_shape_colour_and_position_it_is_asked_for() {
     let loaded = builtin();
     let vae = loaded.vae().unwrap();
-    let mut opts = GenerateOptions::new(SamplingParams {
-        top_k: 512,
-        top_p: 0.9,
-        temperature: 1.0,
-    });
-    opts.seed = 1;
-    opts.progress = false;
-    let ranked = generate_images(
-        &loaded.model,
-        &loaded.tokenizer,
-        "большая красная звезда слева на белом фоне",
-        8,
-        None,
-        &opts,
-    )
-    .unwrap();
     let n = loaded.model.config().image_seq_length();
-    let codes = Tensor::from_vec(ranked[0].codes.clone(), (1, n), vae.device()).unwrap();
-    let picture = vae.decode_codes(&codes).unwrap().get(0).unwrap();
-    let read =
-        read_picture(&rudolph::image::to_rgb8(&picture).unwrap()).expect("a shape is visible");
-    assert_eq!(read.colour, Colour::Red);
-    assert_eq!(read.position, Position::Left);
-    assert_eq!(read.background, Background::White);
+    let mut right = Vec::new();
+    for seed in 1..=5 {
+        let mut opts = GenerateOptions::new(SamplingParams {
+            top_k: 512,
+            top_p: 0.9,
+            temperature: 1.0,
+        });
+        opts.seed = seed;
+        opts.progress = false;
+        let ranked = generate_images(
+            &loaded.model,
+            &loaded.tokenizer,
+            "большая красная звезда слева на белом фоне",
+            8,
+            None,
+            &opts,
+        )
+        .unwrap();
+        let codes = Tensor::from_vec(ranked[0].codes.clone(), (1, n), vae.device()).unwrap();
+        let picture = vae.decode_codes(&codes).unwrap().get(0).unwrap();
+        let read = read_picture(&rudolph::image::to_rgb8(&picture).unwrap());
+        right.push(read.is_some_and(|r| {
+            r.shape == Shape::Star
+                && r.size == Size::Big
+                && r.colour == Colour::Red
+                && r.position == Position::Left
+                && r.background == Background::White
+        }));
+    }
+    let hits = right.iter().filter(|&&r| r).count();
+    assert!(hits >= 4, "only {hits} of 5 seeds drew it right: {right:?}");
 }
 
 /// A rendered picture is captioned greedily with a grammatical caption that states its

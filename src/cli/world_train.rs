@@ -36,7 +36,7 @@ pub struct WorldTrainArgs {
     pub steps: u64,
     /// Transformer rounds: each on fresh scenes, from the previous round's weights, at half
     /// its peak learning rate.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
