@@ -228,7 +228,10 @@ fn a_saved_model_reloads_to_the_same_logits() {
         .zip(&got)
         .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
         .fold(0f64, f64::max);
-    assert!(worst < 1e-5, "the reloaded model's logits differ by {worst}");
+    assert!(
+        worst < 1e-5,
+        "the reloaded model's logits differ by {worst}"
+    );
     for kind in rudolph::model::LayerMaskKind::ALL {
         let name = format!("transformer.{}", kind.buffer_name());
         assert_eq!(
