@@ -190,26 +190,21 @@ fn evaluate_scores_a_random_world_model() {
 fn evaluate_needs_a_vqgan_and_a_scene() {
     let dir = world_model_folder("world_eval_novae");
     let mut loaded = load(&dir);
-    let err = evaluate(
-        &loaded,
-        &EvalOptions {
-            n: 0,
-            ..Default::default()
-        },
-    )
-    .err()
-    .unwrap();
-    assert!(err.to_string().contains("at least one scene"), "{err}");
-    let err = evaluate(
-        &loaded,
-        &EvalOptions {
-            images: 0,
-            ..Default::default()
-        },
-    )
-    .err()
-    .unwrap();
-    assert!(err.to_string().contains("one picture per caption"), "{err}");
+    let no_scene = EvalOptions {
+        n: 0,
+        ..Default::default()
+    };
+    let no_picture = EvalOptions {
+        images: 0,
+        ..Default::default()
+    };
+    for (opts, want) in [
+        (no_scene, "at least one scene"),
+        (no_picture, "one picture per caption"),
+    ] {
+        let err = evaluate(&loaded, &opts).err().unwrap();
+        assert!(err.to_string().contains(want), "{err}");
+    }
     loaded.vae = None;
     let err = evaluate(&loaded, &EvalOptions::default()).err().unwrap();
     assert!(

@@ -122,29 +122,20 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     // scenes are seen a dozen times in one round, and the image loss starts to overfit them)
     // and continues from the previous round's weights with a fresh cosine cycle at half the
     // peak learning rate.
-    let mut last = None;
     for round in 1..=args.rounds {
-        let (data, run_dir) = if round == 1 {
-            (dirs.data.clone(), dirs.rudolph.clone())
-        } else {
-            (
-                args.out.join(format!("data-{round}")),
-                args.out.join(format!("rudolph-run-{round}")),
-            )
-        };
+        let (data, run_dir) = dirs.round(round);
         let jsonl = data.join("data.jsonl");
         if !jsonl.is_file() {
             write_scenes(&sample(args.scenes, round as u64, false), &data, progress)?;
         }
+        if run_dir.join("model.safetensors").is_file() {
+            continue;
+        }
         let resume = latest_checkpoint(&run_dir);
         let train = TrainArgs {
             data: Some(jsonl),
-            model: if round == 1 { None } else { last.clone() },
-            config: if round == 1 {
-                Some(cfg_path.display().to_string())
-            } else {
-                None
-            },
+            model: (round > 1).then(|| dirs.round(round - 1).1),
+            config: (round == 1).then(|| cfg_path.display().to_string()),
             tokenizer: Some(bpe_path.clone()),
             vae: Some(dirs.model.join("vqgan.safetensors")),
             vae_config: Some(dirs.model.join("vqgan.config.yml")),
@@ -173,13 +164,10 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
             quiet: args.quiet,
             force: resume.is_none(),
         };
-        if !run_dir.join("model.safetensors").is_file() || resume.is_some() {
-            super::train::run(train)?;
-            stamp(&format!("transformer round {round} of {}", args.rounds));
-        }
-        last = Some(run_dir);
+        super::train::run(train)?;
+        stamp(&format!("transformer round {round} of {}", args.rounds));
     }
-    let last = last.context("no transformer round ran")?;
+    let (_, last) = dirs.round(args.rounds);
     for name in ["model.safetensors", "config.json"] {
         std::fs::copy(last.join(name), dirs.model.join(name))
             .with_context(|| format!("copying {name} into {}", dirs.model.display()))?;
@@ -191,11 +179,8 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The newest `checkpoint-<step>` of an unfinished `rudolph train` run, if any.
+/// The newest `checkpoint-<step>` of a `rudolph train` run, if any.
 fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    if dir.join("model.safetensors").is_file() {
-        return None;
-    }
     let entries = std::fs::read_dir(dir).ok()?;
     entries
         .filter_map(|e| e.ok())

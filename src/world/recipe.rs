@@ -376,19 +376,29 @@ impl VqganGate {
 /// Where each part of a recipe run lives.
 #[derive(Debug, Clone)]
 pub struct RunDirs {
+    out: PathBuf,
     pub vqgan: PathBuf,
-    pub data: PathBuf,
-    pub rudolph: PathBuf,
     pub model: PathBuf,
 }
 
 impl RunDirs {
     pub fn new(out: &Path) -> Self {
         Self {
+            out: out.to_path_buf(),
             vqgan: out.join("vqgan-run"),
-            data: out.join("data"),
-            rudolph: out.join("rudolph-run"),
             model: out.join("model"),
+        }
+    }
+
+    /// Transformer round `round` (from 1): its scenes' folder and its `rudolph train` run.
+    /// Round 1 keeps the names of the single-round recipe (`data/`, `rudolph-run/`).
+    pub fn round(&self, round: usize) -> (PathBuf, PathBuf) {
+        match round {
+            1 => (self.out.join("data"), self.out.join("rudolph-run")),
+            k => (
+                self.out.join(format!("data-{k}")),
+                self.out.join(format!("rudolph-run-{k}")),
+            ),
         }
     }
 }
@@ -425,6 +435,22 @@ pub fn all_seen_captions() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_after_the_first_get_their_own_folders() {
+        let dirs = RunDirs::new(Path::new("run"));
+        assert_eq!(
+            dirs.round(1),
+            (PathBuf::from("run/data"), PathBuf::from("run/rudolph-run"))
+        );
+        assert_eq!(
+            dirs.round(3),
+            (
+                PathBuf::from("run/data-3"),
+                PathBuf::from("run/rudolph-run-3")
+            )
+        );
+    }
 
     #[test]
     fn the_tokenizer_corpus_is_every_seen_caption_once() {
