@@ -3,10 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use rudolph::folder::{Loaded, ModelSpec};
-use rudolph::pipelines::GenerateOptions;
-use rudolph::pipelines::captions::generate_captions;
+use rudolph::pipelines::captions::{CaptionRank, generate_captions};
+use rudolph::pipelines::{GenerateOptions, defaults};
 use rudolph::pipelines::images::generate_images;
-use rudolph::sampling::SamplingParams;
 use rudolph::world::read::{parse_caption, read_picture};
 use rudolph::world::{Background, Colour, Position, Shape, Size};
 use std::process::Command;
@@ -35,18 +34,14 @@ fn draws_the_shape_colour_and_position_it_is_asked_for() {
     let n = loaded.model.config().image_seq_length();
     let mut right = Vec::new();
     for seed in 1..=5 {
-        let mut opts = GenerateOptions::new(SamplingParams {
-            top_k: 512,
-            top_p: 0.9,
-            temperature: 1.0,
-        });
+        let mut opts = GenerateOptions::new(defaults::IMAGE);
         opts.seed = seed;
         opts.progress = false;
         let ranked = generate_images(
             &loaded.model,
             &loaded.tokenizer,
             "большая красная звезда слева на белом фоне",
-            8,
+            defaults::IMAGES,
             None,
             &opts,
         )
@@ -66,43 +61,40 @@ fn draws_the_shape_colour_and_position_it_is_asked_for() {
     assert!(hits >= 4, "only {hits} of 5 seeds drew it right: {right:?}");
 }
 
-/// A rendered picture is captioned greedily with a grammatical caption that states its
-/// colour, position and background.
+/// Five rendered pictures captioned as `rudolph caption` does by default (48 draws, the best
+/// by the joint ranking): at least four come back with exactly their own caption (the evaluator
+/// finds all five attributes right for 88 % of seen scenes), and every one is grammatical.
 #[test]
-fn captions_a_rendered_picture() {
+fn captions_rendered_pictures() {
     let loaded = builtin();
     let vae = loaded.vae().unwrap();
-    let scene = rudolph::world::sample(1, 3, false)[0];
-    let img = rudolph::world::render::render(&scene);
-    let pixels = rudolph::image::to_tensor(&img, vae.device())
-        .unwrap()
-        .unsqueeze(0)
+    let mut exact = Vec::new();
+    for (i, scene) in rudolph::world::sample(5, 3, false).iter().enumerate() {
+        let img = rudolph::world::render::render(scene);
+        let pixels = rudolph::image::to_tensor(&img, vae.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let codes = vae.encode_codes(&pixels).unwrap().flatten_all().unwrap();
+        let mut opts = GenerateOptions::new(defaults::CAPTION);
+        opts.seed = i as u64;
+        let captions = generate_captions(
+            &loaded.model,
+            &loaded.tokenizer,
+            &codes.to_vec1::<u32>().unwrap(),
+            "",
+            defaults::CAPTIONS,
+            CaptionRank::Joint,
+            &opts,
+        )
         .unwrap();
-    let codes = vae.encode_codes(&pixels).unwrap().flatten_all().unwrap();
-    let mut opts = GenerateOptions::new(SamplingParams {
-        top_k: 1,
-        top_p: 1.0,
-        temperature: 1.0,
-    });
-    opts.progress = false;
-    let captions = generate_captions(
-        &loaded.model,
-        &loaded.tokenizer,
-        &codes.to_vec1::<u32>().unwrap(),
-        "",
-        1,
-        &opts,
-    )
-    .unwrap();
-    let parsed = parse_caption(&captions[0].text).expect("a world caption");
-    assert!(parsed.grammatical, "{}", captions[0].text);
-    assert_eq!(
-        parsed.attributes.colour, scene.colour,
-        "{}",
-        captions[0].text
-    );
-    assert_eq!(parsed.attributes.position, scene.position);
-    assert_eq!(parsed.attributes.background, scene.background);
+        let best = &captions[0].text;
+        let parsed = parse_caption(best).expect("a world caption");
+        assert!(parsed.grammatical, "{best}");
+        exact.push(*best == scene.caption());
+    }
+    let hits = exact.iter().filter(|&&r| r).count();
+    assert!(hits >= 4, "only {hits} of 5 captions were exact: {exact:?}");
 }
 
 /// `rudolph image` and `rudolph caption` with no model flags use the built-in model.

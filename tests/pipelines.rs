@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use rudolph::pipelines::images::{ImagePrompt, generate_image_codes};
-use rudolph::pipelines::rerank::{score_pairs, score_texts_by_image_rc1};
+use rudolph::pipelines::rerank::{joint_nll, score_pairs, score_texts_by_image_rc1};
 use rudolph::pipelines::texts::{self, SpecialIds, generate_text_ids};
 use rudolph::pipelines::{Fidelity, GenerateOptions, captions, classify};
 use rudolph::progress::Progress;
@@ -305,6 +305,7 @@ fn generate_captions_reproduces_every_golden() {
             &recorded_codes(&c),
             args["template"].as_str().unwrap(),
             count,
+            captions::CaptionRank::Text,
             &options(args, Fidelity::Original),
         )
         .unwrap();
@@ -312,7 +313,11 @@ fn generate_captions_reproduces_every_golden() {
         texts.sort();
         let want: Vec<String> = serde_json::from_value(c["result"].clone()).unwrap();
         assert_eq!(texts, want, "{name}");
-        assert!(got.iter().all(|c| c.ppl.is_finite() && c.ppl > 0.0));
+        assert!(
+            got.iter()
+                .all(|c| c.ppl_text.is_finite() && c.ppl_text > 0.0)
+        );
+        assert!(got.iter().all(|c| c.score == c.ppl_text));
     }
 }
 
@@ -439,6 +444,59 @@ fn the_caption_score_is_causal_unlike_rc1() {
         logits_at(&zeros, &changed, l + n),
     );
     assert!(ours < 1e-5, "ours must be causal (Δ {ours})");
+}
+
+/// The joint caption score is −log p(text) − log p(picture | text) of one full causal forward
+/// over `[text | picture | zeros]`, summed over the text's tokens after BOS (pads skipped) and all
+/// N codes, whatever the batch; the joint ranking orders captions by it.
+#[test]
+fn the_joint_caption_score_is_the_full_forwards_log_likelihood() {
+    use candle_core::{Device, IndexOp, Tensor};
+    let tok = tokenizer();
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let c = case("self_reranking_by_image");
+    let (l, t) = (cfg.l_text_seq_length, cfg.total_seq_length());
+    let v = cfg.text_vocab();
+    let picture = recorded_codes(&c);
+    let texts: Vec<Vec<u32>> = ["рыжий кот на окне", "собака", "кот"]
+        .iter()
+        .map(|s| tok.encode_text(s, l))
+        .collect();
+    let log_prob = |row: &[f64], class: usize| {
+        let max = row.iter().cloned().fold(f64::MIN, f64::max);
+        row[class] - max - row.iter().map(|x| (x - max).exp()).sum::<f64>().ln()
+    };
+    let want: Vec<f64> = texts
+        .iter()
+        .map(|text| {
+            let ids: Vec<u32> =
+                [text.as_slice(), &picture, &vec![0; t - l - picture.len()]].concat();
+            let input = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap();
+            let mask = rudolph::model::masks::causal_mask(1, t, &Device::Cpu).unwrap();
+            let logits = model.forward(&input, &mask).unwrap();
+            let row = |p: usize| flat_f64(&logits.i((0, p)).unwrap());
+            let text_nll: f64 = (1..l)
+                .filter(|&p| ids[p] != 0)
+                .map(|p| -log_prob(&row(p - 1)[..v], ids[p] as usize))
+                .sum();
+            let image_nll: f64 = (0..picture.len())
+                .map(|k| -log_prob(&row(l + k - 1)[v..], picture[k] as usize))
+                .sum();
+            text_nll + image_nll
+        })
+        .collect();
+    for batch in [1, 2, 3] {
+        let got = joint_nll(&model, &picture, &texts, batch).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                ((*g as f64) - w).abs() <= 1e-4 * w.abs(),
+                "text {i}, batch {batch}: got {g}, want {w}"
+            );
+        }
+    }
+    let wrong = joint_nll(&model, &picture[1..], &texts, 1).unwrap_err();
+    assert!(wrong.to_string().contains("image codes"), "{wrong}");
 }
 
 /// ImagePrompts built from the picture itself (both crop_first modes) give the recorded prompt

@@ -1,7 +1,8 @@
-//! `rudolph caption IMAGE`: generate captions, rank them by the picture, print the best.
+//! `rudolph caption IMAGE`: draw captions, rank them against the picture, print the best.
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs, picture_codes};
-use crate::pipelines::captions::generate_captions;
+use crate::pipelines::captions::{CaptionRank, generate_captions};
+use crate::pipelines::defaults;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -11,8 +12,12 @@ pub struct CaptionArgs {
     #[arg(long, default_value = "")]
     pub template: String,
     /// Captions to generate (duplicates are merged).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = defaults::CAPTIONS)]
     pub captions: usize,
+    /// Ranking: joint = p(caption | picture) by Bayes' rule through the text → image direction;
+    /// text = the caption's perplexity given the picture (rc1; the default with --original).
+    #[arg(long, value_enum)]
+    pub rank: Option<CaptionRank>,
     /// How many of the best to print.
     #[arg(long, default_value_t = 5)]
     pub keep: usize,
@@ -25,7 +30,12 @@ pub struct CaptionArgs {
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
-    let opts = args.sample.options(32, 0.6, args.output.quiet)?;
+    let opts = args.sample.options(defaults::CAPTION, args.output.quiet)?;
+    let rank = args.rank.unwrap_or(if args.sample.original {
+        CaptionRank::Text
+    } else {
+        CaptionRank::Joint
+    });
     let loaded = args.model.load()?;
     let codes = picture_codes(&loaded, &args.image)?;
     let mut captions = generate_captions(
@@ -34,17 +44,19 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
         &codes,
         &args.template,
         args.captions,
+        rank,
         &opts,
     )?;
     captions.truncate(args.keep);
     if args.output.json {
         let doc = serde_json::json!({
-            "image": args.image.display().to_string(), "seed": opts.seed, "captions": captions,
+            "image": args.image.display().to_string(), "seed": opts.seed, "rank": rank,
+            "captions": captions,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for c in &captions {
-            println!("{:>10.2}  {}", c.ppl, c.text);
+            println!("{:>10.2}  {}", c.score, c.text);
         }
     }
     Ok(())

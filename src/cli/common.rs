@@ -99,24 +99,25 @@ pub struct SampleArgs {
     /// Nucleus mass in [0, 1]; default per task as the original.
     #[arg(long)]
     pub top_p: Option<f64>,
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f64,
+    /// Softmax temperature; default per task (1, but 1.3 for captions).
+    #[arg(long)]
+    pub temperature: Option<f64>,
     /// Reproduce rudolph 0.0.1rc1 exactly, including its text-end and special-id bugs.
     #[arg(long)]
     pub original: bool,
 }
 
 impl SampleArgs {
+    /// The options, each unset sampling flag taken from the task's `defaults`.
     pub fn options(
         &self,
-        default_k: usize,
-        default_p: f64,
+        defaults: SamplingParams,
         quiet: bool,
     ) -> anyhow::Result<GenerateOptions> {
         let params = SamplingParams {
-            top_k: self.top_k.unwrap_or(default_k),
-            top_p: self.top_p.unwrap_or(default_p),
-            temperature: self.temperature,
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            temperature: self.temperature.unwrap_or(defaults.temperature),
         };
         params.validate().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.batch_size > 0, "--batch-size must be at least 1");

@@ -1,6 +1,7 @@
 //! `rudolph image TEXT`: draw candidates, rerank them by the text, save the best as a PNG grid.
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs, check_writable};
+use crate::pipelines::defaults;
 use crate::pipelines::images::{Borders, generate_images, image_prompt};
 use candle_core::Tensor;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ pub struct ImageArgs {
     /// What to draw.
     pub text: String,
     /// Candidates to generate.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = defaults::IMAGES)]
     pub images: usize,
     /// Best candidates to decode and save (one: the picture itself; more: a grid).
     #[arg(long, default_value_t = 1)]
@@ -82,7 +83,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             check_writable(&numbered(&args.output, i), args.force)?;
         }
     }
-    let opts = args.sample.options(512, 0.9, args.out.quiet)?;
+    let opts = args.sample.options(defaults::IMAGE, args.out.quiet)?;
     let borders = parse_borders(&args.borders)?;
     let loaded = args.model.load()?;
     let vae = loaded.vae()?;

@@ -1,6 +1,7 @@
 //! `rudolph text [TEMPLATE]`: generate left texts, ranked by perplexity.
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs};
+use crate::pipelines::defaults;
 use crate::pipelines::texts::generate_texts;
 
 #[derive(Debug, clap::Args)]
@@ -20,7 +21,7 @@ pub struct TextArgs {
 }
 
 pub fn run(args: TextArgs) -> anyhow::Result<()> {
-    let opts = args.sample.options(32, 0.8, args.output.quiet)?;
+    let opts = args.sample.options(defaults::TEXT, args.output.quiet)?;
     let loaded = args.model.load()?;
     let texts = generate_texts(
         &loaded.model,

@@ -1,6 +1,7 @@
 //! `rudolph world …`: the shapes world that the built-in model learns.
 
 use super::common::ModelArgs;
+use crate::pipelines::defaults;
 use crate::world;
 use crate::world::eval::{EvalOptions, evaluate};
 use std::io::Write;
@@ -79,12 +80,12 @@ pub struct EvalArgs {
     pub json: bool,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Captions sampled per picture, the lowest-perplexity one scored (as `rudolph caption`);
-    /// 0 = one greedy caption.
-    #[arg(long, default_value_t = 16)]
+    /// Captions sampled per picture, the best by `rudolph caption`'s ranking scored; 0 = one
+    /// greedy caption.
+    #[arg(long, default_value_t = defaults::CAPTIONS)]
     pub captions: usize,
     /// Pictures sampled per caption, the one that best explains it scored (as `rudolph image`).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = defaults::IMAGES)]
     pub images: usize,
     /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
     /// text_to_image_held_out.png).

@@ -47,6 +47,59 @@ pub fn score_pairs(
     score_rows(model, &rows, t - r + text_from..t, batch, true)
 }
 
+/// `−log p(text) − log p(picture | text)` in nats, for each text (`l` ids) as the LEFT text
+/// before the picture `codes`, under the causal mask that generation uses: the text's tokens
+/// after BOS (pads ignored) scored by the model as a language model, then every one of the
+/// picture's N codes given the text. By Bayes' rule, ordering captions of one picture by it
+/// orders them by the model's `p(caption | picture)`, read through its text → image direction
+/// with its own language model as the prior. (A checkpoint trained with the original's label
+/// shift never trained the first code's image logits, fixtures quirk 5; it still counts here.)
+pub fn joint_nll(
+    model: &Rudolph,
+    codes: &[u32],
+    texts: &[Vec<u32>],
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let cfg = model.config();
+    let (l, n) = (cfg.l_text_seq_length, cfg.image_seq_length());
+    if codes.len() != n {
+        candle_core::bail!("expected {n} image codes, got {}", codes.len());
+    }
+    let v = cfg.text_vocab();
+    // The last code is only a target, so its own logits are not needed.
+    let s = l + n - 1;
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch.max(1)) {
+        let mut flat = Vec::with_capacity(chunk.len() * (s + 1));
+        for text in chunk {
+            if text.len() != l {
+                candle_core::bail!("expected {l} left-text ids, got {}", text.len());
+            }
+            flat.extend_from_slice(text);
+            flat.extend_from_slice(codes);
+        }
+        let all = Tensor::from_vec(flat, (chunk.len(), s + 1), model.device())?;
+        let mask = masks::causal_mask(chunk.len(), s, model.device())?;
+        let logits = model.forward_window(&all.narrow(1, 0, s)?, &mask, 0)?;
+        let text_ce =
+            token_cross_entropy(&logits, 0..l - 1, 0..v, &all.narrow(1, 1, l - 1)?, Some(0))?;
+        let image_ce = token_cross_entropy(
+            &logits,
+            l - 1..s,
+            v..v + cfg.image_vocab(),
+            &all.narrow(1, l, n)?,
+            None,
+        )?;
+        out.extend(
+            text_ce
+                .iter()
+                .zip(&image_ce)
+                .map(|(t, i)| t.iter().sum::<f32>() + i.iter().sum::<f32>()),
+        );
+    }
+    Ok(out)
+}
+
 /// rc1 `self_reranking_by_image`: each text (`r` ids) is put in both text slots around the
 /// picture and scored on the LEFT slot, whose rows the rc1 i2t mask fully masks (they attend
 /// uniformly to every position, the text's own future included). Kept for parity; captions are

@@ -8,12 +8,13 @@ use super::render::{SIDE, render};
 use super::{Colour, Gender, Scene, Shape, sample};
 use crate::error::{Result, invalid};
 use crate::folder::Loaded;
+use crate::pipelines::captions::CaptionRank;
 use crate::pipelines::captions::generate_captions;
 use crate::pipelines::classify::class_texts;
 use crate::pipelines::images::generate_images;
 use crate::pipelines::rerank::score_pairs;
 use crate::pipelines::texts::{SpecialIds, TextEnd, cut_text, generate_text_ids, template_prefix};
-use crate::pipelines::{Fidelity, GenerateOptions};
+use crate::pipelines::{Fidelity, GenerateOptions, defaults};
 use crate::progress::Progress;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{lower_strip, python_strip};
@@ -33,11 +34,11 @@ pub struct EvalOptions {
     pub seed: u64,
     /// Rows per model call where the pipelines batch.
     pub batch_size: usize,
-    /// Captions sampled per picture, the one with the lowest perplexity given the picture kept
-    /// (`rudolph caption`'s default: 16 at top-k 32, top-p 0.6); 0 = one greedy caption.
+    /// Captions sampled per picture, the best by `rudolph caption`'s joint ranking kept (its
+    /// defaults: [`defaults::CAPTIONS`] at [`defaults::CAPTION`]); 0 = one greedy caption.
     pub captions: usize,
     /// Pictures sampled per caption, the one that best explains the caption kept (`rudolph
-    /// image`'s default: 8 at top-k 512, top-p 0.9); 1 = the first draw.
+    /// image`'s defaults: [`defaults::IMAGES`] at [`defaults::IMAGE`]); 1 = the first draw.
     pub images: usize,
     /// Progress bars on stderr.
     pub progress: bool,
@@ -49,8 +50,8 @@ impl Default for EvalOptions {
             n: 100,
             seed: 0,
             batch_size: 8,
-            captions: 16,
-            images: 8,
+            captions: defaults::CAPTIONS,
+            images: defaults::IMAGES,
             progress: false,
         }
     }
@@ -479,24 +480,6 @@ const GREEDY: SamplingParams = SamplingParams {
     top_p: 1.0,
     temperature: 1.0,
 };
-/// `rudolph caption`'s defaults.
-const CAPTION_SAMPLING: SamplingParams = SamplingParams {
-    top_k: 32,
-    top_p: 0.6,
-    temperature: 1.0,
-};
-/// `rudolph image`'s defaults.
-const IMAGE_SAMPLING: SamplingParams = SamplingParams {
-    top_k: 512,
-    top_p: 0.9,
-    temperature: 1.0,
-};
-/// `rudolph text`'s defaults.
-const TEXT_SAMPLING: SamplingParams = SamplingParams {
-    top_k: 32,
-    top_p: 0.8,
-    temperature: 1.0,
-};
 
 /// The VQGAN codes of each scene's rendered picture, pre-processed as `rudolph caption` does.
 pub fn scene_codes(loaded: &Loaded, scenes: &[Scene], batch: usize) -> Result<Vec<Vec<u32>>> {
@@ -543,14 +526,21 @@ fn caption_scenes(
     let progress = Progress::new(scenes.len() as u64, what, opts.progress);
     let (params, count) = match opts.captions {
         0 => (GREEDY, 1),
-        n => (CAPTION_SAMPLING, n),
+        n => (defaults::CAPTION, n),
     };
     let mut tally = Tally::default();
     for (i, (scene, c)) in scenes.iter().zip(codes).enumerate() {
         let seed = item_seed(opts.seed, task, i);
         let sampling = options(params, seed, opts.batch_size);
-        let captions =
-            generate_captions(&loaded.model, &loaded.tokenizer, c, "", count, &sampling)?;
+        let captions = generate_captions(
+            &loaded.model,
+            &loaded.tokenizer,
+            c,
+            "",
+            count,
+            CaptionRank::Joint,
+            &sampling,
+        )?;
         let text = captions.first().map(|c| c.text.as_str()).unwrap_or("");
         tally.add_caption(scene, text, (opts.captions > 0).then_some(seed));
         progress.inc(1);
@@ -578,7 +568,7 @@ fn draw_scenes(
         let mut codes = Vec::with_capacity(chunk.len() * n_codes);
         for (j, scene) in chunk.iter().enumerate() {
             let sampling = options(
-                IMAGE_SAMPLING,
+                defaults::IMAGE,
                 item_seed(opts.seed, task, k * batch + j),
                 opts.batch_size,
             );
@@ -755,7 +745,7 @@ fn generated_texts(loaded: &Loaded, opts: &EvalOptions) -> Result<TextsReport> {
         &prefix,
         opts.n,
         opts.batch_size,
-        &TEXT_SAMPLING,
+        &defaults::TEXT,
         item_seed(opts.seed, 6, 0),
         SpecialIds::AllPositionTokens,
         &progress,
