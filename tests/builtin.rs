@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use rudolph::folder::{Loaded, ModelSpec};
 use rudolph::pipelines::captions::{CaptionRank, generate_captions};
-use rudolph::pipelines::{GenerateOptions, defaults};
 use rudolph::pipelines::images::generate_images;
+use rudolph::pipelines::{GenerateOptions, defaults};
 use rudolph::world::read::{parse_caption, read_picture};
 use rudolph::world::{Background, Colour, Position, Shape, Size};
 use std::process::Command;

@@ -164,7 +164,10 @@ fn text_caption_image_and_rerank_commands_work_end_to_end() {
     assert!(!caps.is_empty() && caps.len() <= 2);
     assert_eq!(doc["rank"], "joint");
     let scores: Vec<f64> = caps.iter().map(|c| c["score"].as_f64().unwrap()).collect();
-    assert!(scores.windows(2).all(|w| w[0] <= w[1]), "best first: {scores:?}");
+    assert!(
+        scores.windows(2).all(|w| w[0] <= w[1]),
+        "best first: {scores:?}"
+    );
     assert!(caps.iter().all(|c| c["ppl_text"].as_f64().unwrap() > 0.0));
 
     let out = dir.join("grid.png");

@@ -29,12 +29,60 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
         && !w.track_op()
 }
 
-/// `x` `[m, k]` (f32) · `w` `[n, k]`ᵀ → `[m, n]` (f32).
+/// `x` `[m, k]` (f32) · `w` `[n, k]`ᵀ → `[m, n]` (f32), with the fastest kernel this CPU has.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(w, &SkinnyMatmul)
+    matmul_t_with(x, w, Kernel::best())
 }
 
-struct SkinnyMatmul;
+/// [`matmul_t`] with a chosen kernel (the tests and `benches/skinny.rs` compare them).
+pub fn matmul_t_with(x: &Tensor, w: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    if !kernel.available() {
+        candle_core::bail!("the {kernel:?} skinny kernel needs CPU features this machine lacks");
+    }
+    x.contiguous()?.apply_op2_no_bwd(w, &SkinnyMatmul(kernel))
+}
+
+/// The instruction sets the products can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    /// 8 lanes, one weight row at a time (AVX2, FMA, F16C).
+    Avx2,
+    /// 16 lanes and several weight rows at a time, sharing each load of `x` (AVX-512F).
+    Avx512,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 3] = [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512];
+
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Scalar => true,
+                Kernel::Avx2 => {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
+                Kernel::Avx512 => is_x86_feature_detected!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Scalar
+        }
+    }
+
+    pub fn best() -> Self {
+        [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.available())
+            .unwrap_or(Kernel::Scalar)
+    }
+}
+
+struct SkinnyMatmul(Kernel);
 
 /// Weight rows given to one task: enough work to amortise the task, several tasks per core.
 const ROWS_PER_TASK: usize = 64;
@@ -66,9 +114,9 @@ impl CustomOp2 for SkinnyMatmul {
         // yt[j, i] = row j of W · row i of x: each task fills a contiguous block of yt.
         let mut yt = vec![0f32; n * m];
         match ws {
-            CpuStorage::F32(w) => run(&w[wo..wo + n * k], x, m, k, &mut yt),
-            CpuStorage::F16(w) => run(&w[wo..wo + n * k], x, m, k, &mut yt),
-            CpuStorage::BF16(w) => run(&w[wo..wo + n * k], x, m, k, &mut yt),
+            CpuStorage::F32(w) => run(self.0, &w[wo..wo + n * k], x, m, k, &mut yt),
+            CpuStorage::F16(w) => run(self.0, &w[wo..wo + n * k], x, m, k, &mut yt),
+            CpuStorage::BF16(w) => run(self.0, &w[wo..wo + n * k], x, m, k, &mut yt),
             _ => candle_core::bail!("skinny matmul: the weight is not f32, f16 or bf16"),
         }
         let mut y = vec![0f32; m * n];
@@ -87,6 +135,9 @@ trait Widen: Copy + Send + Sync {
     /// Eight consecutive elements as f32, with the fastest instructions this CPU has.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen consecutive elements as f32 (AVX-512F).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Widen for f32 {
@@ -97,6 +148,11 @@ impl Widen for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -109,6 +165,12 @@ impl Widen for f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 }
 
@@ -126,21 +188,35 @@ impl Widen for bf16 {
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        unsafe {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        }
+    }
 }
 
 /// Columns of `x` per pass when all of `x` would not fit the L1 cache: `MAX_ROWS` rows of this
 /// many f32 stay there while the weight rows stream past. A smaller `x` is taken whole, so each
 /// weight row is read front to back in one go.
-const K_BLOCK: usize = 256;
-const L1_FLOATS: usize = 4096;
+const K_BLOCK: usize = 1024;
+const L1_FLOATS: usize = 8192;
 
-fn run<W: Widen>(w: &[W], x: &[f32], m: usize, k: usize, yt: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    let simd = is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
+/// Weight rows the AVX-512 kernel takes at once for `m` rows of `x`: each load of `x` then
+/// feeds `R` FMAs, and the `R·m` accumulators still fit the 32 vector registers.
+#[cfg(target_arch = "x86_64")]
+const fn rows_at_once(m: usize) -> usize {
+    match m {
+        1 | 2 => 4,
+        3..=5 => 3,
+        _ => 2,
+    }
+}
+
+fn run<W: Widen>(kernel: Kernel, w: &[W], x: &[f32], m: usize, k: usize, yt: &mut [f32]) {
     let block = if m * k <= L1_FLOATS {
         k.max(1)
     } else {
@@ -150,16 +226,23 @@ fn run<W: Widen>(w: &[W], x: &[f32], m: usize, k: usize, yt: &mut [f32]) {
         .zip(w.par_chunks(ROWS_PER_TASK * k))
         .for_each(|(out, rows)| {
             for k0 in (0..k).step_by(block) {
-                let k1 = (k0 + block).min(k);
-                for (o, row) in out.chunks_mut(m).zip(rows.chunks(k)) {
+                let span = k0..(k0 + block).min(k);
+                match kernel {
                     #[cfg(target_arch = "x86_64")]
-                    if simd {
-                        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-                        unsafe { dots_avx2_any(row, x, k, k0..k1, o) };
-                        continue;
+                    // SAFETY: `matmul_t_with` checked that the CPU has AVX-512F.
+                    Kernel::Avx512 => unsafe { rows_avx512_any(rows, x, k, span, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => {
+                        for (o, row) in out.chunks_mut(m).zip(rows.chunks(k)) {
+                            // SAFETY: `matmul_t_with` checked AVX2, FMA and F16C.
+                            unsafe { dots_avx2_any(row, x, k, span.clone(), o) };
+                        }
                     }
-                    let _ = simd;
-                    dots_scalar(row, x, k, k0..k1, o);
+                    _ => {
+                        for (o, row) in out.chunks_mut(m).zip(rows.chunks(k)) {
+                            dots_scalar(row, x, k, span.clone(), o);
+                        }
+                    }
                 }
             }
         });
@@ -249,6 +332,106 @@ unsafe fn dots_avx2<W: Widen, const M: usize, const U: usize>(
     }
 }
 
+/// `out[r·m + i] += rows[r][span] · x[i][span]` for the weight rows in `rows` (`k` each) and
+/// the `m = out.len() / rows` rows of `x`, `R` weight rows at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_avx512_any<W: Widen>(
+    rows: &[W],
+    x: &[f32],
+    k: usize,
+    span: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let n = rows.len() / k;
+    let m = out.len() / n;
+    unsafe {
+        match m {
+            1 => rows_avx512::<W, 1, { rows_at_once(1) }>(rows, x, k, span, out),
+            2 => rows_avx512::<W, 2, { rows_at_once(2) }>(rows, x, k, span, out),
+            3 => rows_avx512::<W, 3, { rows_at_once(3) }>(rows, x, k, span, out),
+            4 => rows_avx512::<W, 4, { rows_at_once(4) }>(rows, x, k, span, out),
+            5 => rows_avx512::<W, 5, { rows_at_once(5) }>(rows, x, k, span, out),
+            6 => rows_avx512::<W, 6, { rows_at_once(6) }>(rows, x, k, span, out),
+            7 => rows_avx512::<W, 7, { rows_at_once(7) }>(rows, x, k, span, out),
+            _ => rows_avx512::<W, 8, { rows_at_once(8) }>(rows, x, k, span, out),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_avx512<W: Widen, const M: usize, const R: usize>(
+    rows: &[W],
+    x: &[f32],
+    k: usize,
+    span: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let mut groups = out.chunks_mut(R * M).zip(rows.chunks(R * k));
+    for (o, w) in groups.by_ref() {
+        let r = w.len() / k;
+        unsafe {
+            match r {
+                _ if r == R => dots_avx512::<W, M, R>(w, x, k, span.clone(), o),
+                1 => dots_avx512::<W, M, 1>(w, x, k, span.clone(), o),
+                2 => dots_avx512::<W, M, 2>(w, x, k, span.clone(), o),
+                _ => dots_avx512::<W, M, 3>(w, x, k, span.clone(), o),
+            }
+        }
+    }
+}
+
+/// Weight elements ahead of the current column that each row prefetches.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH: usize = 256;
+
+/// `R` weight rows against the `M` rows of `x` over `span`: per 16 columns, `R` weight loads and
+/// `M` loads of `x`, each feeding `R` FMAs into `R·M` independent accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_avx512<W: Widen, const M: usize, const R: usize>(
+    w: &[W],
+    x: &[f32],
+    k: usize,
+    span: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); M]; R];
+    let body = span.start + (span.end - span.start) / 16 * 16;
+    let mut c = span.start;
+    while c < body {
+        // SAFETY: c + 16 ≤ span.end ≤ k bounds every weight row and every row of x.
+        unsafe {
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                let p = w.as_ptr().add(r * k + c);
+                // The hardware prefetcher alone leaves these rows' streams waiting on memory.
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                *v = W::load16(p);
+            }
+            #[allow(clippy::needless_range_loop)] // `i` indexes the inner arrays of `acc`.
+            for i in 0..M {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i * k + c));
+                for (a, &wr) in acc.iter_mut().zip(&wv) {
+                    a[i] = _mm512_fmadd_ps(wr, xv, a[i]);
+                }
+            }
+        }
+        c += 16;
+    }
+    for r in 0..R {
+        for i in 0..M {
+            let mut total = _mm512_reduce_add_ps(acc[r][i]);
+            for j in body..span.end {
+                total += w[r * k + j].widen() * x[i * k + j];
+            }
+            out[r * M + i] += total;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,12 +440,23 @@ mod tests {
     #[test]
     fn matches_the_gemm_in_every_weight_format() {
         let dev = Device::Cpu;
-        for &(m, k, n) in &[(1, 64, 130), (3, 37, 9), (8, 1024, 200), (5, 8, 1)] {
+        for &(m, k, n) in &[
+            (1, 64, 130),
+            (3, 37, 9),
+            (8, 1024, 200),
+            (5, 8, 1),
+            (2, 300, 67),
+            (7, 4100, 5),
+        ] {
             let x = Tensor::randn(0f32, 1., (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
-            for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (dtype, kernel) in [DType::F32, DType::F16, DType::BF16]
+                .into_iter()
+                .flat_map(|d| Kernel::ALL.map(|k| (d, k)))
+                .filter(|(_, k)| k.available())
+            {
                 let wd = w.to_dtype(dtype).unwrap();
-                let ours = matmul_t(&x, &wd).unwrap();
+                let ours = matmul_t_with(&x, &wd, kernel).unwrap();
                 let reference = x
                     .matmul(&wd.to_dtype(DType::F32).unwrap().t().unwrap())
                     .unwrap();
@@ -276,7 +470,7 @@ mod tests {
                     .unwrap();
                 assert!(
                     err < 1e-3 * (k as f32).sqrt(),
-                    "{m}×{k}·{n} {dtype:?}: {err}"
+                    "{m}×{k}·{n} {dtype:?} {kernel:?}: {err}"
                 );
             }
         }
