@@ -236,7 +236,10 @@ fn cli_world_eval_prints_json_and_saves_grids() {
     assert_eq!(doc["n"], 2);
     assert_eq!(
         (doc["captions"].clone(), doc["images"].clone()),
-        (16.into(), 8.into())
+        (
+            rudolph::pipelines::defaults::CAPTIONS.into(),
+            rudolph::pipelines::defaults::IMAGES.into()
+        )
     );
     assert_eq!(doc["targets_total"], 21);
     assert_eq!(doc["retrieval"]["target"], 0.9);
