@@ -448,7 +448,7 @@ fn the_caption_score_is_causal_unlike_rc1() {
 
 /// The joint caption score is −log p(text) − log p(picture | text) of one full causal forward
 /// over `[text | picture | zeros]`, summed over the text's tokens after BOS (pads skipped) and all
-/// N codes, whatever the batch; the joint ranking orders captions by it.
+/// N codes, whatever the batch.
 #[test]
 fn the_joint_caption_score_is_the_full_forwards_log_likelihood() {
     use candle_core::{Device, IndexOp, Tensor};

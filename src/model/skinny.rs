@@ -104,6 +104,10 @@ impl CustomOp2 for SkinnyMatmul {
         if wk != k || m > MAX_ROWS {
             candle_core::bail!("skinny matmul of {:?} by {:?}ᵀ", xl.shape(), wl.shape());
         }
+        if m == 0 || n == 0 || k == 0 {
+            // Nothing to stream; the kernels' chunking needs whole rows.
+            return Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))));
+        }
         let (xo, _) = xl
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("skinny matmul: strided input".into()))?;
@@ -333,7 +337,7 @@ unsafe fn dots_avx2<W: Widen, const M: usize, const U: usize>(
 }
 
 /// `out[r·m + i] += rows[r][span] · x[i][span]` for the weight rows in `rows` (`k` each) and
-/// the `m = out.len() / rows` rows of `x`, `R` weight rows at a time.
+/// the `m = out.len() / (rows.len() / k)` rows of `x`, several weight rows at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_avx512_any<W: Widen>(
@@ -368,8 +372,8 @@ unsafe fn rows_avx512<W: Widen, const M: usize, const R: usize>(
     span: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let mut groups = out.chunks_mut(R * M).zip(rows.chunks(R * k));
-    for (o, w) in groups.by_ref() {
+    for (o, w) in out.chunks_mut(R * M).zip(rows.chunks(R * k)) {
+        // Only the last group can be short, by fewer than R ≤ 4 rows.
         let r = w.len() / k;
         unsafe {
             match r {
@@ -473,6 +477,18 @@ mod tests {
                     "{m}×{k}·{n} {dtype:?} {kernel:?}: {err}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn an_empty_inner_dimension_gives_zeros() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 0), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((3, 0), DType::F32, &dev).unwrap();
+        for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+            let y = matmul_t_with(&x, &w, kernel).unwrap();
+            assert_eq!(y.dims(), &[2, 3]);
+            assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![0f32; 3]; 2]);
         }
     }
 }

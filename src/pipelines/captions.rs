@@ -64,12 +64,12 @@ pub fn generate_caption_ids(
 pub enum CaptionRank {
     /// By `p(caption | picture)` through Bayes' rule: the caption's NLL as the left text plus
     /// the picture's NLL after it ([`joint_nll`]). The text → image direction reads shapes
-    /// far better than the captioning direction on the built-in model (shape right on 93 % of
-    /// 200 scenes vs 72 % by `Text`, the candidates drawn widely so that the right one is
-    /// among them).
+    /// far better than the captioning direction on the built-in model: `rudolph world eval`
+    /// finds the best caption's shape right for 89 % of scenes, where ranking by `Text` (16
+    /// draws at top-k 32, top-p 0.6, the earlier defaults) found 63 %.
     #[default]
     Joint,
-    /// By the perplexity of the caption given the picture, as rc1 and the README's examples.
+    /// By the perplexity of the caption given the picture, as rc1 did.
     Text,
 }
 

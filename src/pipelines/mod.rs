@@ -42,7 +42,7 @@ impl Fidelity {
 /// The CLI's sampling per task (`rudolph image`, `caption`, `text`; `world eval` measures
 /// with them). Pictures and texts sample as the original's defaults; captions are drawn more
 /// widely than rc1's (top-k 32, top-p 0.6) because [`captions::CaptionRank::Joint`] picks among
-/// them: on the built-in model the right caption is then among 48 draws for 96 % of scenes.
+/// them, and it can only pick the right caption if it was drawn.
 pub mod defaults {
     use crate::sampling::SamplingParams;
 
