@@ -73,13 +73,15 @@ impl Attention {
         let q = (heads(0)? / (self.head_dim as f64).sqrt())?;
         let (k, v) = append(&heads(1)?, &heads(2)?)?;
         let scores = q.matmul(&k.t()?)?; // [B, nh, Sq, Sk]
-        let probs = if ops.differentiable {
+        let probs = if ops.differentiable && super::kernels::applies(&scores) {
+            // PB-relax (scores / 32, minus their maximum, times 32) only shifts each row, which
+            // softmax ignores: the training kernel does the same maths in one pass each way.
+            super::kernels::masked_softmax(&scores, &mask.keep)?
+        } else if ops.differentiable {
             let scores = scores
                 .broadcast_mul(&mask.keep)?
                 .broadcast_sub(&mask.penalty)?;
-            // PB-relax: subtracting the per-(sample, head) maximum over the whole matrix changes
-            // nothing mathematically; training does it as the original does, so gradients
-            // round alike.
+            // PB-relax as the original computes it, for other devices.
             let t = scores.affine(1.0 / PB_RELAX_ALPHA, 0.0)?;
             let max = t
                 .detach()

@@ -21,7 +21,11 @@ pub fn bias_activation(y: Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
         return Ok(y);
     }
     let y = y.broadcast_add(bias)?;
-    if gelu { y.gelu() } else { Ok(y) }
+    match gelu {
+        true if super::kernels::applies(&y) => super::kernels::gelu(&y),
+        true => y.gelu(),
+        false => Ok(y),
+    }
 }
 
 /// The original's masking `s·m − 10000·(1−m)` followed by a softmax over the keys.
@@ -45,7 +49,7 @@ fn fusable(t: &Tensor) -> bool {
         && !t.track_op()
 }
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(super) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused op on a strided tensor".into()))?;
@@ -91,12 +95,12 @@ impl InplaceOp2 for BiasActivation {
     }
 }
 
-const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+pub(super) const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 
 /// tanh as Eigen's and XLA's fast float kernel computes it: `x · p(x²) / q(x²)` on `x` clamped
 /// to ±7.905 (where tanh rounds to ±1 in f32). Branch-free, so loops over it vectorise.
 #[inline(always)]
-fn tanh(x: f32) -> f32 {
+pub(super) fn tanh(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
     const A: [f32; 7] = [
         4.893_524_6e-3,

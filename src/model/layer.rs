@@ -50,6 +50,9 @@ impl Norm {
                 LAYER_NORM_EPS as f32,
             );
         }
+        if super::kernels::applies(x) {
+            return super::kernels::layer_norm(x, &self.weight, &self.bias);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;

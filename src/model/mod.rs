@@ -10,6 +10,7 @@ pub mod dense;
 pub mod dropout;
 pub mod embeddings;
 mod fused;
+mod kernels;
 pub mod layer;
 pub mod load;
 pub mod loss;
