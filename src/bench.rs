@@ -94,7 +94,9 @@ pub fn run(
             batch * t
         }
         Task::Image => {
-            images::generate_image_codes(&model, &left, images, None, batch, &params, 0, &quiet)?;
+            images::generate_image_codes(
+                &model, &left, images, None, 1.0, batch, &params, 0, &quiet,
+            )?;
             images * n
         }
         Task::Caption => {

@@ -72,6 +72,7 @@ fn generate_codebooks_matches_with_and_without_cache() {
             left,
             count,
             None,
+            1.0,
             bs,
             &params(args),
             0,
@@ -102,6 +103,7 @@ fn image_prompts_are_continued_exactly() {
             left,
             count,
             Some(&prompt),
+            1.0,
             bs,
             &params(args),
             0,
@@ -197,6 +199,7 @@ fn options(args: &Value, fidelity: Fidelity) -> GenerateOptions {
         seed: 0,
         batch_size: args["bs"].as_u64().unwrap() as usize,
         fidelity,
+        guidance: 1.0,
         progress: false,
     }
 }
@@ -543,6 +546,7 @@ fn image_prompts_from_the_picture_match() {
             left,
             args["images_num"].as_u64().unwrap() as usize,
             Some(&prompt),
+            1.0,
             args["bs"].as_u64().unwrap() as usize,
             &params(args),
             0,
@@ -579,13 +583,96 @@ fn sampling_is_reproducible_and_independent_of_the_batch_size() {
         temperature: 1.3,
     };
     let run = |batch| {
-        generate_image_codes(&model, &left, 3, None, batch, &p, 42, &Progress::hidden()).unwrap()
+        generate_image_codes(
+            &model,
+            &left,
+            3,
+            None,
+            1.0,
+            batch,
+            &p,
+            42,
+            &Progress::hidden(),
+        )
+        .unwrap()
     };
     let one = run(1);
     assert_eq!(one, run(3));
     assert_eq!(one, run(2));
     assert_ne!(one[0], one[1], "different items draw differently");
     let other =
-        generate_image_codes(&model, &left, 3, None, 3, &p, 43, &Progress::hidden()).unwrap();
+        generate_image_codes(&model, &left, 3, None, 1.0, 3, &p, 43, &Progress::hidden()).unwrap();
     assert_ne!(one, other);
+}
+
+/// Classifier-free guidance samples from `u + s·(c − u)`: greedy decoding under it picks, at
+/// every step, the argmax of that mix of two plain forwards (after the text, and after an
+/// all-pad left text); at scale 1 that is plain greedy generation.
+#[test]
+fn guidance_mixes_the_conditional_and_unconditional_logits() {
+    use candle_core::{Device, Tensor};
+    use rudolph::model::masks::causal_mask;
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let (l, v) = (cfg.l_text_seq_length, cfg.text_vocab());
+    let mut left = vec![2u32, 7, 9, 11, 3];
+    left.resize(l, 0);
+    let greedy = SamplingParams {
+        top_k: 1,
+        top_p: 1.0,
+        temperature: 1.0,
+    };
+    let generate = |scale: f32, steps: usize| {
+        let all = generate_image_codes(
+            &model,
+            &left,
+            2,
+            None,
+            scale,
+            2,
+            &greedy,
+            0,
+            &Progress::hidden(),
+        )
+        .unwrap();
+        assert_eq!(all[0], all[1], "greedy rows agree");
+        all[0][..steps].to_vec()
+    };
+    let last_image_logits = |ids: &[u32]| -> Vec<f32> {
+        let t = Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mask = causal_mask(1, cfg.total_seq_length(), &Device::Cpu).unwrap();
+        let logits = model
+            .forward(
+                &t,
+                &mask
+                    .narrow(2, 0, ids.len())
+                    .unwrap()
+                    .narrow(3, 0, ids.len())
+                    .unwrap(),
+            )
+            .unwrap();
+        logits
+            .get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .narrow(0, v, cfg.image_vocab_size)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for scale in [1.0f32, 3.0, -0.5] {
+        let got = generate(scale, 4);
+        let mut codes: Vec<u32> = Vec::new();
+        for _ in 0..got.len() {
+            let c = last_image_logits(&[left.clone(), codes.clone()].concat());
+            let u = last_image_logits(&[vec![0; l], codes.clone()].concat());
+            let mixed: Vec<f32> = c.iter().zip(&u).map(|(c, u)| u + scale * (c - u)).collect();
+            codes.push(rudolph::sampling::argmax(&mixed) as u32);
+        }
+        assert_eq!(got, codes, "scale {scale}");
+    }
 }

@@ -130,6 +130,7 @@ impl SampleArgs {
             } else {
                 Fidelity::Fixed
             },
+            guidance: 1.0,
             progress: !quiet,
         })
     }

@@ -37,6 +37,11 @@ pub struct ImageArgs {
     /// Encode each border strip separately (ruDALL-E's crop_first).
     #[arg(long)]
     pub crop_first: bool,
+    /// Classifier-free guidance: sample from `u + S·(c − u)`, the logits after the text (c)
+    /// pushed away from those after an empty one (u); 1 = off. Costs a second model row per
+    /// picture; needs a model trained with pictures alone (`rudolph train --i2t-fraction`).
+    #[arg(long, default_value_t = defaults::GUIDANCE, value_name = "S")]
+    pub guidance: f32,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -83,7 +88,12 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             check_writable(&numbered(&args.output, i), args.force)?;
         }
     }
-    let opts = args.sample.options(defaults::IMAGE, args.out.quiet)?;
+    let mut opts = args.sample.options(defaults::IMAGE, args.out.quiet)?;
+    anyhow::ensure!(
+        args.guidance.is_finite(),
+        "--guidance must be a finite number"
+    );
+    opts.guidance = args.guidance;
     let borders = parse_borders(&args.borders)?;
     let loaded = args.model.load()?;
     let vae = loaded.vae()?;

@@ -87,6 +87,9 @@ pub struct EvalArgs {
     /// Pictures sampled per caption, the one that best explains it scored (as `rudolph image`).
     #[arg(long, default_value_t = defaults::IMAGES)]
     pub images: usize,
+    /// Classifier-free guidance scale of the pictures (as `rudolph image --guidance`).
+    #[arg(long, default_value_t = defaults::GUIDANCE)]
+    pub guidance: f32,
     /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
     /// text_to_image_held_out.png).
     #[arg(long, value_name = "DIR")]
@@ -135,6 +138,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         captions: args.captions,
         images: args.images,
+        guidance: args.guidance,
         progress: !args.quiet,
     };
     let report = evaluate(&loaded, &opts)?;

@@ -72,6 +72,11 @@ impl Attention {
         // PB-relax scales q before the product rather than the scores after it.
         let q = (heads(0)? / (self.head_dim as f64).sqrt())?;
         let (k, v) = append(&heads(1)?, &heads(2)?)?;
+        if !ops.differentiable
+            && let Some(context) = super::fused::decode_attention(&q, &k, &v, &mask.keep)?
+        {
+            return self.dense.forward(&context);
+        }
         let scores = q.matmul(&k.t()?)?; // [B, nh, Sq, Sk]
         let probs = if ops.differentiable && super::kernels::applies(&scores) {
             // PB-relax (scores / 32, minus their maximum, times 32) only shifts each row, which

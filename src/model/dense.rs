@@ -42,6 +42,10 @@ impl Dense {
         })
     }
 
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
     /// The dtype the layer computes in (f32 for a quantized one).
     pub fn dtype(&self) -> DType {
         match &self.weight {
@@ -83,6 +87,30 @@ impl Dense {
     /// `[…, in]` → GELU of `[…, out]`, with the bias add and the activation in one pass.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_with(x, true)
+    }
+
+    /// `[…, in]` → `[…, cols.len()]`: only the outputs `cols` (a slice of the head, say). A
+    /// float weight's rows are a view, so the other outputs cost nothing; a quantized weight
+    /// computes them all and keeps the slice.
+    pub fn forward_columns(&self, x: &Tensor, cols: std::ops::Range<usize>) -> Result<Tensor> {
+        if cols == (0..self.out_dim) {
+            return self.forward(x);
+        }
+        let narrowed = |w: &Tensor| w.narrow(0, cols.start, cols.len());
+        let weight = match &self.weight {
+            Weight::Float(w) => Weight::Float(narrowed(w)?),
+            Weight::Half(w) => Weight::Half(narrowed(w)?),
+            Weight::Quantized { .. } => {
+                let last = x.rank().saturating_sub(1);
+                return self.forward(x)?.narrow(last, cols.start, cols.len());
+            }
+        };
+        Dense {
+            weight,
+            bias: self.bias.narrow(0, cols.start, cols.len())?,
+            out_dim: cols.len(),
+        }
+        .forward(x)
     }
 
     fn forward_with(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {

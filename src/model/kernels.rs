@@ -9,7 +9,7 @@
 //! differs. Other devices and dtypes take the composite forms.
 
 use super::attention::MASK_VALUE;
-use super::fused::{SQRT_TWO_OVER_PI, slice, tanh};
+use super::fused::{SQRT_TWO_OVER_PI, exp, slice, tanh};
 use super::layer::LAYER_NORM_EPS;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -293,7 +293,7 @@ impl CustomOp2 for MaskedSoftmax {
             }
             let mut sum = 0f32;
             for s in p.iter_mut() {
-                *s = (*s - max).exp();
+                *s = exp(*s - max);
                 sum += *s;
             }
             for s in p.iter_mut() {

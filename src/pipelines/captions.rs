@@ -50,6 +50,7 @@ pub fn generate_caption_ids(
         classes: 0..cfg.text_vocab(),
         post: &post,
         mask: &mask,
+        guidance: None,
     };
     let rows = generate(model, &plan, count, batch, params, seed, progress)?;
     Ok(rows

@@ -1,6 +1,10 @@
 //! The autoregressive loop every generator shares: items are produced in chunks of `batch`,
 //! each chunk with a fresh KV cache; each step either appends a forced token (image prompts,
 //! without a model call, as the original does) or samples one from a slice of the logits.
+//!
+//! With classifier-free guidance every item runs twice, after its own prefix and after an
+//! unconditional one, and samples from the conditional logits pushed away from the
+//! unconditional ones: `u + scale · (c − u)`. Both rows then receive the drawn token.
 
 use crate::model::Rudolph;
 use crate::progress::Progress;
@@ -20,6 +24,16 @@ pub struct Plan<'a> {
     pub post: &'a dyn Fn(u32) -> u32,
     /// Pipeline mask `[1 or B, 1, T, T]`.
     pub mask: &'a Tensor,
+    /// Classifier-free guidance, if any.
+    pub guidance: Option<Guidance<'a>>,
+}
+
+/// Classifier-free guidance: the unconditional prefix (as long as the plan's) and the scale
+/// (1 = the conditional logits unchanged).
+#[derive(Debug, Clone, Copy)]
+pub struct Guidance<'a> {
+    pub prefix: &'a [u32],
+    pub scale: f32,
 }
 
 /// Generates `count` items and returns each item's generated tokens (`plan.steps.len()` each).
@@ -37,6 +51,18 @@ pub fn generate(
     if batch == 0 {
         candle_core::bail!("batch size must be at least 1");
     }
+    if let Some(g) = &plan.guidance {
+        if g.prefix.len() != plan.prefix.len() {
+            candle_core::bail!(
+                "the unconditional prefix has {} tokens, the prefix {}",
+                g.prefix.len(),
+                plan.prefix.len()
+            );
+        }
+        if !g.scale.is_finite() {
+            candle_core::bail!("guidance scale must be finite, got {}", g.scale);
+        }
+    }
     let device = model.device();
     let mut results = Vec::with_capacity(count);
     for chunk_start in (0..count).step_by(batch) {
@@ -46,28 +72,44 @@ pub fn generate(
             .collect();
         let mut generated = vec![Vec::with_capacity(plan.steps.len()); rows];
         let mut cache = model.new_cache();
-        // Tokens appended since the last model call, the same for every row until sampling.
+        // Tokens appended since the last model call: each item's row, then (with guidance) its
+        // unconditional twin at `rows + r`.
         let mut pending: Vec<Vec<u32>> = vec![plan.prefix.to_vec(); rows];
+        if let Some(g) = &plan.guidance {
+            pending.extend(vec![g.prefix.to_vec(); rows]);
+        }
         for step in &plan.steps {
             if let Some(token) = step {
-                for (row, p) in generated.iter_mut().zip(&mut pending) {
+                for row in &mut generated {
                     row.push(*token);
+                }
+                for p in &mut pending {
                     p.push(*token);
                 }
                 continue;
             }
             let width = pending[0].len();
             let flat: Vec<u32> = pending.concat();
-            let ids = Tensor::from_vec(flat, (rows, width), device)?;
-            let logits = model
+            let ids = Tensor::from_vec(flat, (pending.len(), width), device)?;
+            let mut logits = model
                 .forward_cached_last(&ids, plan.mask, &mut cache)?
                 .narrow(1, plan.classes.start, plan.classes.len())?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
+            if let Some(g) = &plan.guidance {
+                let unconditional = logits.split_off(rows);
+                for (c, u) in logits.iter_mut().zip(&unconditional) {
+                    for (c, u) in c.iter_mut().zip(u) {
+                        *c = u + g.scale * (*c - u);
+                    }
+                }
+            }
             for (r, row_logits) in logits.iter().enumerate() {
                 let token = (plan.post)(samplers[r].sample(row_logits, params) as u32);
                 generated[r].push(token);
-                pending[r] = vec![token];
+            }
+            for (p, row) in pending.iter_mut().zip(generated.iter().cycle()) {
+                *p = vec![*row.last().expect("a token was just drawn")];
             }
             progress.inc(rows as u64);
         }

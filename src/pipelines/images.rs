@@ -2,7 +2,7 @@
 //! (ruDALL-E `ImagePrompts`).
 
 use super::GenerateOptions;
-use super::generate::{Plan, generate};
+use super::generate::{Guidance, Plan, generate};
 use super::rerank::score_pairs;
 use crate::error::invalid;
 use crate::model::{Rudolph, masks};
@@ -54,12 +54,18 @@ impl Borders {
 }
 
 /// Generates `count` code grids (`N` codes each) after the left text `left_ids` (`l` ids).
+///
+/// `guidance` is the classifier-free guidance scale (1: none). The unconditional branch reads an
+/// all-pad left text, which is what a picture trained without its text (`rudolph train
+/// --i2t-fraction`) looks like to the model, so guidance is only meaningful for models trained
+/// that way.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_image_codes(
     model: &Rudolph,
     left_ids: &[u32],
     count: usize,
     prompt: Option<&ImagePrompt>,
+    guidance: f32,
     batch: usize,
     params: &SamplingParams,
     seed: u64,
@@ -99,6 +105,7 @@ pub fn generate_image_codes(
     let mask = masks::causal_mask(1, cfg.total_seq_length(), model.device())?;
     let identity = |id: u32| id;
     let v = cfg.text_vocab();
+    let unconditional = vec![0u32; l];
     let plan = Plan {
         prefix: left_ids,
         steps,
@@ -106,6 +113,10 @@ pub fn generate_image_codes(
         classes: v..v + cfg.image_vocab_size,
         post: &identity,
         mask: &mask,
+        guidance: (guidance != 1.0).then_some(Guidance {
+            prefix: &unconditional,
+            scale: guidance,
+        }),
     };
     generate(model, &plan, count, batch, params, seed, progress)
 }
@@ -142,6 +153,7 @@ pub fn generate_images(
         &left,
         count,
         prompt,
+        opts.guidance,
         opts.batch_size,
         &opts.params,
         opts.seed,

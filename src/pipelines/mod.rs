@@ -61,6 +61,8 @@ pub mod defaults {
         top_p: 0.8,
         temperature: 1.0,
     };
+    /// Classifier-free guidance scale of pictures (1: none).
+    pub const GUIDANCE: f32 = 1.0;
     /// Pictures drawn per text, the best by its text kept.
     pub const IMAGES: usize = 8;
     /// Captions drawn per picture (duplicates merged), the best kept.
@@ -74,6 +76,9 @@ pub struct GenerateOptions {
     pub seed: u64,
     pub batch_size: usize,
     pub fidelity: Fidelity,
+    /// Classifier-free guidance scale for pictures (1: none; see
+    /// [`images::generate_image_codes`]).
+    pub guidance: f32,
     /// Show a progress bar on stderr (only when it is a terminal).
     pub progress: bool,
 }
@@ -86,6 +91,7 @@ impl GenerateOptions {
             seed: 0,
             batch_size: 8,
             fidelity: Fidelity::Fixed,
+            guidance: 1.0,
             progress: false,
         }
     }

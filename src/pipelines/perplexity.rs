@@ -1,11 +1,15 @@
 //! Scoring token sequences: per-token cross-entropy and the original's "perplexity", which is
 //! the mean of per-token perplexities `exp(ce)`, not `exp(mean ce)` (SPEC §7.1, quirk 10).
 
-use crate::model::loss::cross_entropy_per_token;
-use candle_core::{Result, Tensor};
+use crate::model::exp;
+use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 
 /// Per-token cross-entropy of `logits[:, positions, classes]` against `targets` `[B, P]`;
 /// positions whose target is `ignore` give 0. Returns `[B][P]`.
+///
+/// Scoring needs no gradient, so this is a plain log-sum-exp per row on the host, on all cores
+/// (candle's composite log-softmax makes several single-core passes over the whole slice).
 pub fn token_cross_entropy(
     logits: &Tensor,
     positions: std::ops::Range<usize>,
@@ -14,14 +18,36 @@ pub fn token_cross_entropy(
     ignore: Option<u32>,
 ) -> Result<Vec<Vec<f32>>> {
     let (b, p) = targets.dims2()?;
+    if p != positions.len() {
+        candle_core::bail!("{p} targets per row for {} positions", positions.len());
+    }
     let c = classes.len();
-    let slice = logits
-        .narrow(1, positions.start, positions.len())?
+    let values = logits
+        .narrow(1, positions.start, p)?
         .narrow(2, classes.start, c)?
-        .contiguous()?
-        .reshape((b * p, c))?;
-    let ce = cross_entropy_per_token(&slice, &targets.flatten_all()?, ignore)?;
-    ce.reshape((b, p))?.to_vec2::<f32>()
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(&bad) = targets
+        .iter()
+        .find(|&&t| Some(t) != ignore && t as usize >= c)
+    {
+        candle_core::bail!("target class {bad} is out of range for {c} logits");
+    }
+    let ce: Vec<f32> = values
+        .par_chunks(c)
+        .zip(targets.par_iter())
+        .map(|(row, &target)| {
+            if Some(target) == ignore {
+                return 0.0;
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
+            sum.ln() + max - row[target as usize]
+        })
+        .collect();
+    Ok(ce.chunks(p.max(1)).take(b).map(<[f32]>::to_vec).collect())
 }
 
 /// The original's `ce_to_ppl` for one row: mean of `exp(ce)` over entries whose CE is not zero

@@ -80,16 +80,17 @@ pub fn joint_nll(
         }
         let all = Tensor::from_vec(flat, (chunk.len(), s + 1), model.device())?;
         let mask = masks::causal_mask(chunk.len(), s, model.device())?;
-        let logits = model.forward_window(&all.narrow(1, 0, s)?, &mask, 0)?;
-        let text_ce =
-            token_cross_entropy(&logits, 0..l - 1, 0..v, &all.narrow(1, 1, l - 1)?, Some(0))?;
-        let image_ce = token_cross_entropy(
-            &logits,
-            l - 1..s,
-            v..v + cfg.image_vocab(),
-            &all.narrow(1, l, n)?,
-            None,
+        let vi = cfg.image_vocab();
+        let parts = [(0..l - 1, 0..v), (l - 1..s, v..v + vi)];
+        let logits = model.forward_window_parts(&all.narrow(1, 0, s)?, &mask, 0, &parts)?;
+        let text_ce = token_cross_entropy(
+            &logits[0],
+            0..l - 1,
+            0..v,
+            &all.narrow(1, 1, l - 1)?,
+            Some(0),
         )?;
+        let image_ce = token_cross_entropy(&logits[1], 0..n, 0..vi, &all.narrow(1, l, n)?, None)?;
         out.extend(
             text_ce
                 .iter()
@@ -182,18 +183,27 @@ fn score_rows(
         };
         let ids = Tensor::from_vec(flat, (b, t), model.device())?;
         let mask = masks::i2t_mask(cfg, &pads, model.device())?;
-        let logits = model.forward_window(&ids.narrow(1, first, end - first)?, &mask, first)?;
+        let vi = cfg.image_vocab();
+        let text_rows = texts.start - 1 - first..texts.end - 1 - first;
+        let image_rows = l - first..l + n - 1 - first;
+        let parts = [(text_rows.clone(), 0..v), (image_rows.clone(), v..v + vi)];
+        let logits = model.forward_window_parts(
+            &ids.narrow(1, first, end - first)?,
+            &mask,
+            first,
+            &parts,
+        )?;
         let text_ce = token_cross_entropy(
-            &logits,
-            texts.start - 1 - first..texts.end - 1 - first,
+            &logits[0],
+            0..text_rows.len(),
             0..v,
             &ids.narrow(1, texts.start, texts.len())?,
             Some(0),
         )?;
         let image_ce = token_cross_entropy(
-            &logits,
-            l - first..l + n - 1 - first,
-            v..v + cfg.image_vocab(),
+            &logits[1],
+            0..image_rows.len(),
+            0..vi,
             &ids.narrow(1, l + 1, n - 1)?,
             None,
         )?;

@@ -82,6 +82,7 @@ pub fn generate_text_ids(
         classes: 0..cfg.text_vocab(),
         post: &post,
         mask: &mask,
+        guidance: None,
     };
     let rows = generate(model, &plan, count, batch, params, seed, progress)?;
     Ok(rows

@@ -40,6 +40,8 @@ pub struct EvalOptions {
     /// Pictures sampled per caption, the one that best explains the caption kept (`rudolph
     /// image`'s defaults: [`defaults::IMAGES`] at [`defaults::IMAGE`]); 1 = the first draw.
     pub images: usize,
+    /// Classifier-free guidance scale of the pictures (`rudolph image --guidance`).
+    pub guidance: f32,
     /// Progress bars on stderr.
     pub progress: bool,
 }
@@ -52,6 +54,7 @@ impl Default for EvalOptions {
             batch_size: 8,
             captions: defaults::CAPTIONS,
             images: defaults::IMAGES,
+            guidance: defaults::GUIDANCE,
             progress: false,
         }
     }
@@ -470,6 +473,7 @@ fn options(params: SamplingParams, seed: u64, batch: usize) -> GenerateOptions {
         seed,
         batch_size: batch,
         fidelity: Fidelity::Fixed,
+        guidance: 1.0,
         progress: false,
     }
 }
@@ -567,11 +571,14 @@ fn draw_scenes(
     for (k, chunk) in scenes.chunks(batch).enumerate() {
         let mut codes = Vec::with_capacity(chunk.len() * n_codes);
         for (j, scene) in chunk.iter().enumerate() {
-            let sampling = options(
-                defaults::IMAGE,
-                item_seed(opts.seed, task, k * batch + j),
-                opts.batch_size,
-            );
+            let sampling = GenerateOptions {
+                guidance: opts.guidance,
+                ..options(
+                    defaults::IMAGE,
+                    item_seed(opts.seed, task, k * batch + j),
+                    opts.batch_size,
+                )
+            };
             let ranked = generate_images(
                 &loaded.model,
                 &loaded.tokenizer,
