@@ -62,6 +62,27 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, sq, h) = x.dims3()?;
         let qkv = self.query_key_value.forward(x)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if !ops.differentiable {
+            // Views of the projection's thirds, [B, nh, Sq, hd], for the fused kernels, which
+            // read them in place (the cache copies what it keeps).
+            let qkv = qkv.reshape((b, sq, 3, self.num_heads, self.head_dim))?;
+            let view = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+            let q = view(0)?;
+            let (k, v) = append(&view(1)?, &view(2)?)?;
+            let fused = match super::fused::decode_attention(&q, &k, &v, &mask.keep, scale as f32)?
+            {
+                Some(context) => Some(context),
+                None => super::fused::attention(&q, &k, &v, &mask.keep, scale as f32)?,
+            };
+            if let Some(context) = fused {
+                return self.dense.forward(&context);
+            }
+            let (q, k) = (q.contiguous()?, k.contiguous()?);
+            return self
+                .dense
+                .forward(&self.attend(&q, &k, &v, mask, ops, scale)?);
+        }
         // [B, Sq, H] → [B, nh, Sq, hd]; q, k, v are contiguous thirds of the projection.
         let heads = |i: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, i * h, h)?
@@ -69,14 +90,26 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        // PB-relax scales q before the product rather than the scores after it.
-        let q = (heads(0)? / (self.head_dim as f64).sqrt())?;
         let (k, v) = append(&heads(1)?, &heads(2)?)?;
-        if !ops.differentiable
-            && let Some(context) = super::fused::decode_attention(&q, &k, &v, &mask.keep)?
-        {
-            return self.dense.forward(&context);
-        }
+        ops.dropout(
+            self.dense
+                .forward(&self.attend(&heads(0)?, &k, &v, mask, ops, scale)?)?,
+        )
+    }
+
+    /// Attention by candle's ops, `[B, nh, Sq, hd]` each → the context `[B, Sq, H]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AdditiveMask,
+        ops: Ops<'_>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (b, _, sq, _) = q.dims4()?;
+        // PB-relax scales q before the product rather than the scores after it.
+        let q = (q / scale.recip())?;
         let scores = q.matmul(&k.t()?)?; // [B, nh, Sq, Sk]
         let probs = if ops.differentiable && super::kernels::applies(&scores) {
             // PB-relax (scores / 32, minus their maximum, times 32) only shifts each row, which
@@ -102,10 +135,9 @@ impl Attention {
             super::fused::masked_softmax(scores, &mask.keep, &mask.penalty)?
         };
         let probs = ops.dropout(probs)?;
-        let context = probs
-            .matmul(&v)? // [B, nh, Sq, hd]
+        probs
+            .matmul(&v.contiguous()?)? // [B, nh, Sq, hd]
             .transpose(1, 2)?
-            .reshape((b, sq, h))?;
-        ops.dropout(self.dense.forward(&context)?)
+            .reshape((b, sq, self.num_heads * self.head_dim))
     }
 }

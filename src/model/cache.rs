@@ -40,7 +40,7 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        self.layers[layer].append(k, v)
+        self.layers[layer].append(&k.contiguous()?, &v.contiguous()?)
     }
 
     pub(crate) fn advance(&mut self, by: usize) {

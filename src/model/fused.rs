@@ -44,14 +44,15 @@ pub fn masked_softmax(scores: Tensor, keep: &Tensor, penalty: &Tensor) -> Result
 /// original's masking, softmax and the weighted sum of values in one pass per (sample, head), on
 /// all cores, reading the cache buffers in place. Decoding steps otherwise spend a fifth of their
 /// time in 2·B·heads tiny matrix products that candle runs one after another on one core.
-/// `q`: `[B, heads, Sq, hd]` (already scaled); `k`, `v`: `[B, heads, Sk, hd]`, rows contiguous
-/// (views of the KV cache are); `keep`: `[B or 1, 1, Sq, Sk]` of 0/1. Returns the context
-/// `[B, Sq, heads·hd]`, or `None` when the tensors do not suit the kernel.
+/// `q`: `[B, heads, Sq, hd]`; `k`, `v`: `[B, heads, Sk, hd]`, rows contiguous (views of the KV
+/// cache are); `keep`: `[B or 1, 1, Sq, Sk]` of 0/1; the scores are `scale · q·k`. Returns the
+/// context `[B, Sq, heads·hd]`, or `None` when the tensors do not suit the kernel.
 pub fn decode_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     keep: &Tensor,
+    scale: f32,
 ) -> Result<Option<Tensor>> {
     let (b, heads, sq, hd) = q.dims4()?;
     let sk = k.dim(2)?;
@@ -62,15 +63,17 @@ pub fn decode_attention(
         || sq > DECODE_ROWS
         || k.dims() != [b, heads, sk, hd]
         || v.dims() != k.dims()
-        || !q.is_contiguous()
         || !rows_contiguous(k)
         || !rows_contiguous(v)
         || !matches!(keep.dims4()?, (kb, 1, ksq, ksk) if (kb == b || kb == 1) && ksq == sq && ksk == sk)
     {
         return Ok(None);
     }
-    let out = q.apply_op3_no_bwd(k, v, &DecodeAttention { keep: keep.clone() })?;
-    Ok(Some(out))
+    let op = DecodeAttention {
+        keep: keep.clone(),
+        scale,
+    };
+    Ok(Some(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?))
 }
 
 /// Most new rows per call for which [`decode_attention`] beats the matrix products.
@@ -78,6 +81,7 @@ const DECODE_ROWS: usize = 8;
 
 struct DecodeAttention {
     keep: Tensor,
+    scale: f32,
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -124,7 +128,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                     for (j, s) in scores.iter_mut().enumerate() {
                         let kj = &k[at(kl, unit, j)..][..hd];
                         let m = keep[j];
-                        *s = dot(qi, kj) * m - (m * -penalty + penalty);
+                        *s = dot(qi, kj) * self.scale * m - (m * -penalty + penalty);
                         max = max.max(*s);
                     }
                     let mut sum = 0f32;
@@ -158,6 +162,204 @@ impl candle_core::CustomOp3 for DecodeAttention {
             candle_core::Shape::from((b, sq, heads * hd)),
         ))
     }
+}
+
+/// Attention of many rows at once (a window, a prompt), fused per (sample, head) on all cores:
+/// `softmax(mask(scale · q·kᵀ))·v` with one single-threaded GEMM for the scores and one for the
+/// values, the masked softmax in between, straight from strided views (the columns of the
+/// query-key-value projection, or the KV cache) into the context's `[B, Sq, heads·hd]` layout.
+/// candle instead runs 2·B·heads small products one after another (each spread over the cores,
+/// at a fraction of their speed), and the views must first be copied out contiguously.
+/// `q`: `[B, heads, Sq, hd]`, `k`, `v`: `[B, heads, Sk, hd]`, each with unit stride in its last
+/// dimension; `keep`: `[B or 1, 1, Sq, Sk]` of 0/1. `None` when the tensors do not suit.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let (b, heads, sq, hd) = q.dims4()?;
+    let sk = k.dim(2)?;
+    let suits = |t: &Tensor| {
+        t.device().is_cpu()
+            && t.dtype() == candle_core::DType::F32
+            && !t.track_op()
+            && t.stride()[3] == 1
+    };
+    if !(suits(q) && suits(k) && suits(v) && fusable(keep))
+        || k.dims() != [b, heads, sk, hd]
+        || v.dims() != k.dims()
+        || !matches!(keep.dims4()?, (kb, 1, ksq, ksk) if (kb == b || kb == 1) && ksq == sq && ksk == sk)
+    {
+        return Ok(None);
+    }
+    let op = Attention {
+        keep: keep.clone(),
+        scale,
+    };
+    Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
+}
+
+struct Attention {
+    keep: Tensor,
+    scale: f32,
+}
+
+/// The context rows written by several threads at once, each (sample, head) its own columns.
+struct SharedOut(*mut f32);
+// SAFETY: every unit of work writes a disjoint set of elements (its head's columns of its
+// sample's rows), and the buffer outlives the parallel loop.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (b, heads, sq, hd) = ql.shape().dims4()?;
+        let sk = kl.shape().dims()[2];
+        let (q, k, v) = (
+            qs.as_slice::<f32>()?,
+            ks.as_slice::<f32>()?,
+            vs.as_slice::<f32>()?,
+        );
+        let (keep_storage, keep_layout) = self.keep.storage_and_layout();
+        let keep = match &*keep_storage {
+            candle_core::Storage::Cpu(s) => slice(s, keep_layout)?,
+            _ => candle_core::bail!("attention: the mask is not on the CPU"),
+        };
+        let keep_rows = keep.len() / sk;
+        // Where (sample, head) `unit`'s block starts, and its row stride.
+        let block = |l: &Layout, unit: usize| {
+            let st = l.stride();
+            (
+                l.start_offset() + (unit / heads) * st[0] + (unit % heads) * st[1],
+                st[2],
+            )
+        };
+        // The last element each block reads must lie inside its storage.
+        for (l, data, rows) in [(ql, q, sq), (kl, k, sk), (vl, v, sk)] {
+            let (start, rs) = block(l, b * heads - 1);
+            if rows > 0 && start + (rows - 1) * rs + hd > data.len() {
+                candle_core::bail!("attention: a view reaches past its storage");
+            }
+        }
+        let width = heads * hd;
+        let mut context = vec![0f32; b * sq * width];
+        let out = SharedOut(context.as_mut_ptr());
+        let penalty = MASK_VALUE as f32;
+        (0..b * heads).into_par_iter().for_each(|unit| {
+            let (sample, head) = (unit / heads, unit % heads);
+            let (q0, q_rs) = block(ql, unit);
+            let (k0, k_rs) = block(kl, unit);
+            let (v0, v_rs) = block(vl, unit);
+            let mut scores = vec![0f32; sq * sk];
+            // SAFETY: the operands lie inside their storages (checked above for the last
+            // block; earlier blocks start before it), `scores` holds sq × sk, and the context
+            // block `[sample, :, head]` is this unit's alone.
+            unsafe {
+                gemm::gemm(
+                    sq,
+                    sk,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    sk as isize,
+                    false,
+                    q.as_ptr().add(q0),
+                    1,
+                    q_rs as isize,
+                    k.as_ptr().add(k0),
+                    k_rs as isize,
+                    1,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (i, row) in scores.chunks_mut(sk).enumerate() {
+                let m = (sample * sq + i) % keep_rows;
+                let keep = &keep[m * sk..(m + 1) * sk];
+                for (s, &m) in row.iter_mut().zip(keep) {
+                    *s = *s * m - (m * -penalty + penalty);
+                }
+                let max = row_max(row);
+                for s in row.iter_mut() {
+                    *s = exp(*s - max);
+                }
+                let mut sum = 0f32;
+                unsafe { <f32 as VecOps>::vec_reduce_sum(row.as_ptr(), &mut sum, row.len()) };
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+            // SAFETY: as above.
+            unsafe {
+                gemm::gemm(
+                    sq,
+                    hd,
+                    sk,
+                    out.at(sample * sq * width + head * hd),
+                    1,
+                    width as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    sk as isize,
+                    v.as_ptr().add(v0),
+                    1,
+                    v_rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        Ok((
+            CpuStorage::F32(context),
+            candle_core::Shape::from((b, sq, width)),
+        ))
+    }
+}
+
+/// The largest element, in sixteen lanes (a running `max` is a chain the compiler keeps scalar).
+fn row_max(row: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for c in chunks {
+        let c: &[f32; LANES] = c.try_into().expect("a chunk of LANES");
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
 /// `Σ aᵢ·bᵢ` in sixteen independent lanes, which the compiler turns into SIMD (a single running
@@ -474,6 +676,83 @@ mod tests {
                     .count(),
                 0
             );
+        }
+    }
+
+    /// Plain candle ops: `softmax(mask(scale·q·kᵀ))·v` → `[B, Sq, heads·hd]`.
+    fn reference_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        keep: &Tensor,
+        scale: f64,
+    ) -> Tensor {
+        let (b, heads, sq, hd) = q.dims4().unwrap();
+        let penalty = keep.affine(-MASK_VALUE, MASK_VALUE).unwrap();
+        let scores = (q.contiguous().unwrap() * scale)
+            .unwrap()
+            .matmul(&k.contiguous().unwrap().t().unwrap())
+            .unwrap()
+            .broadcast_mul(keep)
+            .unwrap()
+            .broadcast_sub(&penalty)
+            .unwrap();
+        candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, sq, heads * hd))
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_reads_strided_views_and_matches_candle() {
+        let (b, heads, hd) = (2, 3, 16);
+        let scale = 0.25;
+        for (sq, sk) in [(1, 7), (5, 5), (13, 13), (9, 30)] {
+            // q from a query-key-value projection's columns; k, v as views of a longer cache.
+            let qkv = random(&[b, sq, 3, heads, hd], 10 + sq as u64)
+                .affine(0.5, 0.0)
+                .unwrap();
+            let q = qkv
+                .narrow(2, 0, 1)
+                .unwrap()
+                .squeeze(2)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let cache = |seed| {
+                random(&[b, heads, sk + 4, hd], seed)
+                    .narrow(2, 0, sk)
+                    .unwrap()
+            };
+            let (k, v) = (cache(20), cache(21));
+            for kb in [1, b] {
+                let keep = random(&[kb, 1, sq, sk], 30 + kb as u64)
+                    .ge(-1.0)
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap();
+                let want = values(&reference_attention(&q, &k, &v, &keep, scale));
+                let mut kernels = vec![attention(&q, &k, &v, &keep, scale as f32).unwrap()];
+                kernels.push(decode_attention(&q, &k, &v, &keep, scale as f32).unwrap());
+                for (which, got) in kernels.into_iter().enumerate() {
+                    let Some(got) = got else {
+                        assert!(which == 1 && sq > DECODE_ROWS, "kernel {which} declined");
+                        continue;
+                    };
+                    let got = values(&got);
+                    assert_eq!(got.len(), want.len());
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "kernel {which}, sq {sq}, sk {sk}, mask batch {kb}: {g} against {w}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -375,19 +375,28 @@ impl Rudolph {
             .logits)
     }
 
-    /// As [`Rudolph::forward_cached`] but returns only the last position's logits `[B, V + Vi]`,
-    /// skipping the head for the others (what sampling needs).
+    /// As [`Rudolph::forward_cached`] but returns only the last position's logits in the head's
+    /// columns `classes`, `[B, classes]`: what sampling needs (a picture's codes are drawn from
+    /// the image classes alone, a third of a 350M head).
     pub fn forward_cached_last(
         &self,
         new_ids: &Tensor,
         attention_mask: &Tensor,
         cache: &mut KvCache,
+        classes: std::ops::Range<usize>,
     ) -> Result<Tensor> {
+        if classes.end > self.head.out_dim() {
+            bail!(
+                "classes {classes:?} of a {}-class head",
+                self.head.out_dim()
+            );
+        }
         let s = new_ids.dim(1)?;
         let ops = Ops::default();
         let h = self.run_hidden(new_ids, attention_mask, Some(cache), 0, false, ops)?;
         let last = h.final_hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
-        self.head.forward(&self.head_layernorm.forward(&last, ops)?)
+        self.head
+            .forward_columns(&self.head_layernorm.forward(&last, ops)?, classes)
     }
 
     /// The three-part training loss of full sequences `[B, T]` (no dropout: evaluation mode).

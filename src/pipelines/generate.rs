@@ -92,8 +92,7 @@ pub fn generate(
             let flat: Vec<u32> = pending.concat();
             let ids = Tensor::from_vec(flat, (pending.len(), width), device)?;
             let mut logits = model
-                .forward_cached_last(&ids, plan.mask, &mut cache)?
-                .narrow(1, plan.classes.start, plan.classes.len())?
+                .forward_cached_last(&ids, plan.mask, &mut cache, plan.classes.clone())?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
             if let Some(g) = &plan.guidance {
