@@ -1,5 +1,6 @@
 //! The machine's ceilings for the README's roofline: f32 matrix-product throughput through
-//! candle (the kernel our model uses) and memory-copy bandwidth.
+//! candle (the kernel our model uses), memory-copy bandwidth, and the bandwidth of reading
+//! memory on every core (what decoding does with the weights and the KV cache).
 //!
 //!     cargo run --release --example roofline
 
@@ -36,6 +37,34 @@ fn main() -> anyhow::Result<()> {
     println!(
         "memory copy: {:.1} GB/s",
         2.0 * (src.len() * 4) as f64 / dt / 1e9
+    );
+
+    // Reading on all cores: a sum over 1 GiB, far larger than any cache.
+    use rayon::prelude::*;
+    let big = vec![1f32; 256 << 20];
+    // Sixteen lanes, so that the adds vectorise and the loop waits on memory, not on them.
+    let sum = |v: &[f32]| -> f32 {
+        v.par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for x in c.chunks_exact(16) {
+                    for (a, x) in acc.iter_mut().zip(x) {
+                        *a += x;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum()
+    };
+    std::hint::black_box(sum(&big));
+    let t0 = Instant::now();
+    for _ in 0..5 {
+        std::hint::black_box(sum(std::hint::black_box(&big)));
+    }
+    let dt = t0.elapsed().as_secs_f64() / 5.0;
+    println!(
+        "memory read, all cores: {:.1} GB/s",
+        (big.len() * 4) as f64 / dt / 1e9
     );
     Ok(())
 }

@@ -76,6 +76,29 @@ pub fn decode_attention(
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?))
 }
 
+/// How far ahead (in key rows) [`decode_attention`] asks for the cache: with the hardware
+/// prefetcher alone it read 14 GB/s of the machine's 30 (350M, batch 8), 17 GB/s with this.
+const PREFETCH_ROWS: usize = 32;
+
+/// Asks the CPU to start loading the cache line of `data[at..]` (nothing if out of bounds).
+#[inline(always)]
+fn prefetch(data: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < data.len() {
+        // SAFETY: a prefetch never faults; the address is inside `data` anyway.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let p = data.as_ptr().add(at) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(192));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at);
+}
+
 /// Most new rows per call for which [`decode_attention`] beats the matrix products.
 const DECODE_ROWS: usize = 8;
 
@@ -126,6 +149,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                     let keep = &keep[m * sk..(m + 1) * sk];
                     let mut max = f32::NEG_INFINITY;
                     for (j, s) in scores.iter_mut().enumerate() {
+                        prefetch(k, at(kl, unit, j + PREFETCH_ROWS));
                         let kj = &k[at(kl, unit, j)..][..hd];
                         let m = keep[j];
                         *s = dot(qi, kj) * self.scale * m - (m * -penalty + penalty);
@@ -137,6 +161,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                         sum += *s;
                     }
                     for (j, &p) in scores.iter().enumerate() {
+                        prefetch(v, at(vl, unit, j + PREFETCH_ROWS));
                         let vj = &v[at(vl, unit, j)..][..hd];
                         for (o, &x) in out.iter_mut().zip(vj) {
                             *o += p * x;
