@@ -5,7 +5,6 @@
 use super::train::TrainArgs;
 use super::world::write_scenes;
 use crate::tokenizer::TextTokenizer;
-use crate::tokenizer::{TrainOptions as BpeOptions, train_bpe};
 use crate::train::Freeze;
 use crate::train::schedule::Schedule;
 use crate::world::recipe::{
@@ -13,6 +12,7 @@ use crate::world::recipe::{
     vqgan_gate,
 };
 use crate::world::sample;
+use crate::world::tokenizer::world_bpe;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,9 +25,6 @@ pub struct WorldTrainArgs {
     /// VQGAN optimizer steps (batch 8; 32 px crops but for the last 150 steps).
     #[arg(long, default_value_t = 7000)]
     pub vqgan_steps: u64,
-    /// BPE vocabulary size.
-    #[arg(long, default_value_t = 192)]
-    pub vocab_size: usize,
     /// Training scenes for the transformer (seen colour+shape pairs only).
     #[arg(long, default_value_t = 6000)]
     pub scenes: usize,
@@ -87,16 +84,12 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dirs.model)?;
     save_vqgan(&vae, &dirs.vqgan.join("weights.safetensors"), &dirs.model)?;
 
-    // 2. The tokenizer, on every caption of the seen pairs.
+    // 2. The tokenizer, from the captions' grammar: adjectives as stem + ending, so that every
+    // held-out caption is spelled with pieces the seen ones use (see world::tokenizer).
     let bpe_path = dirs.model.join("bpe.model");
     let captions = all_seen_captions();
     if !bpe_path.is_file() {
-        let bpe = train_bpe(
-            captions.iter().map(String::as_str),
-            args.vocab_size,
-            &BpeOptions { coverage: 1.0 },
-        )?;
-        bpe.save(&bpe_path, false)?;
+        world_bpe().save(&bpe_path, false)?;
     }
     let tokenizer = TextTokenizer::load(&bpe_path)?;
     let cfg = model_config(tokenizer.bpe().vocab_size());

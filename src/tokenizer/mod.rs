@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 pub use bpe::{Bpe, SpecialIds};
 pub use lower::{lower_strip, python_strip};
-pub use train::{TrainOptions, TrainedBpe, train_bpe};
+pub use train::{TrainOptions, TrainedBpe, bpe_from_merges, train_bpe};
 pub use wrapper::TextTokenizer;
 
 /// Everything that can go wrong while loading a model or encoding/decoding with it.

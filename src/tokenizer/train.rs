@@ -222,12 +222,42 @@ pub fn train_bpe<'a>(
     let max_merges = vocab_size - N_SPECIAL - n_chars;
     let merges = learn_merges(&mut words, (N_SPECIAL + n_chars) as u32, max_merges);
 
+    let mut model = bpe_from_merges(&alphabet, &merges)?;
+    model.n_dropped_chars = n_dropped;
+    Ok(model)
+}
+
+/// A model from its alphabet (`▁` first; ids from 4 on, in this order) and its merges
+/// `(left, right, new id)` in rank order, new ids following the alphabet's: for tokenizers
+/// designed rather than learnt (the shapes world's). Errors if `▁` is not first, a character
+/// repeats, or a merge uses an id not defined before it.
+pub fn bpe_from_merges(
+    alphabet: &[char],
+    merges: &[(u32, u32, u32)],
+) -> Result<TrainedBpe, TokenizerError> {
+    let n_chars = alphabet.len();
+    if alphabet.first() != Some(&SPACE_TOKEN) {
+        return Err(train_error(format!(
+            "the alphabet must start with {SPACE_TOKEN}"
+        )));
+    }
+    if alphabet.iter().collect::<HashSet<_>>().len() != n_chars {
+        return Err(train_error("the alphabet repeats a character".to_string()));
+    }
+    for (i, &(x, y, z)) in merges.iter().enumerate() {
+        let next = (N_SPECIAL + n_chars + i) as u32;
+        if z != next || x < N_SPECIAL as u32 || y < N_SPECIAL as u32 || x >= next || y >= next {
+            return Err(train_error(format!(
+                "merge {i} ({x}, {y}) → {z}: ids must be defined before use, new ids in order"
+            )));
+        }
+    }
     let mut text = String::with_capacity(16 * (n_chars + merges.len()) + 16);
     let _ = writeln!(text, "{} {}", n_chars, merges.len());
     for (c, id) in alphabet.iter().zip(N_SPECIAL..) {
         let _ = writeln!(text, "{} {id}", *c as u32);
     }
-    for (x, y, z) in &merges {
+    for (x, y, z) in merges {
         let _ = writeln!(text, "{x} {y} {z}");
     }
     text.push_str(SPECIAL_LINE);
@@ -236,7 +266,7 @@ pub fn train_bpe<'a>(
         text,
         n_chars,
         n_merges: merges.len(),
-        n_dropped_chars: n_dropped,
+        n_dropped_chars: 0,
     })
 }
 

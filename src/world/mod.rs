@@ -6,6 +6,7 @@ pub mod eval;
 pub mod read;
 pub mod recipe;
 pub mod render;
+pub mod tokenizer;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

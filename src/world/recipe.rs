@@ -1,7 +1,7 @@
 //! The recipe that trains the built-in model from nothing (`rudolph world train`): a small
-//! VQGAN, a BPE tokenizer and a small RuDOLPH, all on the shapes world. Every stage is
-//! step-based and writes checkpoints, so an interrupted run continues where it stopped; a stage
-//! whose result exists is skipped.
+//! VQGAN, the BPE tokenizer of the captions' grammar ([`super::tokenizer`]) and a small
+//! RuDOLPH, all on the shapes world. Every stage is step-based and writes checkpoints, so an
+//! interrupted run continues where it stopped; a stage whose result exists is skipped.
 //!
 //! ```text
 //! OUT/vqgan-run/     VQGAN checkpoint (weights + Adam moments + step), log.jsonl
@@ -403,7 +403,8 @@ impl RunDirs {
     }
 }
 
-/// Every caption of the seen colour+shape pairs, each once (the tokenizer's corpus).
+/// Every caption of the seen colour+shape pairs, each once (the recipe checks that each fits
+/// the text slots).
 pub fn all_seen_captions() -> Vec<String> {
     use super::{Background, Colour, Position, Shape, Size};
     let mut out = Vec::new();
@@ -453,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn the_tokenizer_corpus_is_every_seen_caption_once() {
+    fn every_seen_caption_once() {
         let captions = all_seen_captions();
         // 2 sizes × (30 − 4 held-out) colour+shape pairs × 5 positions × 3 backgrounds
         assert_eq!(captions.len(), 2 * 26 * 5 * 3);
