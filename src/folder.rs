@@ -1,6 +1,7 @@
 //! A model folder: the original files found by their original names (`config.json`,
 //! `pytorch_model.bin` / `model.safetensors`, `bpe.model`, the VQGAN `*.ckpt` and its
-//! `.config.yml`), loaded together.
+//! `.config.yml`), loaded together, with the folder's own sampling defaults
+//! (`generation_config.json`, as Hugging Face model folders carry) if it has them.
 
 use crate::config::Config;
 use crate::error::{Result, invalid};
@@ -118,6 +119,45 @@ fn find_vqgan(dir: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Defaults a model folder sets for its own generation (`generation_config.json`); a command-
+/// line flag still overrides each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Classifier-free guidance scale for pictures (`rudolph image --guidance`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f32>,
+}
+
+impl GenerationConfig {
+    pub const FILE: &'static str = "generation_config.json";
+
+    /// The folder's `generation_config.json`, or the defaults when it has none.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| crate::Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| {
+            invalid(format!(
+                "{}: {e} (expected {{\"guidance_scale\": number}})",
+                path.display()
+            ))
+        })?;
+        if config.guidance_scale.is_some_and(|g| !g.is_finite()) {
+            return Err(invalid(format!(
+                "{}: guidance_scale must be a finite number",
+                path.display()
+            )));
+        }
+        Ok(config)
+    }
+}
+
 /// A loaded model with its tokenizer and, when present, its VQGAN.
 pub struct Loaded {
     pub model: Rudolph,
@@ -125,6 +165,8 @@ pub struct Loaded {
     pub vae: Option<Vqgan>,
     pub report: LoadReport,
     pub files: ModelFiles,
+    /// The folder's generation defaults (empty without a folder or the file).
+    pub generation: GenerationConfig,
 }
 
 impl Loaded {
@@ -151,6 +193,10 @@ impl Loaded {
                 Config::preset(preset)?
             }
         };
+        let generation = match &spec.dir {
+            Some(d) => GenerationConfig::read(d)?,
+            None => GenerationConfig::default(),
+        };
         let (model, report) = Rudolph::from_checkpoint_as(&ckpt, &cfg, precision, device)?;
         let tokenizer = TextTokenizer::load(&files.tokenizer)?;
         let vae = match &files.vae {
@@ -163,7 +209,14 @@ impl Loaded {
             vae,
             report,
             files,
+            generation,
         })
+    }
+
+    /// The guidance scale for pictures: `flag` if given, else the folder's, else none (1).
+    pub fn guidance(&self, flag: Option<f32>) -> f32 {
+        flag.or(self.generation.guidance_scale)
+            .unwrap_or(crate::pipelines::defaults::GUIDANCE)
     }
 
     /// The VQGAN, or an error saying the task needs one.

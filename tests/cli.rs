@@ -362,6 +362,63 @@ fn a_model_folder_is_found_by_the_original_file_names() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A folder's `generation_config.json` sets `rudolph image`'s guidance unless the flag does; a
+/// malformed one is an error naming the file.
+#[test]
+fn a_model_folder_sets_its_own_guidance() {
+    let dir = temp_dir("generation");
+    for (from, to) in [
+        ("rudolph_tiny/config.json", "config.json"),
+        ("rudolph_tiny/model.safetensors", "model.safetensors"),
+        ("tokenizer/bpe.model", "bpe.model"),
+        ("vqgan_tiny/vqgan_tiny.ckpt", "vqgan_tiny.ckpt"),
+        ("vqgan_tiny/vqgan_tiny.config.yml", "vqgan_tiny.config.yml"),
+    ] {
+        std::fs::copy(fixture(from), dir.join(to)).unwrap();
+    }
+    let out = dir.join("out.png");
+    let draw = |extra: &[&str]| {
+        let mut args = vec![
+            "image",
+            "кот",
+            "--images",
+            "1",
+            "--seed",
+            "3",
+            "--force",
+            "--quiet",
+            "--json",
+            "--model",
+            dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        rudolph(&args)
+    };
+    let guidance = |o: &Output| stdout_json(o)["guidance"].as_f64().unwrap();
+    assert_eq!(guidance(&draw(&[])), 1.0);
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"guidance_scale": 2.5}"#,
+    )
+    .unwrap();
+    let guided = draw(&[]);
+    assert_eq!(guidance(&guided), 2.5);
+    assert_eq!(guidance(&draw(&["--guidance", "1"])), 1.0);
+    let codes = |o: &Output| stdout_json(o)["images"][0]["codes"].clone();
+    assert_eq!(codes(&guided), codes(&draw(&["--guidance", "2.5"])));
+    std::fs::write(dir.join("generation_config.json"), r#"{"guidance": 2}"#).unwrap();
+    let bad = draw(&[]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("generation_config.json"),
+        "{}",
+        stderr(&bad)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn world_sample_writes_pictures_and_captions() {
     let dir = temp_dir("world").join("scenes");

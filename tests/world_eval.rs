@@ -164,7 +164,7 @@ fn evaluate_scores_a_random_world_model() {
         batch_size: 2,
         captions: 3,
         images: 2,
-        guidance: 1.0,
+        guidance: None,
         progress: false,
     };
     let report = evaluate(&loaded, &opts).unwrap();

@@ -40,8 +40,9 @@ pub struct ImageArgs {
     /// Classifier-free guidance: sample from `u + S·(c − u)`, the logits after the text (c)
     /// pushed away from those after an empty one (u); 1 = off. Costs a second model row per
     /// picture; needs a model trained with pictures alone (`rudolph train --i2t-fraction`).
-    #[arg(long, default_value_t = defaults::GUIDANCE, value_name = "S")]
-    pub guidance: f32,
+    /// Default: the model folder's `generation_config.json`, else 1.
+    #[arg(long, value_name = "S")]
+    pub guidance: Option<f32>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -90,12 +91,12 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     }
     let mut opts = args.sample.options(defaults::IMAGE, args.out.quiet)?;
     anyhow::ensure!(
-        args.guidance.is_finite(),
+        args.guidance.is_none_or(f32::is_finite),
         "--guidance must be a finite number"
     );
-    opts.guidance = args.guidance;
     let borders = parse_borders(&args.borders)?;
     let loaded = args.model.load()?;
+    opts.guidance = loaded.guidance(args.guidance);
     let vae = loaded.vae()?;
     let prompt = match &args.prompt_image {
         Some(p) => {
@@ -149,7 +150,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             })
             .collect();
         let doc = serde_json::json!({
-            "text": args.text, "seed": opts.seed, "grid": args.output.display().to_string(), "images": images,
+            "text": args.text, "seed": opts.seed, "guidance": opts.guidance,
+            "grid": args.output.display().to_string(), "images": images,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {

@@ -87,9 +87,10 @@ pub struct EvalArgs {
     /// Pictures sampled per caption, the one that best explains it scored (as `rudolph image`).
     #[arg(long, default_value_t = defaults::IMAGES)]
     pub images: usize,
-    /// Classifier-free guidance scale of the pictures (as `rudolph image --guidance`).
-    #[arg(long, default_value_t = defaults::GUIDANCE)]
-    pub guidance: f32,
+    /// Classifier-free guidance scale of the pictures (as `rudolph image --guidance`; default:
+    /// the model folder's, else 1).
+    #[arg(long)]
+    pub guidance: Option<f32>,
     /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
     /// text_to_image_held_out.png).
     #[arg(long, value_name = "DIR")]

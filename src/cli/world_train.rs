@@ -4,12 +4,13 @@
 
 use super::train::TrainArgs;
 use super::world::write_scenes;
+use crate::folder::GenerationConfig;
 use crate::tokenizer::TextTokenizer;
 use crate::train::Freeze;
 use crate::train::schedule::Schedule;
 use crate::world::recipe::{
-    RunDirs, VQGAN_GATE, VqganStage, all_seen_captions, model_config, save_vqgan, train_vqgan,
-    vqgan_gate,
+    RunDirs, VQGAN_GATE, VqganStage, WORLD_GUIDANCE, all_seen_captions, model_config, save_vqgan,
+    train_vqgan, vqgan_gate,
 };
 use crate::world::sample;
 use crate::world::tokenizer::world_bpe;
@@ -43,6 +44,10 @@ pub struct WorldTrainArgs {
     /// Fraction of picture samples trained image → text, with the left text blanked.
     #[arg(long, default_value_t = 0.5)]
     pub i2t_fraction: f64,
+    /// Classifier-free guidance scale the model folder sets for its pictures
+    /// (`generation_config.json`).
+    #[arg(long, default_value_t = WORLD_GUIDANCE)]
+    pub guidance: f32,
     /// Train the transformer even if the VQGAN misses the reconstruction gate.
     #[arg(long)]
     pub ignore_gate: bool,
@@ -53,6 +58,10 @@ pub struct WorldTrainArgs {
 
 pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(
+        args.guidance.is_finite(),
+        "--guidance must be a finite number"
+    );
     let dirs = RunDirs::new(&args.out);
     let progress = !args.quiet;
     let start = Instant::now();
@@ -165,6 +174,13 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
         std::fs::copy(last.join(name), dirs.model.join(name))
             .with_context(|| format!("copying {name} into {}", dirs.model.display()))?;
     }
+    let generation = GenerationConfig {
+        guidance_scale: Some(args.guidance),
+    };
+    std::fs::write(
+        dirs.model.join(GenerationConfig::FILE),
+        serde_json::to_string_pretty(&generation)?,
+    )?;
     stamp(&format!(
         "done: the model folder is {}",
         dirs.model.display()

@@ -414,4 +414,25 @@ mod tests {
         assert_eq!(model.n_dropped_chars(), 1);
         assert_eq!(model.n_chars(), 2);
     }
+
+    #[test]
+    fn designed_models_are_checked() {
+        let abc = [SPACE_TOKEN, 'a', 'b'];
+        // ▁+a → 7, then ▁a+b → 8.
+        let ok = bpe_from_merges(&abc, &[(4, 5, 7), (7, 6, 8)]).unwrap();
+        assert_eq!(ok.to_bpe().unwrap().encode("ab"), vec![8]);
+        assert!(
+            bpe_from_merges(&['a', SPACE_TOKEN], &[]).is_err(),
+            "▁ not first"
+        );
+        assert!(
+            bpe_from_merges(&[SPACE_TOKEN, 'a', 'a'], &[]).is_err(),
+            "repeat"
+        );
+        assert!(bpe_from_merges(&abc, &[(4, 8, 7)]).is_err(), "undefined id");
+        assert!(
+            bpe_from_merges(&abc, &[(4, 5, 9)]).is_err(),
+            "ids out of order"
+        );
+    }
 }

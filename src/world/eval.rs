@@ -40,8 +40,9 @@ pub struct EvalOptions {
     /// Pictures sampled per caption, the one that best explains the caption kept (`rudolph
     /// image`'s defaults: [`defaults::IMAGES`] at [`defaults::IMAGE`]); 1 = the first draw.
     pub images: usize,
-    /// Classifier-free guidance scale of the pictures (`rudolph image --guidance`).
-    pub guidance: f32,
+    /// Classifier-free guidance scale of the pictures (`rudolph image --guidance`); `None`: the
+    /// model folder's, as the CLI takes it.
+    pub guidance: Option<f32>,
     /// Progress bars on stderr.
     pub progress: bool,
 }
@@ -54,7 +55,7 @@ impl Default for EvalOptions {
             batch_size: 8,
             captions: defaults::CAPTIONS,
             images: defaults::IMAGES,
-            guidance: defaults::GUIDANCE,
+            guidance: None,
             progress: false,
         }
     }
@@ -293,6 +294,8 @@ pub struct EvalReport {
     /// Captions sampled per picture (0 = greedy) and pictures per caption.
     pub captions: usize,
     pub images: usize,
+    /// The classifier-free guidance scale the pictures were drawn with.
+    pub guidance: f32,
     pub captioning_seen: AttributeReport,
     pub text_to_image_seen: AttributeReport,
     pub captioning_held_out: AttributeReport,
@@ -412,9 +415,14 @@ impl EvalReport {
             0 => "one greedy caption".to_string(),
             n => format!("best of {n} captions"),
         };
+        let guidance = if self.guidance == 1.0 {
+            String::new()
+        } else {
+            format!(" at guidance {}", self.guidance)
+        };
         let mut out = format!(
             "shapes world eval: n = {} per task, seed {}; {captions} per picture, best of {} \
-             pictures per caption\n",
+             pictures per caption{guidance}\n",
             self.n, self.seed, self.images
         );
         out.push_str(&pad("task", name_w));
@@ -572,7 +580,7 @@ fn draw_scenes(
         let mut codes = Vec::with_capacity(chunk.len() * n_codes);
         for (j, scene) in chunk.iter().enumerate() {
             let sampling = GenerateOptions {
-                guidance: opts.guidance,
+                guidance: loaded.guidance(opts.guidance),
                 ..options(
                     defaults::IMAGE,
                     item_seed(opts.seed, task, k * batch + j),
@@ -809,6 +817,7 @@ pub fn evaluate(loaded: &Loaded, opts: &EvalOptions) -> Result<EvalReport> {
         seed: opts.seed,
         captions: opts.captions,
         images: opts.images,
+        guidance: loaded.guidance(opts.guidance),
         captioning_seen,
         text_to_image_seen,
         captioning_held_out,
