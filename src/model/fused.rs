@@ -9,7 +9,6 @@
 //! i.e. training) takes the unfused path.
 
 use super::attention::MASK_VALUE;
-use candle_core::cpu::kernels::VecOps;
 use candle_core::{CpuStorage, D, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -116,13 +115,13 @@ struct DecodeRow<'a> {
     scale: f32,
 }
 
-/// The widest vectors this CPU has for [`decode_row`]: the crate is built for the baseline
-/// x86-64 (SSE2), where its loops vectorise four lanes wide; compiled again under
-/// `target_feature` they use AVX-512 or AVX2. On the 350M batch-8 decoding step (24 layers,
-/// 192 cached rows on average) the attention took 18 ms at the baseline and 15.3 ms with
-/// AVX-512; in cache it runs at 41 GB/s, so what is left is waiting on memory.
-#[derive(Clone, Copy)]
-enum DecodeKernel {
+/// The widest vectors this CPU has. The crate is built for the baseline x86-64 (SSE2), where
+/// the element loops of these kernels vectorise four lanes wide; [`simd_variants!`] compiles
+/// each again under `target_feature` for AVX2 and AVX-512, picked at run time. On the 350M
+/// batch-8 decoding step the attention took 18 ms at the baseline and 15.3 ms with AVX-512 (in
+/// cache it runs at 41 GB/s, so what is left is waiting on memory).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Simd {
     Baseline,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -130,7 +129,7 @@ enum DecodeKernel {
     Avx512,
 }
 
-impl DecodeKernel {
+impl Simd {
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
@@ -144,46 +143,51 @@ impl DecodeKernel {
         Self::Baseline
     }
 
-    /// Every kernel this CPU can run, the baseline first.
+    /// Every level this CPU can run, the baseline first.
     #[cfg(test)]
     fn available() -> Vec<Self> {
         #[allow(unused_mut)]
-        let mut kernels = vec![Self::Baseline];
+        let mut levels = vec![Self::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") {
-                kernels.push(Self::Avx2);
+                levels.push(Self::Avx2);
             }
             if is_x86_feature_detected!("avx512f") {
-                kernels.push(Self::Avx512);
+                levels.push(Self::Avx512);
             }
         }
-        kernels
+        levels
     }
+}
 
-    fn run(self, row: &DecodeRow, scores: &mut [f32], out: &mut [f32]) {
-        match self {
-            Self::Baseline => decode_row(row, scores, out),
-            // SAFETY: `best` checked that the CPU has the features.
+/// `fn $name(simd, args…)` runs the `#[inline(always)]` function `$body` compiled for `simd`.
+macro_rules! simd_variants {
+    ($name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
+        fn $name(simd: Simd, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { decode_row_avx2(row, scores, out) },
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $body($($arg),*)
+            }
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { decode_row_avx512(row, scores, out) },
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            match simd {
+                Simd::Baseline => $body($($arg),*),
+                // SAFETY: `Simd::best` (or `available`) found the features on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe { avx2($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx512 => unsafe { avx512($($arg),*) },
+            }
         }
-    }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn decode_row_avx2(row: &DecodeRow, scores: &mut [f32], out: &mut [f32]) {
-    decode_row(row, scores, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn decode_row_avx512(row: &DecodeRow, scores: &mut [f32], out: &mut [f32]) {
-    decode_row(row, scores, out)
-}
+simd_variants!(decode_row_simd => decode_row(row: &DecodeRow, scores: &mut [f32], out: &mut [f32]));
 
 /// `out = softmax(mask(scale · q·kⱼ))·V` for one query row, streaming the keys then the values.
 #[inline(always)]
@@ -240,6 +244,26 @@ fn decode_row(row: &DecodeRow, scores: &mut [f32], out: &mut [f32]) {
 /// Context columns [`decode_row`] accumulates at once: four AVX-512 registers.
 const CONTEXT_BLOCK: usize = 64;
 
+/// `softmax(mask(scores))` in place: kept scores as they are, masked ones at the original's
+/// large negative value (so a fully masked row is uniform, as in the original).
+#[inline(always)]
+fn masked_softmax_row(scores: &mut [f32], keep: &[f32]) {
+    let penalty = MASK_VALUE as f32;
+    for (s, &m) in scores.iter_mut().zip(keep) {
+        *s = *s * m - (m * -penalty + penalty);
+    }
+    let max = row_max(scores);
+    for s in scores.iter_mut() {
+        *s = exp(*s - max);
+    }
+    let inv = 1.0 / lane_sum(scores);
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
+
+simd_variants!(masked_softmax_row_simd => masked_softmax_row(scores: &mut [f32], keep: &[f32]));
+
 impl candle_core::CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "decode-attention"
@@ -275,7 +299,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                 candle_core::bail!("decode attention: a view reaches past its storage");
             }
         }
-        let kernel = DecodeKernel::best();
+        let simd = Simd::best();
         let contexts: Vec<Vec<f32>> = (0..b * heads)
             .into_par_iter()
             .map(|unit| {
@@ -292,7 +316,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                         keep: &keep[((sample * sq + i) % keep_rows) * sk..][..sk],
                         scale: self.scale,
                     };
-                    kernel.run(&row, &mut scores, out);
+                    decode_row_simd(simd, &row, &mut scores, out);
                 }
                 out
             })
@@ -413,7 +437,7 @@ impl candle_core::CustomOp3 for Attention {
         let width = heads * hd;
         let mut context = vec![0f32; b * sq * width];
         let out = SharedOut(context.as_mut_ptr());
-        let penalty = MASK_VALUE as f32;
+        let simd = Simd::best();
         (0..b * heads).into_par_iter().for_each(|unit| {
             let (sample, head) = (unit / heads, unit % heads);
             let (q0, q_rs) = block(ql, unit);
@@ -448,18 +472,7 @@ impl candle_core::CustomOp3 for Attention {
             }
             for (i, row) in scores.chunks_mut(sk).enumerate() {
                 let m = (sample * sq + i) % keep_rows;
-                let keep = &keep[m * sk..(m + 1) * sk];
-                for (s, &m) in row.iter_mut().zip(keep) {
-                    *s = *s * m - (m * -penalty + penalty);
-                }
-                let max = row_max(row);
-                for s in row.iter_mut() {
-                    *s = exp(*s - max);
-                }
-                let mut sum = 0f32;
-                unsafe { <f32 as VecOps>::vec_reduce_sum(row.as_ptr(), &mut sum, row.len()) };
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
+                masked_softmax_row_simd(simd, row, &keep[m * sk..(m + 1) * sk]);
             }
             // SAFETY: as above.
             unsafe {
@@ -494,6 +507,7 @@ impl candle_core::CustomOp3 for Attention {
 }
 
 /// The largest element, in sixteen lanes (a running `max` is a chain the compiler keeps scalar).
+#[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -597,22 +611,29 @@ impl InplaceOp2 for BiasActivation {
     fn cpu_fwd(&self, y: &mut CpuStorage, yl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
         let bias = slice(b, bl)?;
         let y = slice_mut(y, yl)?;
-        let gelu = self.gelu;
-        y.par_chunks_mut(bias.len()).for_each(|row| {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
-            }
-            if gelu {
-                // candle's f32 `gelu` (the tanh form), with a tanh that vectorises.
-                for v in row.iter_mut() {
-                    let x = *v;
-                    *v = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)));
-                }
-            }
-        });
+        let (gelu, simd) = (self.gelu, Simd::best());
+        y.par_chunks_mut(bias.len())
+            .for_each(|row| bias_activation_row_simd(simd, row, bias, gelu));
         Ok(())
     }
 }
+
+/// `row += bias`, then GELU if asked: candle's f32 `gelu` (the tanh form) with a tanh that
+/// vectorises.
+#[inline(always)]
+fn bias_activation_row(row: &mut [f32], bias: &[f32], gelu: bool) {
+    for (v, b) in row.iter_mut().zip(bias) {
+        *v += b;
+    }
+    if gelu {
+        for v in row.iter_mut() {
+            let x = *v;
+            *v = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)));
+        }
+    }
+}
+
+simd_variants!(bias_activation_row_simd => bias_activation_row(row: &mut [f32], bias: &[f32], gelu: bool));
 
 pub(super) const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 
@@ -694,7 +715,7 @@ impl InplaceOp2 for MaskedSoftmax {
         let keep = slice(k, kl)?;
         let keep_rows = keep.len() / sk;
         let scores = slice_mut(s, sl)?;
-        let penalty = MASK_VALUE as f32;
+        let simd = Simd::best();
         scores
             .par_chunks_mut(sk)
             .enumerate()
@@ -703,21 +724,7 @@ impl InplaceOp2 for MaskedSoftmax {
                 // or per query when it is shared by the batch.
                 let (sample, query) = (row / (heads * sq), row % sq);
                 let k = (sample * sq + query) % keep_rows;
-                let keep = &keep[k * sk..(k + 1) * sk];
-                let mut max = f32::NEG_INFINITY;
-                for (s, &m) in scores.iter_mut().zip(keep) {
-                    *s = *s * m - (m * -penalty + penalty);
-                    max = max.max(*s);
-                }
-                for s in scores.iter_mut() {
-                    *s = exp(*s - max);
-                }
-                // candle's SIMD sum: a plain running sum adds one element at a time.
-                let mut sum = 0f32;
-                unsafe { <f32 as VecOps>::vec_reduce_sum(scores.as_ptr(), &mut sum, scores.len()) };
-                for s in scores.iter_mut() {
-                    *s /= sum;
-                }
+                masked_softmax_row_simd(simd, scores, &keep[k * sk..(k + 1) * sk]);
             });
         Ok(())
     }
@@ -955,15 +962,44 @@ mod tests {
             };
             let mut want = vec![0f32; hd];
             decode_row(&row, &mut vec![0f32; sk], &mut want);
-            for kernel in DecodeKernel::available() {
+            for simd in Simd::available() {
                 let mut got = vec![0f32; hd];
-                kernel.run(&row, &mut vec![0f32; sk], &mut got);
+                decode_row_simd(simd, &row, &mut vec![0f32; sk], &mut got);
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
                         (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
                         "sk {sk}, hd {hd}: {g} against {w}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_simd_level_of_the_row_kernels_agrees_with_the_baseline() {
+        let close = |got: &[f32], want: &[f32], what: &str| {
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{what}: {g} against {w}"
+                );
+            }
+        };
+        for n in [1, 17, 64, 200] {
+            let x = values(&random(&[n], n as u64).affine(3.0, 0.0).unwrap());
+            let keep: Vec<f32> = (0..n).map(|j| (j % 4 != 2) as u32 as f32).collect();
+            let bias = values(&random(&[n], 7));
+            let mut softmax = x.clone();
+            masked_softmax_row(&mut softmax, &keep);
+            let mut activated = x.clone();
+            bias_activation_row(&mut activated, &bias, true);
+            for simd in Simd::available() {
+                let mut got = x.clone();
+                masked_softmax_row_simd(simd, &mut got, &keep);
+                close(&got, &softmax, &format!("softmax {simd:?}, {n}"));
+                let mut got = x.clone();
+                bias_activation_row_simd(simd, &mut got, &bias, true);
+                close(&got, &activated, &format!("bias + GELU {simd:?}, {n}"));
             }
         }
     }
