@@ -5,10 +5,12 @@
 //! cores. At full sequence length those passes cost a sizeable share of a forward, so inference
 //! does them here: in place, one pass, all cores. GELU's tanh and the softmax's exp are
 //! approximations the compiler vectorises (libm's scalar `tanhf` was an eighth of a 350M forward,
-//! `expf` most of a softmax), within 5 · 10⁻⁷ and 2 ulp of libm. Anything else (other devices or dtypes, tensors that carry gradients,
-//! i.e. training) takes the unfused path.
+//! `expf` most of a softmax), within 5 · 10⁻⁷ and 2 ulp of libm; the row loops run compiled for
+//! the CPU's widest vectors ([`super::simd`]). Anything else (other devices or dtypes, tensors
+//! that carry gradients, i.e. training) takes the unfused path.
 
 use super::attention::MASK_VALUE;
+use super::simd::{Simd, simd_variants};
 use candle_core::{CpuStorage, D, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -113,78 +115,6 @@ struct DecodeRow<'a> {
     values: &'a [f32],
     keep: &'a [f32],
     scale: f32,
-}
-
-/// The widest vectors this CPU has. The crate is built for the baseline x86-64 (SSE2), where
-/// the element loops of these kernels vectorise four lanes wide; [`simd_variants!`] compiles
-/// each again under `target_feature` for AVX2 and AVX-512, picked at run time. On the 350M
-/// batch-8 decoding step the attention took 18 ms at the baseline and 15.3 ms with AVX-512 (in
-/// cache it runs at 41 GB/s, so what is left is waiting on memory).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Simd {
-    Baseline,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Simd {
-    fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Self::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") {
-                return Self::Avx2;
-            }
-        }
-        Self::Baseline
-    }
-
-    /// Every level this CPU can run, the baseline first.
-    #[cfg(test)]
-    fn available() -> Vec<Self> {
-        #[allow(unused_mut)]
-        let mut levels = vec![Self::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") {
-                levels.push(Self::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                levels.push(Self::Avx512);
-            }
-        }
-        levels
-    }
-}
-
-/// `fn $name(simd, args…)` runs the `#[inline(always)]` function `$body` compiled for `simd`.
-macro_rules! simd_variants {
-    ($name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
-        fn $name(simd: Simd, $($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2($($arg: $ty),*) {
-                $body($($arg),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512($($arg: $ty),*) {
-                $body($($arg),*)
-            }
-            match simd {
-                Simd::Baseline => $body($($arg),*),
-                // SAFETY: `Simd::best` (or `available`) found the features on this CPU.
-                #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 => unsafe { avx2($($arg),*) },
-                #[cfg(target_arch = "x86_64")]
-                Simd::Avx512 => unsafe { avx512($($arg),*) },
-            }
-        }
-    };
 }
 
 simd_variants!(decode_row_simd => decode_row(row: &DecodeRow, scores: &mut [f32], out: &mut [f32]));
@@ -934,21 +864,29 @@ mod tests {
                         assert!(which == 1 && sq > DECODE_ROWS, "kernel {which} declined");
                         continue;
                     };
-                    let got = values(&got);
-                    assert_eq!(got.len(), want.len());
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "kernel {which}, sq {sq}, sk {sk}, hd {hd}, mask batch {kb}: {g} against {w}"
-                        );
-                    }
+                    assert_close(
+                        &values(&got),
+                        &want,
+                        &format!("kernel {which}, sq {sq}, sk {sk}, hd {hd}, mask batch {kb}"),
+                    );
                 }
             }
         }
     }
 
+    /// Every element within `1e-5` relative (plus `1e-5` absolute) of `want`.
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{what}: {g} against {w}"
+            );
+        }
+    }
+
     #[test]
-    fn every_decoding_kernel_agrees_with_the_baseline() {
+    fn every_simd_level_of_the_row_kernels_agrees_with_the_baseline() {
         for (sk, hd) in [(1, 64), (45, 64), (33, 80), (20, 16)] {
             let draw = |n: usize, seed: u64| values(&random(&[n], seed));
             let (q, keys, values) = (draw(hd, 1), draw(sk * hd, 2), draw(sk * hd, 3));
@@ -965,26 +903,13 @@ mod tests {
             for simd in Simd::available() {
                 let mut got = vec![0f32; hd];
                 decode_row_simd(simd, &row, &mut vec![0f32; sk], &mut got);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                        "sk {sk}, hd {hd}: {g} against {w}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn every_simd_level_of_the_row_kernels_agrees_with_the_baseline() {
-        let close = |got: &[f32], want: &[f32], what: &str| {
-            for (g, w) in got.iter().zip(want) {
-                assert!(
-                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{what}: {g} against {w}"
+                assert_close(
+                    &got,
+                    &want,
+                    &format!("decoding {}, sk {sk}, hd {hd}", simd.name()),
                 );
             }
-        };
+        }
         for n in [1, 17, 64, 200] {
             let x = values(&random(&[n], n as u64).affine(3.0, 0.0).unwrap());
             let keep: Vec<f32> = (0..n).map(|j| (j % 4 != 2) as u32 as f32).collect();
@@ -996,10 +921,14 @@ mod tests {
             for simd in Simd::available() {
                 let mut got = x.clone();
                 masked_softmax_row_simd(simd, &mut got, &keep);
-                close(&got, &softmax, &format!("softmax {simd:?}, {n}"));
+                assert_close(&got, &softmax, &format!("softmax {}, {n}", simd.name()));
                 let mut got = x.clone();
                 bias_activation_row_simd(simd, &mut got, &bias, true);
-                close(&got, &activated, &format!("bias + GELU {simd:?}, {n}"));
+                assert_close(
+                    &got,
+                    &activated,
+                    &format!("bias + GELU {}, {n}", simd.name()),
+                );
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod load;
 pub mod loss;
 pub mod masks;
 pub mod precision;
+pub mod simd;
 pub mod skinny;
 
 pub use cache::KvCache;
