@@ -55,6 +55,19 @@ pub fn decode_attention(
     keep: &Tensor,
     scale: f32,
 ) -> Result<Option<Tensor>> {
+    decode_attention_with(q, k, v, keep, scale, Simd::best())
+}
+
+/// [`decode_attention`] compiled for the vector width `simd` (`cargo bench --bench attention`
+/// compares them).
+pub fn decode_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep: &Tensor,
+    scale: f32,
+    simd: Simd,
+) -> Result<Option<Tensor>> {
     let (b, heads, sq, hd) = q.dims4()?;
     let sk = k.dim(2)?;
     let suits =
@@ -73,6 +86,7 @@ pub fn decode_attention(
     let op = DecodeAttention {
         keep: keep.clone(),
         scale,
+        simd,
     };
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?))
 }
@@ -106,6 +120,7 @@ const DECODE_ROWS: usize = 8;
 struct DecodeAttention {
     keep: Tensor,
     scale: f32,
+    simd: Simd,
 }
 
 /// One new query row against one (sample, head)'s cached keys and values, `sk × hd` each.
@@ -229,7 +244,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                 candle_core::bail!("decode attention: a view reaches past its storage");
             }
         }
-        let simd = Simd::best();
+        let simd = self.simd;
         let contexts: Vec<Vec<f32>> = (0..b * heads)
             .into_par_iter()
             .map(|unit| {

@@ -24,6 +24,7 @@ pub use loss::{Labels, Loss, LossWeights};
 pub use masks::{LayerMaskKind, LayerMasks, MaskVariant};
 pub use precision::Precision;
 
+pub use fused::decode_attention_with;
 pub(crate) use fused::exp;
 
 use crate::config::Config;
