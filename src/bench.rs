@@ -38,6 +38,11 @@ pub struct BenchReport {
     pub seconds_per_image: f64,
     pub peak_rss_bytes: u64,
     pub build_seconds: f64,
+    /// Where it ran (`cpu`, `cuda:0`).
+    pub device: String,
+    /// An untimed first run of one batch, on a GPU only: it loads and JIT-compiles the kernels
+    /// and creates the BLAS handles, which a long-running program pays once.
+    pub warmup_seconds: f64,
 }
 
 /// Runs `task` on a randomly initialised `cfg` model.
@@ -80,51 +85,61 @@ pub fn run(
         .map(|i| (i * 37) % cfg.image_vocab_size as u32)
         .collect();
     let quiet = Progress::hidden();
-    let start = Instant::now();
-    let tokens = match task {
-        Task::Forward => {
-            let ids: Vec<u32> = [left.clone(), codes.clone(), left.clone()].concat();
-            let ids = Tensor::new(ids, device)?.unsqueeze(0)?.repeat((batch, 1))?;
-            let mask = masks::causal_mask(1, t, device)?;
-            model
-                .forward(&ids, &mask)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?;
-            batch * t
-        }
-        Task::Image => {
-            images::generate_image_codes(
-                &model, &left, images, None, 1.0, batch, &params, 0, &quiet,
-            )?;
-            images * n
-        }
-        Task::Caption => {
-            let text_params = SamplingParams {
-                top_k: 32,
-                top_p: 0.6,
-                temperature: 1.0,
-            };
-            captions::generate_caption_ids(
-                &model,
-                &codes,
-                &[2],
-                images,
-                batch,
-                &text_params,
-                0,
-                &quiet,
-            )?;
-            images * (r - 1)
-        }
-        Task::Rerank => {
-            let text: Vec<u32> = left.clone();
-            let pairs: Vec<(&[u32], &[u32])> =
-                (0..images).map(|_| (&codes[..], &text[..])).collect();
-            rerank::score_pairs(&model, &pairs, 1, batch)?;
-            images * t
-        }
+    let work = |images: usize| -> anyhow::Result<usize> {
+        Ok(match task {
+            Task::Forward => {
+                let ids: Vec<u32> = [left.clone(), codes.clone(), left.clone()].concat();
+                let ids = Tensor::new(ids, device)?.unsqueeze(0)?.repeat((batch, 1))?;
+                let mask = masks::causal_mask(1, t, device)?;
+                model
+                    .forward(&ids, &mask)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+                batch * t
+            }
+            Task::Image => {
+                images::generate_image_codes(
+                    &model, &left, images, None, 1.0, batch, &params, 0, &quiet,
+                )?;
+                images * n
+            }
+            Task::Caption => {
+                let text_params = SamplingParams {
+                    top_k: 32,
+                    top_p: 0.6,
+                    temperature: 1.0,
+                };
+                captions::generate_caption_ids(
+                    &model,
+                    &codes,
+                    &[2],
+                    images,
+                    batch,
+                    &text_params,
+                    0,
+                    &quiet,
+                )?;
+                images * (r - 1)
+            }
+            Task::Rerank => {
+                let text: Vec<u32> = left.clone();
+                let pairs: Vec<(&[u32], &[u32])> =
+                    (0..images).map(|_| (&codes[..], &text[..])).collect();
+                rerank::score_pairs(&model, &pairs, 1, batch)?;
+                images * t
+            }
+        })
     };
+    let warmup_seconds = if device.is_cpu() {
+        0.0
+    } else {
+        let start = Instant::now();
+        work(batch.min(images))?;
+        start.elapsed().as_secs_f64()
+    };
+    let start = Instant::now();
+    let tokens = work(images)?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(BenchReport {
         task,
@@ -138,7 +153,17 @@ pub fn run(
         seconds_per_image: seconds / if task == Task::Forward { batch } else { images } as f64,
         peak_rss_bytes: peak_rss_bytes(),
         build_seconds,
+        device: device_name(device),
+        warmup_seconds,
     })
+}
+
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// The process's peak resident set (`VmHWM`), 0 where /proc is unavailable.

@@ -41,9 +41,11 @@ pub fn top_k_top_p_filtering(logits: &mut [f32], top_k: usize, top_p: f64) {
     }
     if top_k > 0 {
         let k = top_k.clamp(1, logits.len());
-        let mut sorted = logits.to_vec();
-        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-        let kth = sorted[k - 1];
+        // The k-th largest value by selection, not a sort: a batched decoding step filters
+        // thousands of classes per row.
+        let mut values = logits.to_vec();
+        let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let kth = *kth;
         // Strictly smaller only: ties with the k-th value survive.
         logits
             .iter_mut()
@@ -51,14 +53,19 @@ pub fn top_k_top_p_filtering(logits: &mut [f32], top_k: usize, top_p: f64) {
             .for_each(|v| *v = f32::NEG_INFINITY);
     }
     if (0.0..=1.0).contains(&top_p) {
-        let mut order: Vec<usize> = (0..logits.len()).collect();
+        // The original sorts the whole row, but entries already at −inf sort last, add zero
+        // probability and are only ever set to −inf again: sorting the finite ones (stably, as
+        // torch's sort keeps equal logits in index order here) gives the same result.
+        let mut order: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i] > f32::NEG_INFINITY)
+            .collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let sorted: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
         let probs = softmax(&sorted);
         // torch accumulates a float cumsum in double and stores each partial sum as float; the
         // comparison with top_p happens in float. At top_p = 1.0 rounding can drop the tail.
         let mut cumulative = 0.0f64;
-        let mut remove = vec![false; logits.len()];
+        let mut remove = vec![false; order.len()];
         for (i, p) in probs.iter().enumerate() {
             cumulative += *p as f64;
             remove[i] = (cumulative as f32) > top_p as f32;

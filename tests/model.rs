@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use common::*;
 use rudolph::model::masks::{self, LayerMaskKind, MaskVariant};
 use rudolph::model::{Labels, LossWeights, Rudolph};
@@ -54,7 +54,7 @@ fn pipeline_masks_equal_the_goldens() {
     let g = goldens("model_goldens/forward.safetensors");
     let ids = get(&g, "input_ids");
     let b = ids.dim(0).unwrap();
-    let dev = Device::Cpu;
+    let dev = common::device();
     let t = cfg.total_seq_length();
     let causal = masks::causal_mask(b, t, &dev).unwrap();
     assert_close(
@@ -285,7 +285,7 @@ fn cached_greedy_generation_reproduces_the_goldens() {
     let (b, l) = prompt.dims2().unwrap();
     let n = cfg.image_seq_length();
     let v = cfg.text_vocab();
-    let mask = masks::causal_mask(b, cfg.total_seq_length(), &Device::Cpu).unwrap();
+    let mask = masks::causal_mask(b, cfg.total_seq_length(), &common::device()).unwrap();
     let mut cache = model.new_cache();
     let mut next = prompt.clone();
     let mut out = vec![prompt.clone()];
@@ -375,8 +375,8 @@ fn bad_inputs_are_errors_not_panics() {
     let cfg = tiny_config();
     let model = tiny_model();
     let t = cfg.total_seq_length();
-    let mask = masks::causal_mask(1, t, &Device::Cpu).unwrap();
-    let too_long = Tensor::zeros((1, t + 1), DType::U32, &Device::Cpu).unwrap();
+    let mask = masks::causal_mask(1, t, &common::device()).unwrap();
+    let too_long = Tensor::zeros((1, t + 1), DType::U32, &common::device()).unwrap();
     let err = model.forward(&too_long, &mask).unwrap_err().to_string();
     assert!(
         err.contains("attention mask") || err.contains("longer"),
@@ -385,13 +385,13 @@ fn bad_inputs_are_errors_not_panics() {
     let bad_image = Tensor::full(
         cfg.image_vocab() as u32,
         (1, cfg.l_text_seq_length + 1),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let err = model.forward(&bad_image, &mask).unwrap_err().to_string();
     assert!(err.contains("out of range"), "{err}");
-    let small_mask = masks::causal_mask(1, 3, &Device::Cpu).unwrap();
-    let ids = Tensor::zeros((1, 4), DType::U32, &Device::Cpu).unwrap();
+    let small_mask = masks::causal_mask(1, 3, &common::device()).unwrap();
+    let ids = Tensor::zeros((1, 4), DType::U32, &common::device()).unwrap();
     let err = model.forward(&ids, &small_mask).unwrap_err().to_string();
     assert!(err.contains("attention mask"), "{err}");
 }
@@ -408,7 +408,7 @@ fn bin_and_safetensors_load_into_identical_models() {
     ] {
         let ckpt = rudolph::weights::Checkpoint::open(fixture(file)).unwrap();
         let (model, report) =
-            Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu).unwrap();
+            Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &common::device()).unwrap();
         assert_eq!(report.mask_variant, Some(MaskVariant::Rc1), "{file}");
         assert_eq!(report.parameters, Rudolph::parameter_count(&cfg), "{file}");
         assert_eq!(
@@ -447,7 +447,7 @@ fn a_renamed_key_and_a_wrong_shape_are_reported_by_name() {
     let path = dir.join("renamed.safetensors");
     rudolph::weights::save_safetensors(&renamed, &path).unwrap();
     let ckpt = rudolph::weights::Checkpoint::open(&path).unwrap();
-    let err = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu)
+    let err = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &common::device())
         .unwrap_err()
         .to_string();
     assert!(
@@ -469,7 +469,7 @@ fn a_renamed_key_and_a_wrong_shape_are_reported_by_name() {
     let path = dir.join("reshaped.safetensors");
     rudolph::weights::save_safetensors(&reshaped, &path).unwrap();
     let ckpt = rudolph::weights::Checkpoint::open(&path).unwrap();
-    let err = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &Device::Cpu)
+    let err = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &common::device())
         .unwrap_err()
         .to_string();
     let want = format!("{}", cfg.image_vocab());
@@ -488,7 +488,7 @@ fn half_precision_weights_stay_close() {
     let ckpt =
         rudolph::weights::Checkpoint::open(fixture("rudolph_tiny/model.safetensors")).unwrap();
     for dtype in [DType::F16, DType::BF16] {
-        let (model, _) = Rudolph::from_checkpoint(&ckpt, &cfg, dtype, &Device::Cpu).unwrap();
+        let (model, _) = Rudolph::from_checkpoint(&ckpt, &cfg, dtype, &common::device()).unwrap();
         assert_eq!(model.dtype(), dtype);
         let logits = model
             .forward(get(&g, "input_ids"), get(&g, "attention_mask_default"))

@@ -401,7 +401,7 @@ fn self_reranking_by_image_rc1_reproduces_the_golden() {
 /// causal: changing the last word leaves the first prediction unchanged.
 #[test]
 fn the_caption_score_is_causal_unlike_rc1() {
-    use candle_core::{Device, IndexOp, Tensor};
+    use candle_core::{IndexOp, Tensor};
     let tok = tokenizer();
     let cfg = tiny_config();
     let model = tiny_model();
@@ -423,9 +423,9 @@ fn the_caption_score_is_causal_unlike_rc1() {
     changed[last] = text[1];
     let logits_at = |left: &[u32], right: &[u32], pos: usize| {
         let ids: Vec<u32> = [left, &picture, right].concat();
-        let ids = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(ids, (1, t), &common::device()).unwrap();
         let pads = vec![right.iter().map(|&x| (x != 0) as u8).collect()];
-        let mask = rudolph::model::masks::i2t_mask(&cfg, &pads, &Device::Cpu).unwrap();
+        let mask = rudolph::model::masks::i2t_mask(&cfg, &pads, &common::device()).unwrap();
         flat_f64(&model.forward(&ids, &mask).unwrap().i((0, pos)).unwrap())
     };
     let zeros = vec![0u32; l];
@@ -454,7 +454,7 @@ fn the_caption_score_is_causal_unlike_rc1() {
 /// N codes, whatever the batch.
 #[test]
 fn the_joint_caption_score_is_the_full_forwards_log_likelihood() {
-    use candle_core::{Device, IndexOp, Tensor};
+    use candle_core::{IndexOp, Tensor};
     let tok = tokenizer();
     let cfg = tiny_config();
     let model = tiny_model();
@@ -475,8 +475,8 @@ fn the_joint_caption_score_is_the_full_forwards_log_likelihood() {
         .map(|text| {
             let ids: Vec<u32> =
                 [text.as_slice(), &picture, &vec![0; t - l - picture.len()]].concat();
-            let input = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap();
-            let mask = rudolph::model::masks::causal_mask(1, t, &Device::Cpu).unwrap();
+            let input = Tensor::from_vec(ids.clone(), (1, t), &common::device()).unwrap();
+            let mask = rudolph::model::masks::causal_mask(1, t, &common::device()).unwrap();
             let logits = model.forward(&input, &mask).unwrap();
             let row = |p: usize| flat_f64(&logits.i((0, p)).unwrap());
             let text_nll: f64 = (1..l)
@@ -512,7 +512,7 @@ fn image_prompts_from_the_picture_match() {
     let vae = rudolph::vae::Vqgan::load(
         &fixture("vqgan_tiny/vqgan_tiny.ckpt"),
         None,
-        &candle_core::Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     for name in ["image_prompts_0", "image_prompts_1"] {
@@ -521,7 +521,7 @@ fn image_prompts_from_the_picture_match() {
         let a = &ip["args"];
         let picture =
             rudolph::image::load_image(&fixture(a["pil_image"].as_str().unwrap())).unwrap();
-        let pixels = rudolph::image::to_tensor(&picture, &candle_core::Device::Cpu).unwrap();
+        let pixels = rudolph::image::to_tensor(&picture, &common::device()).unwrap();
         let b = &a["borders"];
         let borders = Borders {
             up: b["up"].as_u64().unwrap() as usize,
@@ -610,7 +610,7 @@ fn sampling_is_reproducible_and_independent_of_the_batch_size() {
 /// all-pad left text); at scale 1 that is plain greedy generation.
 #[test]
 fn guidance_mixes_the_conditional_and_unconditional_logits() {
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
     use rudolph::model::masks::causal_mask;
     let cfg = tiny_config();
     let model = tiny_model();
@@ -639,11 +639,11 @@ fn guidance_mixes_the_conditional_and_unconditional_logits() {
         all[0][..steps].to_vec()
     };
     let last_image_logits = |ids: &[u32]| -> Vec<f32> {
-        let t = Tensor::new(ids, &Device::Cpu)
+        let t = Tensor::new(ids, &common::device())
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let mask = causal_mask(1, cfg.total_seq_length(), &Device::Cpu).unwrap();
+        let mask = causal_mask(1, cfg.total_seq_length(), &common::device()).unwrap();
         let logits = model
             .forward(
                 &t,

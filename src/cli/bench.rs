@@ -18,7 +18,8 @@ pub struct BenchArgs {
     /// Worker threads for tensor work (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Weight precision: f32 (default), f16, bf16, q8 or q4k.
+    /// Weight precision: f32 (default), f16, bf16, f16w, bf16w, q8 or q4k. On a GPU, f16 or
+    /// bf16 compute in that dtype throughout.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// cpu, or cuda[:N] (needs a build with `--features cuda`).
@@ -47,9 +48,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{:?} on {} ({}, {} threads): {:.3} s for {} items at batch {} — {:.1} tokens/s, {:.3} s/item, peak RSS {:.0} MiB (model built in {:.1} s)",
+            "{:?} on {} ({}, {}, {} threads): {:.3} s for {} items at batch {} — {:.1} tokens/s, {:.3} s/item, peak RSS {:.0} MiB (model built in {:.1} s{})",
             report.task,
             report.preset,
+            report.device,
             report.dtype,
             report.threads,
             report.seconds,
@@ -59,6 +61,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             report.seconds_per_image,
             report.peak_rss_bytes as f64 / (1 << 20) as f64,
             report.build_seconds,
+            if report.warmup_seconds > 0.0 {
+                format!(", untimed warm-up {:.1} s", report.warmup_seconds)
+            } else {
+                String::new()
+            },
         );
     }
     Ok(())

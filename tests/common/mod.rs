@@ -20,6 +20,22 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// Where the model tests compute: `$RUDOLPH_TEST_DEVICE` (`cpu`, `cuda` or `cuda:N`), else the
+/// CPU. The parity suite runs unchanged on a GPU of a `--features cuda` build this way.
+pub fn device() -> Device {
+    let name = std::env::var("RUDOLPH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let ordinal = match name.as_str() {
+        "cpu" => return Device::Cpu,
+        "cuda" => 0,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("RUDOLPH_TEST_DEVICE={other}: expected cpu, cuda or cuda:N")),
+    };
+    Device::new_cuda(ordinal)
+        .unwrap_or_else(|e| panic!("RUDOLPH_TEST_DEVICE={name}: {e} (a `--features cuda` build?)"))
+}
+
 pub fn fixture(rel: &str) -> PathBuf {
     let p = fixtures().join(rel);
     assert!(p.exists(), "fixture {} is missing", p.display());
@@ -113,7 +129,12 @@ pub fn tiny_model_with_bias(logit_bias: &serde_json::Value) -> rudolph::model::R
         }
         *head = Tensor::new(values, &Device::Cpu).unwrap();
     }
-    let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+    let device = device();
+    let map = map
+        .into_iter()
+        .map(|(k, t)| (k, t.to_device(&device).unwrap()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &device);
     let masks = rudolph::model::Rudolph::masks_from(&cfg, &vb).unwrap();
     rudolph::model::Rudolph::new(&cfg, vb, masks).unwrap()
 }
