@@ -10,7 +10,7 @@
 //! that carry gradients, i.e. training) takes the unfused path.
 
 use super::attention::MASK_VALUE;
-use super::simd::{Simd, simd_variants};
+use super::simd::{Level, Simd, simd_variants};
 use candle_core::{CpuStorage, D, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -125,6 +125,8 @@ struct DecodeAttention {
 
 /// One new query row against one (sample, head)'s cached keys and values, `sk × hd` each.
 struct DecodeRow<'a> {
+    /// The level `decode_row` was compiled for, which its dot products use too.
+    simd: Simd,
     q: &'a [f32],
     keys: &'a [f32],
     values: &'a [f32],
@@ -152,7 +154,7 @@ fn decode_row(row: &DecodeRow, scores: &mut [f32], out: &mut [f32]) {
             ahead => prefetch(row.values, (ahead - sk) * hd),
         }
         let kj = &row.keys[j * hd..][..hd];
-        *s = dot(row.q, kj) * row.scale * m - (m * -penalty + penalty);
+        *s = dot(row.simd, row.q, kj) * row.scale * m - (m * -penalty + penalty);
         max = max.max(*s);
     }
     for s in scores.iter_mut() {
@@ -255,6 +257,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                 let values = &v[block(vl, unit)..][..sk * hd];
                 for (i, out) in out.chunks_mut(hd).enumerate() {
                     let row = DecodeRow {
+                        simd,
                         q: &q[(unit * sq + i) * hd..][..hd],
                         keys,
                         values,
@@ -470,10 +473,88 @@ fn row_max(row: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
-/// `Σ aᵢ·bᵢ` in sixteen independent lanes, which the compiler turns into SIMD (a single running
-/// sum must be added in order, one element at a time).
+/// `Σ aᵢ·bᵢ` in sixteen independent lanes folded by halves, the same sums at every level. Left
+/// to itself the compiler vectorised the lanes two at a time (and the key loop of the decoding
+/// attention with them), so the x86 levels spell them out.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(simd: Simd, a: &[f32], b: &[f32]) -> f32 {
+    match simd.0 {
+        // SAFETY: only `Simd::available` makes a `Simd`, after finding the feature.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { dot_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { dot_avx2(a, b) },
+        _ => dot_lanes(a, b),
+    }
+}
+
+/// [`dot_lanes`] with one AVX-512 register for the sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len()) / 16 * 16;
+    let mut acc = _mm512_setzero_ps();
+    for c in (0..n).step_by(16) {
+        // SAFETY: c + 16 ≤ n bounds both slices.
+        let (x, y) = unsafe {
+            (
+                _mm512_loadu_ps(a.as_ptr().add(c)),
+                _mm512_loadu_ps(b.as_ptr().add(c)),
+            )
+        };
+        // Product, then sum: no fused multiply-add, as in `dot_lanes`.
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(x, y));
+    }
+    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+    let eight = _mm256_add_ps(_mm512_castps512_ps256(acc), high);
+    fold_eight(eight) + tail_dot(a, b, n)
+}
+
+/// [`dot_lanes`] with two AVX registers for the sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len()) / 16 * 16;
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for c in (0..n).step_by(16) {
+        // SAFETY: c + 16 ≤ n bounds both slices.
+        unsafe {
+            let (pa, pb) = (a.as_ptr().add(c), b.as_ptr().add(c));
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb)));
+            hi = _mm256_add_ps(
+                hi,
+                _mm256_mul_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8))),
+            );
+        }
+    }
+    fold_eight(_mm256_add_ps(lo, hi)) + tail_dot(a, b, n)
+}
+
+/// The last three halvings of [`fold_lanes`] on lanes 0–7.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn fold_eight(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+}
+
+/// The products past the last whole group of sixteen, summed in order.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tail_dot(a: &[f32], b: &[f32], from: usize) -> f32 {
+    a[from..].iter().zip(&b[from..]).map(|(x, y)| x * y).sum()
+}
+
+/// The sixteen-lane dot product in plain code, which the baseline level vectorises.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -907,6 +988,7 @@ mod tests {
             let (q, keys, values) = (draw(hd, 1), draw(sk * hd, 2), draw(sk * hd, 3));
             let keep: Vec<f32> = (0..sk).map(|j| (j % 3 != 1) as u32 as f32).collect();
             let row = DecodeRow {
+                simd: Simd::available()[0],
                 q: &q,
                 keys: &keys,
                 values: &values,
@@ -917,11 +999,24 @@ mod tests {
             decode_row(&row, &mut vec![0f32; sk], &mut want);
             for simd in Simd::available() {
                 let mut got = vec![0f32; hd];
+                let row = DecodeRow { simd, ..row };
                 decode_row_simd(simd, &row, &mut vec![0f32; sk], &mut got);
                 assert_close(
                     &got,
                     &want,
                     &format!("decoding {}, sk {sk}, hd {hd}", simd.name()),
+                );
+            }
+        }
+        // The dot products spell out the plain code's sums: equal to the bit.
+        for n in [1, 15, 16, 17, 64, 80, 200] {
+            let (a, b) = (values(&random(&[n], 11)), values(&random(&[n], 12)));
+            for simd in Simd::available() {
+                assert_eq!(
+                    dot(simd, &a, &b).to_bits(),
+                    dot_lanes(&a, &b).to_bits(),
+                    "dot {} of {n}",
+                    simd.name()
                 );
             }
         }
