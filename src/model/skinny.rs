@@ -310,11 +310,11 @@ unsafe fn dots_avx2<W: Widen, const M: usize, const U: usize>(
     let step = 8 * U;
     let body = span.start + (span.end - span.start) / step * step;
     let mut c = span.start;
+    // The next row into L2 (or, for the last row, the row itself again: no branch in the loop).
+    let ahead = if next.len() >= k { next } else { row }.as_ptr();
     while c < body {
-        if c + 8 * U <= next.len() {
-            // SAFETY: in bounds of `next` (a prefetch never faults anyway).
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(next.as_ptr().add(c) as *const i8) };
-        }
+        // SAFETY: c < k bounds both rows.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.add(c) as *const i8) };
         for u in 0..U {
             // SAFETY: c + 8·U ≤ span.end ≤ k bounds the row and every row of x.
             unsafe {
@@ -417,6 +417,12 @@ unsafe fn dots_avx512<W: Widen, const M: usize, const R: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); M]; R];
+    // Where each row's L2 prefetch reads: the next group's row, or (past the last one) the row
+    // itself, already on its way, which keeps the loop free of branches.
+    let ahead: [*const W; R] = std::array::from_fn(|r| match (r + 1) * k <= next.len() {
+        true => next[r * k..].as_ptr(),
+        false => w[r * k..].as_ptr(),
+    });
     let body = span.start + (span.end - span.start) / 16 * 16;
     let mut c = span.start;
     while c < body {
@@ -427,9 +433,7 @@ unsafe fn dots_avx512<W: Widen, const M: usize, const R: usize>(
                 let p = w.as_ptr().add(r * k + c);
                 // The hardware prefetcher alone leaves these rows' streams waiting on memory.
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-                if (r + 1) * k <= next.len() {
-                    _mm_prefetch::<_MM_HINT_T1>(next.as_ptr().add(r * k + c) as *const i8);
-                }
+                _mm_prefetch::<_MM_HINT_T1>(ahead[r].add(c) as *const i8);
                 *v = W::load16(p);
             }
             #[allow(clippy::needless_range_loop)] // `i` indexes the inner arrays of `acc`.
