@@ -7,12 +7,24 @@
 # Prebuilt binaries (a machine without Rust): RUDOLPH_BIN=path/to/rudolph and
 # RUDOLPH_TESTS="path/to/model-test path/to/pipelines-test" (from `cargo test --release
 # --features cuda --no-run`); RUDOLPH_FIXTURES as for the tests. Results land in $OUT_DIR.
+# From `PACK=1 bench/build_cuda.sh`'s pack:
+#   (cd .devpack && tar xJf pack.tar.xz) && RUDOLPH_BIN=.devpack/rudolph \
+#   RUDOLPH_TESTS=".devpack/model .devpack/pipelines" RUDOLPH_FIXTURES=$PWD/.devpack/fixtures bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${RUDOLPH_BIN:-target/release/rudolph}
 out=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$out"
 status=0
+
+# The CUDA 13 libraries the binaries link (PyTorch's pip packages carry them too): added to the
+# library path where the loader does not find them by itself.
+for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libcurand.so.10; do
+  ldconfig -p 2>/dev/null | grep -q "$lib" && continue
+  found=$(find /usr/local/nvidia /usr/local/cuda /usr/lib/x86_64-linux-gnu /opt -name "$lib" 2>/dev/null | head -1)
+  [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+ldd "$bin" | grep 'not found' && status=1
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
 
@@ -65,8 +77,12 @@ python3 - "$out" <<'PY'
 import glob, json, os, sys
 print(f"{'run':18} {'s/image':>9} {'tokens/s':>10} {'seconds':>8} {'warm-up s':>9}")
 for p in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
-    r = json.load(open(p))
     name = os.path.basename(p)[:-5]
+    try:
+        r = json.load(open(p))
+    except ValueError:
+        print(f"{name:18} failed (see {name}.err)")
+        continue
     print(f"{name:18} {r['seconds_per_image']:9.4f} {r['tokens_per_second']:10.0f} {r['seconds']:8.2f} {r['warmup_seconds']:9.2f}")
 PY
 exit $status
