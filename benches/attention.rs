@@ -10,13 +10,11 @@ use candle_core::{DType, Device, Tensor};
 use rudolph::config::Config;
 use rudolph::model::decode_attention_with;
 use rudolph::model::simd::Simd;
-use std::time::Instant;
+
+mod support;
 
 fn main() -> anyhow::Result<()> {
-    let iters: usize = std::env::var("ATTENTION_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let iters = support::iterations("ATTENTION_BENCH_ITERS", 10);
     let device = Device::Cpu;
     let cfg = Config::preset("350m")?;
     let (b, heads) = (8, cfg.num_attention_heads);
@@ -45,12 +43,7 @@ fn main() -> anyhow::Result<()> {
             let bytes = cfg.num_layers * 2 * b * heads * sk * hd * 4;
             let mut line = format!("{sk:>3} cached rows, {place:>6}:");
             for simd in Simd::available() {
-                step(simd)?;
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    step(simd)?;
-                }
-                let dt = t0.elapsed().as_secs_f64() / iters as f64;
+                let dt = support::mean_seconds(iters, || step(simd))?;
                 line += &format!(
                     "  {} {:.1} ms ({:.1} GB/s)",
                     simd.name(),

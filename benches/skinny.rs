@@ -8,13 +8,11 @@
 use candle_core::{DType, Device, Tensor};
 use rudolph::config::Config;
 use rudolph::model::skinny::{Kernel, matmul_t_with};
-use std::time::Instant;
+
+mod support;
 
 fn main() -> anyhow::Result<()> {
-    let iters: usize = std::env::var("SKINNY_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let iters = support::iterations("SKINNY_BENCH_ITERS", 5);
     let device = Device::Cpu;
     let cfg = Config::preset("350m")?;
     let h = cfg.hidden_size;
@@ -44,12 +42,7 @@ fn main() -> anyhow::Result<()> {
                 if kernel == Kernel::Scalar && dtype != DType::F32 {
                     continue;
                 }
-                step(kernel)?;
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    step(kernel)?;
-                }
-                let dt = t0.elapsed().as_secs_f64() / iters as f64;
+                let dt = support::mean_seconds(iters, || step(kernel))?;
                 line += &format!(
                     "  {kernel:?} {:.1} ms ({:.1} GB/s)",
                     dt * 1e3,

@@ -3,19 +3,17 @@
 //! (default 2, after one warm-up).
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rudolph::vae::{Vqgan, VqganConfig, VqganLayout};
 
+mod support;
+
 fn main() -> anyhow::Result<()> {
     const BATCH: usize = 16;
     const SIDE: usize = 16;
-    let iters: usize = std::env::var("VAE_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let iters = support::iterations("VAE_BENCH_ITERS", 2);
     let device = Device::Cpu;
     let config = VqganConfig::gumbelf8_sber();
     // Random init through a VarMap, then detached copies: weights that are `Var`s would make
@@ -42,13 +40,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let codes = Tensor::from_vec(codes, (BATCH, SIDE * SIDE), &device)?;
 
-    let dims = vae.decode_codes(&codes)?.dims().to_vec();
-    println!("warm-up done: output {dims:?}");
-    let start = Instant::now();
-    for _ in 0..iters {
-        vae.decode_codes(&codes)?;
-    }
-    let per_batch = start.elapsed().as_secs_f64() / iters as f64;
+    let per_batch = support::mean_seconds(iters, || Ok(vae.decode_codes(&codes).map(drop)?))?;
     println!(
         "vae decode, real config, {BATCH}×{SIDE}×{SIDE} codes -> {BATCH}×3×{px}×{px}: \
          {per_batch:.3} s/batch, {:.3} s/image ({iters} runs, {} threads)",

@@ -14,7 +14,7 @@ const ATOL: f64 = 1e-5;
 #[test]
 fn built_layer_masks_equal_the_goldens_and_the_checkpoint() {
     let cfg = tiny_config();
-    let golden = goldens("model_goldens/masks.safetensors");
+    let golden = device_goldens("model_goldens/masks.safetensors");
     let model = tiny_model();
     let from_ckpt = model.masks().to_bytes().unwrap();
     for (i, kind) in LayerMaskKind::ALL.into_iter().enumerate() {
@@ -51,7 +51,7 @@ fn layer_mask_kinds_follow_the_goldens() {
 #[test]
 fn pipeline_masks_equal_the_goldens() {
     let cfg = tiny_config();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let ids = get(&g, "input_ids");
     let b = ids.dim(0).unwrap();
     let dev = common::device();
@@ -89,7 +89,7 @@ fn pipeline_masks_equal_the_goldens() {
 fn a_window_past_the_hidden_left_text_gives_the_same_logits() {
     let cfg = tiny_config();
     let model = tiny_model();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let ids = get(&g, "input_ids").to_dtype(DType::U32).unwrap();
     let (l, t) = (cfg.l_text_seq_length, cfg.total_seq_length());
     let want = get(&g, "logits_i2t");
@@ -135,7 +135,7 @@ fn a_window_past_the_hidden_left_text_gives_the_same_logits() {
 fn logits_match_under_every_pipeline_mask() {
     let cfg = tiny_config();
     let model = tiny_model();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let ids = get(&g, "input_ids");
     for kind in ["default", "i2t"] {
         let mask = get(&g, &format!("attention_mask_{kind}"));
@@ -162,7 +162,7 @@ fn logits_match_under_every_pipeline_mask() {
 #[test]
 fn hidden_states_match() {
     let model = tiny_model();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let ids = get(&g, "hidden_input_ids");
     let mask = get(&g, "attention_mask_default").narrow(0, 0, 1).unwrap();
     let out = model.forward_with_hidden(ids, &mask).unwrap();
@@ -196,7 +196,7 @@ fn hidden_states_match() {
 #[test]
 fn losses_match_under_every_pipeline_mask() {
     let model = tiny_model();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let meta = json("model_goldens/model_goldens.json");
     let w = &meta["forward"]["loss_weights"];
     let weights = LossWeights {
@@ -233,7 +233,7 @@ fn losses_match_under_every_pipeline_mask() {
 fn corrected_labels_score_each_code_as_an_image_class() {
     let model = tiny_model();
     let cfg = model.config().clone();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let ids = get(&g, "input_ids");
     let mask = get(&g, "attention_mask_default");
     let original = model
@@ -278,7 +278,7 @@ fn corrected_labels_score_each_code_as_an_image_class() {
 fn cached_greedy_generation_reproduces_the_goldens() {
     let cfg = tiny_config();
     let model = tiny_model();
-    let g = goldens("model_goldens/kv_cache.safetensors");
+    let g = device_goldens("model_goldens/kv_cache.safetensors");
     let prompt = get(&g, "prompt_ids").to_dtype(DType::U32).unwrap();
     let want_ids = get(&g, "generated_ids");
     let want_logits = get(&g, "step_logits_cached");
@@ -319,7 +319,7 @@ fn cached_greedy_generation_reproduces_the_goldens() {
 fn cache_equals_full_forward_at_every_position() {
     let cfg = tiny_config();
     let model = tiny_model();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let ids = get(&g, "input_ids").to_dtype(DType::U32).unwrap();
     let t = cfg.total_seq_length();
     for kind in ["default", "i2t"] {
@@ -399,7 +399,7 @@ fn bad_inputs_are_errors_not_panics() {
 #[test]
 fn bin_and_safetensors_load_into_identical_models() {
     let cfg = tiny_config();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let (ids, mask) = (get(&g, "input_ids"), get(&g, "attention_mask_default"));
     let mut logits = Vec::new();
     for file in [
@@ -484,7 +484,7 @@ fn a_renamed_key_and_a_wrong_shape_are_reported_by_name() {
 #[test]
 fn half_precision_weights_stay_close() {
     let cfg = tiny_config();
-    let g = goldens("model_goldens/forward.safetensors");
+    let g = device_goldens("model_goldens/forward.safetensors");
     let ckpt =
         rudolph::weights::Checkpoint::open(fixture("rudolph_tiny/model.safetensors")).unwrap();
     for dtype in [DType::F16, DType::BF16] {

@@ -19,6 +19,8 @@ mod train;
 mod world;
 mod world_train;
 
+pub use common::parse_device;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "rudolph",

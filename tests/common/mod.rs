@@ -20,20 +20,12 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
-/// Where the model tests compute: `$RUDOLPH_TEST_DEVICE` (`cpu`, `cuda` or `cuda:N`), else the
-/// CPU. The parity suite runs unchanged on a GPU of a `--features cuda` build this way.
+/// Where the model and pipeline tests compute: `$RUDOLPH_TEST_DEVICE` (`cpu`, `cuda` or
+/// `cuda:N`, as `--device` reads it), else the CPU. With a `--features cuda` build those two
+/// suites run unchanged on a GPU this way.
 pub fn device() -> Device {
     let name = std::env::var("RUDOLPH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    let ordinal = match name.as_str() {
-        "cpu" => return Device::Cpu,
-        "cuda" => 0,
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("RUDOLPH_TEST_DEVICE={other}: expected cpu, cuda or cuda:N")),
-    };
-    Device::new_cuda(ordinal)
-        .unwrap_or_else(|e| panic!("RUDOLPH_TEST_DEVICE={name}: {e} (a `--features cuda` build?)"))
+    rudolph::cli::parse_device(&name).unwrap_or_else(|e| panic!("RUDOLPH_TEST_DEVICE={name}: {e}"))
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
@@ -49,9 +41,17 @@ pub fn json(rel: &str) -> serde_json::Value {
 }
 
 pub fn goldens(rel: &str) -> HashMap<String, Tensor> {
+    goldens_on(rel, &Device::Cpu)
+}
+
+/// The goldens on the [`device`] the tiny model is built on, for feeding them to it.
+pub fn device_goldens(rel: &str) -> HashMap<String, Tensor> {
+    goldens_on(rel, &device())
+}
+
+fn goldens_on(rel: &str, device: &Device) -> HashMap<String, Tensor> {
     let p = fixture(rel);
-    candle_core::safetensors::load(&p, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    candle_core::safetensors::load(&p, device).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 pub fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
