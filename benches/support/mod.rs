@@ -2,11 +2,12 @@
 
 use std::time::Instant;
 
-/// Timed runs: `$var` if it is set to a number, else `default`.
+/// Timed runs: `$var` if it is set to a positive number, else `default`.
 pub fn iterations(var: &str, default: usize) -> usize {
     std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
         .unwrap_or(default)
 }
 
@@ -20,5 +21,5 @@ pub fn mean_seconds(
     for _ in 0..iters {
         run()?;
     }
-    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+    Ok(start.elapsed().as_secs_f64() / iters as f64)
 }

@@ -4,8 +4,8 @@
 //! loop four lanes wide. [`simd_variants!`] compiles such a loop again under `target_feature`
 //! for AVX2 and AVX-512, and [`Simd::best`] picks the widest at run time. (Hand-written
 //! intrinsics, as in [`super::skinny`], choose their own kernels; where the compiler vectorises
-//! a loop badly, as the decoding attention's dot products, a level can be matched on to use them.) `cargo bench --bench attention`
-//! compares the levels on the 350M decoding attention: with 192 cached rows per step read from
+//! a loop badly, as the decoding attention's dot products, a kernel matches on the level to
+//! pick its intrinsics.) `cargo bench --bench attention` compares the levels on the 350M decoding attention: with 192 cached rows per step read from
 //! memory, 19.3 ms at the baseline against 15.6 ms with AVX2 or AVX-512 (one run); with the cache
 //! in the last-level cache all three take 8–9 ms: the wider loops are no faster there, but with
 //! fewer instructions in flight more loads from memory overlap.
