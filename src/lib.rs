@@ -5,6 +5,7 @@ pub mod bench;
 pub mod builtin;
 pub mod cli;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod folder;
 pub mod image;

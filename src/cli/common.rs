@@ -50,7 +50,7 @@ pub fn parse_device(name: &str) -> anyhow::Result<Device> {
                     })?,
                 None => anyhow::bail!("--device '{name}': expected cpu, cuda or cuda:N"),
             };
-            Device::new_cuda(ordinal).map_err(|e| {
+            crate::device::cuda(ordinal).map_err(|e| {
                 anyhow::anyhow!("--device {name}: {e} (build with `cargo build --release --features cuda` on a machine with the CUDA toolkit)")
             })
         }

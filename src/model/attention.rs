@@ -78,7 +78,7 @@ impl Attention {
             if let Some(context) = fused {
                 return self.dense.forward(&context);
             }
-            let (q, k) = (q.contiguous()?, k.contiguous()?);
+            let (q, k) = (q.contiguous()?, gemm_operand(&k)?);
             return self
                 .dense
                 .forward(&self.attend(&q, &k, &v, mask, ops, scale)?);
@@ -136,8 +136,22 @@ impl Attention {
         };
         let probs = ops.dropout(probs)?;
         probs
-            .matmul(&v.contiguous()?)? // [B, nh, Sq, hd]
+            .matmul(&gemm_operand(v)?)? // [B, nh, Sq, hd]
             .transpose(1, 2)?
             .reshape((b, sq, self.num_heads * self.head_dim))
+    }
+}
+
+/// Keys or values `[B, nh, S, hd]` as the matrix product can read them. cuBLAS takes a KV cache's
+/// view in place (rows of `hd` packed elements, `hd` apart, heads one stride apart), which saves
+/// copying the whole cache twice per layer and step; a view of the fused projection, or any
+/// operand on the CPU, is packed first.
+fn gemm_operand(t: &Tensor) -> Result<Tensor> {
+    let (_, nh, _, hd) = t.dims4()?;
+    let st = t.stride();
+    if !t.device().is_cpu() && st[3] == 1 && st[2] == hd && st[0] == st[1] * nh {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
     }
 }

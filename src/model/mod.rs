@@ -472,10 +472,15 @@ impl Rudolph {
         keep_hidden: bool,
         ops: Ops<'_>,
     ) -> Result<Hidden> {
-        // On a worker of the thread pool that the CPU kernels split their work over (at once if
-        // already on one). From any other thread, each of a decoding step's ~200 parallel ops
-        // would wake the workers and put this thread to sleep until they finish: 8 % of a
-        // 350M batch-8 step went to that, and generation ran 7 % faster without it.
+        // On the CPU, on a worker of the thread pool that the kernels split their work over (at
+        // once if already on one). From any other thread, each of a decoding step's ~200
+        // parallel ops would wake the workers and put this thread to sleep until they finish:
+        // 8 % of a 350M batch-8 step went to that, and generation ran 7 % faster without it.
+        // A GPU's work stays on the caller's thread: kernels are only queued there.
+        if !ids.device().is_cpu() {
+            let _uploads = crate::device::reuse_small_uploads(ids.device());
+            return self.run_layers(ids, attention_mask, cache, first, keep_hidden, ops);
+        }
         rayon::scope(|_| self.run_layers(ids, attention_mask, cache, first, keep_hidden, ops))
     }
 
