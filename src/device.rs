@@ -2,11 +2,12 @@
 //!
 //! candle's `Device::new_cuda` issues each host thread's work on that thread's own default
 //! stream (`CU_STREAM_PER_THREAD`) and, with no second stream created, cudarc records no
-//! events between them. A tensor made on one thread and used on another (a server's workers,
-//! rayon's pool) is then read before it is written, or after its memory went back to the pool:
-//! on an H200 that showed up as token ids that were float bits and illegal-address faults. On
-//! one explicit stream every thread's work runs in the order it was issued, which is what the
-//! code relies on, so the per-use events cudarc would otherwise record are not needed.
+//! events between them. A tensor made on one thread and used on another (rayon's pool, a
+//! library user's worker threads) is then read before it is written, or after its memory went
+//! back to the pool: on an H200 that showed up as token ids that were float bits and
+//! illegal-address faults. On one explicit stream every thread's work runs in the order it was
+//! issued, which is what the code relies on, so the per-use events cudarc would otherwise record
+//! are not needed.
 
 use candle_core::{Device, Result};
 
