@@ -54,6 +54,7 @@ step smoke_image_f16 60 "$bin" image "$star" --device cuda --dtype f16 --seed 1 
 # Seconds per image (untimed warm-up of one batch first; see `rudolph bench`).
 bench() {
   local name=$1 cap=$2; shift 2
+  echo "$name" >> "$work/benches.txt"
   step "$name" "$cap" "$bin" bench --preset 350m --device cuda "$@" --json \
     && mv "$work/$name.out" "$work/$name.json"
 }
@@ -99,16 +100,14 @@ PY
 fi
 
 python3 - "$work" <<'PY' | tee "$work/summary.txt"
-import glob, json, os, sys
+import json, os, sys
+work = sys.argv[1]
 print(f"{'run':18} {'s/image':>9} {'tokens/s':>10} {'seconds':>8} {'warm-up s':>9} {'RSS MB':>7}")
-for p in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
-    name = os.path.basename(p)[:-5]
+for name in open(os.path.join(work, 'benches.txt')).read().split():
     try:
-        r = json.load(open(p))
-    except ValueError:
-        print(f"{name:18} failed (see {name}.err)")
-        continue
-    if 'seconds_per_image' not in r:
+        r = json.load(open(os.path.join(work, name + '.json')))
+    except (OSError, ValueError):
+        print(f"{name:18} failed or skipped (see {name}.err)")
         continue
     print(f"{name:18} {r['seconds_per_image']:9.4f} {r['tokens_per_second']:10.0f} "
           f"{r['seconds']:8.2f} {r['warmup_seconds']:9.2f} {r['peak_rss_bytes'] / 1e6:7.0f}")

@@ -5,10 +5,11 @@
 //! for AVX2 and AVX-512, and [`Simd::best`] picks the widest at run time. (Hand-written
 //! intrinsics, as in [`super::skinny`], choose their own kernels; where the compiler vectorises
 //! a loop badly, as the decoding attention's dot products, a kernel matches on the level to
-//! pick its intrinsics.) `cargo bench --bench attention` compares the levels on the 350M decoding attention: with 192 cached rows per step read from
-//! memory, 19.3 ms at the baseline against 15.6 ms with AVX2 or AVX-512 (one run); with the cache
-//! in the last-level cache all three take 8–9 ms: the wider loops are no faster there, but with
-//! fewer instructions in flight more loads from memory overlap.
+//! pick its intrinsics.) `cargo bench --bench attention` compares the levels on the 350M
+//! decoding attention: with 192 cached rows per step read from memory, 19.3 ms at the baseline
+//! against 15.6 ms with AVX2 or AVX-512 (one run); with the cache in the last-level cache all
+//! three take 8–9 ms: the wider loops are no faster there, but with fewer instructions in flight
+//! more loads from memory overlap.
 
 /// A vector width this CPU can run. Only [`Simd::best`] and [`Simd::available`] make one, so
 /// holding a `Simd` proves the CPU has its features (the kernels rely on it for safety).
