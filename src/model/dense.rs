@@ -10,10 +10,16 @@
 //! The weight can be quantized in place (ggml block formats through candle's `QMatMul`): batch-1
 //! decoding reads every weight once per token, so fewer bytes per weight is the way past the
 //! memory-bandwidth limit. Activations and the bias stay in float.
+//!
+//! Or it can be packed for the CPU's AMX tiles (`tiles`): bf16 products with f32 accumulation,
+//! several times the f32 peak where products of many rows are compute-bound.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+use super::tiles::{self, PackedWeight};
 
 #[derive(Debug, Clone)]
 enum Weight {
@@ -24,6 +30,8 @@ enum Weight {
         matmul: QMatMul,
         dtype: DType,
     },
+    /// Packed for the AMX tiles, under f32 activations.
+    Tiles(Arc<PackedWeight>),
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +58,7 @@ impl Dense {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             Weight::Float(w) => w.dtype(),
-            Weight::Half(_) => DType::F32,
+            Weight::Half(_) | Weight::Tiles(_) => DType::F32,
             Weight::Quantized { dtype, .. } => *dtype,
         }
     }
@@ -59,6 +67,18 @@ impl Dense {
     pub fn store_half(&mut self, dtype: DType) -> Result<()> {
         if let Weight::Float(w) = &self.weight {
             self.weight = Weight::Half(w.to_dtype(dtype)?);
+            self.bias = self.bias.to_dtype(DType::F32)?;
+        }
+        Ok(())
+    }
+
+    /// Packs the weight for the AMX tiles (bf16 products, f32 activations and bias). CPU only.
+    pub fn store_tiles(&mut self) -> Result<()> {
+        if let Weight::Float(w) | Weight::Half(w) = &self.weight {
+            if !w.device().is_cpu() {
+                candle_core::bail!("amx weights are for the CPU; use f16 or bf16 on a GPU");
+            }
+            self.weight = Weight::Tiles(Arc::new(PackedWeight::pack(w)?));
             self.bias = self.bias.to_dtype(DType::F32)?;
         }
         Ok(())
@@ -104,6 +124,15 @@ impl Dense {
                 let last = x.rank().saturating_sub(1);
                 return self.forward(x)?.narrow(last, cols.start, cols.len());
             }
+            Weight::Tiles(packed) => {
+                let bias = self.bias.narrow(0, cols.start, cols.len())?;
+                return Self::finish(
+                    x,
+                    |x| tiles::matmul_t(x, packed, cols.clone()),
+                    &bias,
+                    false,
+                );
+            }
         };
         Dense {
             weight,
@@ -114,20 +143,32 @@ impl Dense {
     }
 
     fn forward_with(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        let product = |x: &Tensor| match &self.weight {
+            Weight::Float(w) | Weight::Half(w) if super::skinny::applies(x, w) => {
+                super::skinny::matmul_t(x, w)
+            }
+            Weight::Float(w) => x.matmul(&w.t()?),
+            Weight::Half(w) => x.matmul(&w.to_dtype(DType::F32)?.t()?),
+            Weight::Quantized { matmul, .. } => matmul.forward(x),
+            Weight::Tiles(packed) => tiles::matmul_t(x, packed, 0..self.out_dim),
+        };
+        Self::finish(x, product, &self.bias, gelu)
+    }
+
+    /// `[…, in]` → `[…, out]`: the leading dimensions folded into rows for `product`, then the
+    /// bias and activation.
+    fn finish(
+        x: &Tensor,
+        product: impl Fn(&Tensor) -> Result<Tensor>,
+        bias: &Tensor,
+        gelu: bool,
+    ) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
-        let x = x.contiguous()?.reshape((rows, in_dim))?;
-        let y = match &self.weight {
-            Weight::Float(w) | Weight::Half(w) if super::skinny::applies(&x, w) => {
-                super::skinny::matmul_t(&x, w)?
-            }
-            Weight::Float(w) => x.matmul(&w.t()?)?,
-            Weight::Half(w) => x.matmul(&w.to_dtype(DType::F32)?.t()?)?,
-            Weight::Quantized { matmul, .. } => matmul.forward(&x)?,
-        };
-        dims.push(self.out_dim);
-        super::fused::bias_activation(y, &self.bias, gelu)?.reshape(dims)
+        let y = product(&x.contiguous()?.reshape((rows, in_dim))?)?;
+        dims.push(bias.dim(0)?);
+        super::fused::bias_activation(y, bias, gelu)?.reshape(dims)
     }
 }
 

@@ -18,6 +18,7 @@ pub mod masks;
 pub mod precision;
 pub mod simd;
 pub mod skinny;
+pub mod tiles;
 
 pub use cache::KvCache;
 pub use loss::{Labels, Loss, LossWeights};
@@ -83,6 +84,7 @@ impl Rudolph {
                     dense.quantize(format)?;
                 }
                 Precision::HalfWeights(dtype) => dense.store_half(dtype)?,
+                Precision::Tiles => dense.store_tiles()?,
                 Precision::Float(_) => {}
             }
             Ok(())

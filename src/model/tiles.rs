@@ -1,0 +1,438 @@
+//! Matrix products on Intel AMX tiles (`--dtype amx`): `y = x·Wᵀ` in bf16 with f32 accumulation.
+//!
+//! Sapphire Rapids and later Xeons multiply 16×32 bf16 tiles by 32×16 ones in one instruction,
+//! several times the f32 FMA peak of the same core. Reranking, captioning prompts and full
+//! forwards are compute-bound products of hundreds of rows, so they gain the most; decoding steps
+//! read half the bytes of f32 weights, as `bf16w` does.
+//!
+//! The weight is packed once, when the model is built, into the layout the tile loads want (the
+//! packing a GEMM would otherwise redo at every call): for each group of 16 outputs and each
+//! chunk of 32 inputs, one 1 KiB block of 16 rows of input pairs, `[k/2][16 outputs][2]`. Each
+//! output group's chunks follow one another, so a product streams the weight once, in order.
+//! Activations are rounded to bf16 (to nearest even) as they are laid out for the tiles; biases,
+//! norms, attention and the head's log-softmax stay in f32.
+//!
+//! Where the CPU has no AMX (or the kernel refuses the tile state), the same packed weight is
+//! unpacked and multiplied in f32 against the bf16-rounded activations: the same products, in
+//! another order of summation, much slower.
+
+use candle_core::{DType, Result, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Outputs per tile (a tile row holds 16 f32 accumulators).
+const N_TILE: usize = 16;
+/// Inputs per chunk (a tile row holds 32 bf16 values).
+const K_CHUNK: usize = 32;
+/// bf16 values in one packed weight block: `K_CHUNK / 2` rows of `N_TILE` pairs.
+const BLOCK: usize = K_CHUNK * N_TILE;
+
+/// A `[n, k]` weight packed for the tiles. Output groups are padded to an even count (the
+/// kernel works on pairs of them) and inputs to whole chunks, with zeros.
+#[derive(Debug)]
+pub struct PackedWeight {
+    data: Vec<u16>,
+    n: usize,
+    k: usize,
+    chunks: usize,
+}
+
+impl PackedWeight {
+    /// Packs `w` (`[n, k]`, any float dtype, on the CPU).
+    pub fn pack(w: &Tensor) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let chunks = k.div_ceil(K_CHUNK);
+        let groups = n.div_ceil(N_TILE).next_multiple_of(2);
+        let mut data = vec![0u16; groups * chunks * BLOCK];
+        data.par_chunks_mut(chunks * BLOCK)
+            .enumerate()
+            .for_each(|(g, group)| {
+                for (c, block) in group.chunks_mut(BLOCK).enumerate() {
+                    for (i, v) in block.iter_mut().enumerate() {
+                        let (pair, col, half) = (i / (2 * N_TILE), i / 2 % N_TILE, i % 2);
+                        let (row, input) = (g * N_TILE + col, c * K_CHUNK + 2 * pair + half);
+                        if row < n && input < k {
+                            *v = bf16::from_f32(w[row * k + input]).to_bits();
+                        }
+                    }
+                }
+            });
+        Ok(Self { data, n, k, chunks })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Rows `rows` of the weight back in f32, `[rows.len(), k]` (the fallback's operand).
+    fn unpack(&self, rows: Range<usize>) -> Vec<f32> {
+        let k = self.k;
+        let mut out = vec![0f32; rows.len() * k];
+        out.par_chunks_mut(k).enumerate().for_each(|(r, dst)| {
+            let row = rows.start + r;
+            let (g, col) = (row / N_TILE, row % N_TILE);
+            for (input, v) in dst.iter_mut().enumerate() {
+                let (c, within) = (input / K_CHUNK, input % K_CHUNK);
+                let at = (g * self.chunks + c) * BLOCK + (within / 2) * 2 * N_TILE + col * 2;
+                *v = bf16::from_bits(self.data[at + within % 2]).to_f32();
+            }
+        });
+        out
+    }
+}
+
+/// Whether this process can use the tiles: the CPU has AMX-BF16 and the kernel granted the
+/// tile state (Linux asks each process to request it, `ARCH_REQ_XCOMP_PERM`).
+pub fn available() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(amx::request)
+}
+
+/// `x` `[m, k]` (f32) · the packed weight's rows `cols`, transposed → `[m, cols.len()]` (f32).
+pub fn matmul_t(x: &Tensor, w: &PackedWeight, cols: Range<usize>) -> Result<Tensor> {
+    matmul_t_with(x, w, cols, available())
+}
+
+/// [`matmul_t`] on the tiles or on the portable fallback (the tests compare the two).
+pub fn matmul_t_with(
+    x: &Tensor,
+    w: &PackedWeight,
+    cols: Range<usize>,
+    tiles: bool,
+) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    if k != w.k || cols.end > w.n || cols.start > cols.end {
+        candle_core::bail!(
+            "tile product: x is [{m}, {k}], the weight [{}, {}], columns {cols:?}",
+            w.n,
+            w.k
+        );
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    if !tiles {
+        let rounded = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let wt = Tensor::from_vec(w.unpack(cols.clone()), (cols.len(), k), x.device())?;
+        return rounded.matmul(&wt.t()?);
+    }
+    if !available() {
+        candle_core::bail!("this CPU or kernel does not offer AMX-BF16 tiles");
+    }
+    let a = to_tile_rows(&x.flatten_all()?.to_vec1::<f32>()?, m, k, w.chunks);
+    // Whole pairs of output groups around `cols`; the extra columns are cut off below.
+    let first = cols.start / N_TILE / 2 * 2;
+    let last = cols.end.div_ceil(N_TILE).next_multiple_of(2).max(first + 2);
+    let width = (last - first) * N_TILE;
+    let mut out = vec![0f32; m * width];
+    if m > 0 && w.chunks > 0 {
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..(last - first) / 2).into_par_iter().for_each(|pair| {
+            let g = first + 2 * pair;
+            let out_ptr = &out_ptr;
+            // SAFETY: the tiles were granted (checked above); each task writes only its own
+            // two output groups' columns of `out`, whose rows are `width` long; `a` holds `m`
+            // rows of `chunks` whole chunks and the weight holds groups `g` and `g + 1`.
+            unsafe {
+                amx::group_pair(
+                    &a,
+                    m,
+                    w.chunks,
+                    &w.data[g * w.chunks * BLOCK..(g + 2) * w.chunks * BLOCK],
+                    out_ptr.0.add((g - first) * N_TILE),
+                    width,
+                )
+            }
+        });
+    }
+    let y = Tensor::from_vec(out, (m, width), x.device())?;
+    let from = cols.start - first * N_TILE;
+    if from == 0 && cols.len() == width {
+        Ok(y)
+    } else {
+        y.narrow(1, from, cols.len())?.contiguous()
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: the tasks sharing it write disjoint columns (see `matmul_t_with`).
+unsafe impl Sync for SendPtr {}
+
+/// `x` rounded to bf16, rows padded with zeros to whole chunks: `[m, chunks · 32]`.
+fn to_tile_rows(x: &[f32], m: usize, k: usize, chunks: usize) -> Vec<u16> {
+    let stride = chunks * K_CHUNK;
+    let mut a = vec![0u16; m * stride];
+    a.par_chunks_mut(stride)
+        .zip(x.par_chunks(k.max(1)))
+        .with_min_len(8)
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = bf16::from_f32(*s).to_bits();
+            }
+        });
+    a
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{BLOCK, K_CHUNK};
+    use std::arch::asm;
+
+    /// CPUID leaf 7: AMX-BF16 is EDX bit 22, AMX-TILE bit 24. Then the kernel's permission for
+    /// the XTILEDATA state component (18).
+    pub fn request() -> bool {
+        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+        if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+            return false;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            false
+        }
+    }
+
+    /// The 64-byte tile configuration (palette 1): tiles 0–3 accumulate the 2×2 output tiles,
+    /// 4–5 hold `rows0` and `rows1` rows of activations, 6–7 two weight blocks. A tile with zero
+    /// rows is left unconfigured (`rows1 == 0`: one row tile only).
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    impl Config {
+        fn new(rows0: usize, rows1: usize) -> Self {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            let rows = [
+                rows0,
+                rows0,
+                rows1,
+                rows1,
+                rows0,
+                rows1,
+                K_CHUNK / 2,
+                K_CHUNK / 2,
+            ];
+            for (t, r) in rows.into_iter().enumerate() {
+                if r > 0 {
+                    c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+                    c[48 + t] = r as u8;
+                }
+            }
+            Self(c)
+        }
+    }
+
+    /// Two output groups (32 columns) for all `m` rows of `a`: `out` points at the first of
+    /// them in a row-major `[m, width]` f32 matrix.
+    ///
+    /// # Safety
+    /// AMX must be granted; `a` holds `m · chunks · 32` values, `w` two groups of `chunks`
+    /// blocks, and `out` `m` rows of `width ≥ 32` writable floats.
+    pub unsafe fn group_pair(
+        a: &[u16],
+        m: usize,
+        chunks: usize,
+        w: &[u16],
+        out: *mut f32,
+        width: usize,
+    ) {
+        debug_assert!(a.len() == m * chunks * K_CHUNK && w.len() == 2 * chunks * BLOCK);
+        let a_stride = chunks * K_CHUNK * 2;
+        let out_stride = width * 4;
+        let (w0, w1) = (w.as_ptr(), unsafe { w.as_ptr().add(chunks * BLOCK) });
+        let mut loaded = (0, 0);
+        let mut row = 0;
+        while row < m {
+            let rows0 = (m - row).min(16);
+            let rows1 = (m - row - rows0).min(16);
+            if loaded != (rows0, rows1) {
+                let cfg = Config::new(rows0, rows1);
+                unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+                loaded = (rows0, rows1);
+            }
+            let a0 = unsafe { a.as_ptr().add(row * chunks * K_CHUNK) };
+            let c0 = unsafe { out.add(row * width) };
+            if rows1 > 0 {
+                let a1 = unsafe { a0.add(16 * chunks * K_CHUNK) };
+                let c1 = unsafe { c0.add(16 * width) };
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{w0} + {sw}*1]",
+                        "tileloadd tmm7, [{w1} + {sw}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "add {a0}, 64",
+                        "add {a1}, 64",
+                        "add {w0}, 1024",
+                        "add {w1}, 1024",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {sc}*1], tmm0",
+                        "tilestored [{c0} + {sc}*1 + 64], tmm1",
+                        "tilestored [{c1} + {sc}*1], tmm2",
+                        "tilestored [{c1} + {sc}*1 + 64], tmm3",
+                        a0 = inout(reg) a0 => _,
+                        a1 = inout(reg) a1 => _,
+                        w0 = inout(reg) w0 => _,
+                        w1 = inout(reg) w1 => _,
+                        n = inout(reg) chunks => _,
+                        sa = in(reg) a_stride,
+                        sw = in(reg) 64usize,
+                        c0 = in(reg) c0,
+                        c1 = in(reg) c1,
+                        sc = in(reg) out_stride,
+                        options(nostack),
+                    )
+                }
+            } else {
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm6, [{w0} + {sw}*1]",
+                        "tileloadd tmm7, [{w1} + {sw}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "add {a0}, 64",
+                        "add {w0}, 1024",
+                        "add {w1}, 1024",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {sc}*1], tmm0",
+                        "tilestored [{c0} + {sc}*1 + 64], tmm1",
+                        a0 = inout(reg) a0 => _,
+                        w0 = inout(reg) w0 => _,
+                        w1 = inout(reg) w1 => _,
+                        n = inout(reg) chunks => _,
+                        sa = in(reg) a_stride,
+                        sw = in(reg) 64usize,
+                        c0 = in(reg) c0,
+                        sc = in(reg) out_stride,
+                        options(nostack),
+                    )
+                }
+            }
+            row += rows0 + rows1;
+        }
+        // Gives the tile state back, so that context switches stop saving it.
+        unsafe { asm!("tilerelease", options(nostack)) };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    pub fn request() -> bool {
+        false
+    }
+
+    /// # Safety
+    /// Never called: [`request`] is false off x86-64.
+    pub unsafe fn group_pair(_: &[u16], _: usize, _: usize, _: &[u16], _: *mut f32, _: usize) {
+        unreachable!("AMX tiles exist only on x86-64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        let mut s = seed;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// The fallback is the definition: bf16-rounded operands, f32 products.
+    #[test]
+    fn fallback_is_the_product_of_the_rounded_operands() {
+        let (x, w) = (random(5, 40, 1), random(19, 40, 2));
+        let packed = PackedWeight::pack(&w).unwrap();
+        let got = matmul_t_with(&x, &packed, 0..19, false).unwrap();
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    /// The tiles against the fallback, over shapes that leave partial row tiles, partial
+    /// chunks, odd output groups and column windows.
+    #[test]
+    fn tiles_match_the_fallback() {
+        if !available() {
+            eprintln!("no AMX-BF16 on this machine: only the fallback is exercised");
+            return;
+        }
+        for (m, n, k, cols) in [
+            (1, 32, 32, 0..32),
+            (7, 48, 70, 0..48),
+            (16, 64, 64, 0..64),
+            (33, 100, 96, 3..97),
+            (264, 96, 128, 17..50),
+            (40, 1040, 64, 1000..1040),
+        ] {
+            let (x, w) = (random(m, k, m as u64), random(n, k, n as u64 + 7));
+            let packed = PackedWeight::pack(&w).unwrap();
+            let got = matmul_t_with(&x, &packed, cols.clone(), true).unwrap();
+            let want = matmul_t_with(&x, &packed, cols.clone(), false).unwrap();
+            assert_eq!(got.dims(), [m, cols.len()]);
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "m {m} n {n} k {k} {cols:?}: {diff}"
+            );
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let packed = PackedWeight::pack(&random(16, 32, 3)).unwrap();
+        let err = matmul_t_with(&random(2, 31, 4), &packed, 0..16, false).unwrap_err();
+        assert!(err.to_string().contains("[2, 31]"), "{err}");
+        assert!(matmul_t_with(&random(2, 32, 4), &packed, 0..17, false).is_err());
+    }
+}
