@@ -1,5 +1,6 @@
 //! The machine's ceilings for the README's roofline: f32 matrix-product throughput through
-//! candle (the kernel our model uses), memory-copy bandwidth, and the bandwidth of reading
+//! candle (the kernel our model uses), bf16 throughput on the AMX tiles where the CPU has them
+//! (`--dtype amx`), memory-copy bandwidth, and the bandwidth of reading
 //! memory on every core (what decoding does with the weights and the KV cache).
 //!
 //!     cargo run --release --example roofline
@@ -24,6 +25,22 @@ fn main() -> anyhow::Result<()> {
         "matmul {m}×{k}×{n}: {:.1} GFLOP/s",
         2.0 * (m * k * n) as f64 / dt / 1e9
     );
+
+    if rudolph::model::tiles::available() {
+        let packed = rudolph::model::tiles::PackedWeight::pack(&b)?;
+        rudolph::model::tiles::matmul_t(&a, &packed, 0..n)?;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            rudolph::model::tiles::matmul_t(&a, &packed, 0..n)?;
+        }
+        let dt = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "bf16 matmul {m}×{k}×{n} on AMX tiles: {:.1} GFLOP/s",
+            2.0 * (m * k * n) as f64 / dt / 1e9
+        );
+    } else {
+        println!("bf16 matmul on AMX tiles: this CPU has none");
+    }
 
     let src = vec![1f32; 64 << 20];
     let mut dst = vec![0f32; 64 << 20];

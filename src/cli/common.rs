@@ -29,8 +29,9 @@ pub struct ModelArgs {
     /// Where to compute: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight precision: f32 (exact, the default), f16 or bf16; q8 or q4k quantize the linear
-    /// weights (f32 compute, about 4× or 7× fewer bytes; see the README for the quality cost).
+    /// Weight precision: f32 (exact, the default), f16 or bf16; f16w or bf16w store the linear
+    /// weights in 16 bits; q8 or q4k quantize them (about 4× or 7× fewer bytes); amx runs the
+    /// linear products in bf16 on Intel AMX tiles (see the README for each one's quality cost).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }

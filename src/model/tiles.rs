@@ -168,10 +168,24 @@ fn to_tile_rows(x: &[f32], m: usize, k: usize, chunks: usize) -> Vec<u16> {
         .with_min_len(8)
         .for_each(|(dst, src)| {
             for (d, s) in dst.iter_mut().zip(src) {
-                *d = bf16::from_f32(*s).to_bits();
+                *d = round_to_bf16(*s);
             }
         });
     a
+}
+
+/// `half::bf16::from_f32` without branches, so that the loop vectorises: round to nearest even
+/// on the upper 16 bits, NaNs kept NaN (quiet).
+#[inline(always)]
+fn round_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let nan = ((bits >> 16) | 0x40) as u16;
+    if bits & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -425,6 +439,34 @@ mod tests {
                 diff <= 1e-5 * scale.max(1.0),
                 "m {m} n {n} k {k} {cols:?}: {diff}"
             );
+        }
+    }
+
+    #[test]
+    fn rounding_agrees_with_half() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+        ];
+        let mut s = 1u32;
+        let randoms = (0..100_000).map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            f32::from_bits(s)
+        });
+        for x in specials.into_iter().chain(randoms) {
+            let want = bf16::from_f32(x);
+            let got = bf16::from_bits(round_to_bf16(x));
+            if want.is_nan() {
+                assert!(got.is_nan(), "{x:e} ({:#x})", x.to_bits());
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{x:e} ({:#x})", x.to_bits());
+            }
         }
     }
 
