@@ -1,0 +1,62 @@
+//! The compute-bound products of the 350M configuration (one layer's four linear weights against
+//! the rows of a reranked picture and of a full sequence) in f32 through candle's GEMM and in bf16
+//! on the AMX tiles (`--dtype amx`), in the same run: ms per layer and GFLOP/s.
+//! `TILES_BENCH_ITERS` sets the timed runs (default 10, after one warm-up).
+//!
+//!     cargo bench --bench tiles
+
+use candle_core::{DType, Device, Tensor};
+use rudolph::config::Config;
+use rudolph::model::tiles::{self, PackedWeight};
+
+mod support;
+
+fn main() -> anyhow::Result<()> {
+    let iters = support::iterations("TILES_BENCH_ITERS", 10);
+    if !tiles::available() {
+        println!("this CPU has no AMX-BF16 tiles: nothing to compare");
+        return Ok(());
+    }
+    let device = Device::Cpu;
+    let cfg = Config::preset("350m")?;
+    let h = cfg.hidden_size;
+    let shapes = [(3 * h, h), (h, h), (4 * h, h), (h, 4 * h)];
+    let weights: Vec<Tensor> = shapes
+        .iter()
+        .map(|&s| Tensor::randn(0f32, 0.02, s, &device))
+        .collect::<candle_core::Result<_>>()?;
+    let packed: Vec<PackedWeight> = weights
+        .iter()
+        .map(PackedWeight::pack)
+        .collect::<candle_core::Result<_>>()?;
+    let flops_per_row: usize = shapes.iter().map(|(n, k)| 2 * n * k).sum();
+    // 264: a reranked picture's image codes and right text; 384: a full sequence.
+    for m in [264, 384, 8 * 264] {
+        let xs: Vec<Tensor> = shapes
+            .iter()
+            .map(|&(_, k)| Tensor::randn(0f32, 1.0, (m, k), &device))
+            .collect::<candle_core::Result<_>>()?;
+        let f32_layer = support::mean_seconds(iters, || {
+            for (x, w) in xs.iter().zip(&weights) {
+                x.matmul(&w.t()?)?;
+            }
+            Ok(())
+        })?;
+        let tile_layer = support::mean_seconds(iters, || {
+            for ((x, w), &(n, _)) in xs.iter().zip(&packed).zip(&shapes) {
+                tiles::matmul_t(x, w, 0..n)?;
+            }
+            Ok(())
+        })?;
+        let gflops = |dt: f64| (m * flops_per_row) as f64 / dt / 1e9;
+        println!(
+            "{m} rows, one layer: f32 GEMM {:.2} ms ({:.0} GFLOP/s), AMX bf16 {:.2} ms ({:.0} GFLOP/s), {:.2}×",
+            f32_layer * 1e3,
+            gflops(f32_layer),
+            tile_layer * 1e3,
+            gflops(tile_layer),
+            f32_layer / tile_layer
+        );
+    }
+    Ok(())
+}
