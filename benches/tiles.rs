@@ -5,7 +5,7 @@
 //!
 //!     cargo bench --bench tiles
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rudolph::config::Config;
 use rudolph::model::tiles::{self, PackedWeight};
 
