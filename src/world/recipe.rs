@@ -12,8 +12,8 @@
 //! ```
 
 use super::read::{Attributes, read_picture};
-use super::render::{SIDE, render};
-use super::{Scene, sample};
+use super::render::{SIDE, render_in};
+use super::{Colour, HELD_OUT, Scene, sample};
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
 use crate::vae::train::{VqTrainOptions, VqTrainer};
@@ -40,10 +40,15 @@ pub const CODES_PER_SIDE: usize = 8;
 /// 1000-step trial its reconstructions read back right on 88% of attributes, where 32 channels
 /// at every level and no encoder blocks reached about 81% (scored by an earlier, stricter
 /// reader) in 70% of the time. Small enough to train on a laptop CPU.
+///
+/// 1024 codes, trained on outlines in many colours (see [`recolour`]): with 256 codes an
+/// orange star, never seen, came back orange 81 % of the time; with 1024 and the recolouring,
+/// 100 %, and the transformer on it captions held-out pairs' colours right 94 % of the time
+/// against 82 % after one round.
 pub fn vqgan_config() -> VqganConfig {
     VqganConfig {
         embed_dim: 32,
-        n_embed: 256,
+        n_embed: 1024,
         ddconfig: DdConfig {
             ch: 16,
             ch_mult: vec![1, 2, 4, 4],
@@ -99,12 +104,23 @@ pub fn picture_batch(
     shape_weight: f32,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
+    let colours: Vec<[u8; 3]> = scenes.iter().map(|s| s.colour.rgb()).collect();
+    picture_batch_in(scenes, &colours, shape_weight, device)
+}
+
+/// [`picture_batch`] with each scene's shape drawn in its own colour from `colours`.
+pub fn picture_batch_in(
+    scenes: &[Scene],
+    colours: &[[u8; 3]],
+    shape_weight: f32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let side = SIDE as usize;
     let plane = side * side;
     let mut pixels = vec![0f32; scenes.len() * 3 * plane];
     let mut weights = vec![1f32; scenes.len() * plane];
     for (b, scene) in scenes.iter().enumerate() {
-        let img = render(scene);
+        let img = render_in(scene, colours[b]);
         let bg = scene.background.rgb();
         let is_bg: Vec<bool> = img.pixels().map(|p| p.0 == bg).collect();
         for (i, p) in img.pixels().enumerate() {
@@ -129,6 +145,46 @@ pub fn picture_batch(
         Tensor::from_vec(pixels, (scenes.len(), 3, side, side), device)?,
         Tensor::from_vec(weights, (scenes.len(), 1, side, side), device)?,
     ))
+}
+
+/// A random colour off the palette for `scene`'s shape, for the VQGAN to learn outlines apart
+/// from the six colours: not within 80 of the background (per channel, in Euclidean distance),
+/// and never one the reader would name as a held-out pair with that shape, so that no held-out
+/// pair is seen even approximately.
+pub fn recolour(scene: &Scene, rng: &mut impl rand::Rng) -> [u8; 3] {
+    use rand::RngExt;
+    let distance2 = |a: [u8; 3], b: [u8; 3]| {
+        (0..3)
+            .map(|c| (i32::from(a[c]) - i32::from(b[c])).pow(2))
+            .sum::<i32>()
+    };
+    loop {
+        let c = [rng.random::<u8>(), rng.random::<u8>(), rng.random::<u8>()];
+        if distance2(c, scene.background.rgb()) < 80 * 80 {
+            continue;
+        }
+        let named = Colour::ALL
+            .into_iter()
+            .min_by_key(|k| distance2(c, k.rgb()))
+            .expect("the palette is not empty");
+        if !HELD_OUT.contains(&(named, scene.shape)) {
+            return c;
+        }
+    }
+}
+
+/// The colours of VQGAN step `step`'s scenes: every other scene's shape recoloured off the
+/// palette, the same on every run.
+fn vqgan_colours(scenes: &[Scene], step: u64) -> Vec<[u8; 3]> {
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(step ^ 0x5eed);
+    scenes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match i % 2 {
+            1 => recolour(s, &mut rng),
+            _ => s.colour.rgb(),
+        })
+        .collect()
 }
 
 /// `crop × crop` windows of each picture, placed on the 8-pixel code grid as near the shape's
@@ -241,7 +297,9 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqg
     bar.inc(trainer.step());
     while trainer.step() < total {
         let scenes = vqgan_scenes(stage, trainer.step());
-        let (mut images, mut weights) = picture_batch(&scenes, stage.shape_weight, &device)?;
+        let colours = vqgan_colours(&scenes, trainer.step());
+        let (mut images, mut weights) =
+            picture_batch_in(&scenes, &colours, stage.shape_weight, &device)?;
         if trainer.step() + stage.full_steps < total && stage.crop < SIDE as usize {
             (images, weights) = crop_around_shapes(&images, &weights, &scenes, stage.crop)?;
         }

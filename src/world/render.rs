@@ -66,10 +66,14 @@ fn in_polygon(poly: &[(f64, f64)], x: f64, y: f64) -> bool {
 
 /// The picture of a scene.
 pub fn render(scene: &Scene) -> RgbImage {
+    render_in(scene, scene.colour.rgb())
+}
+
+/// The picture of a scene with its shape drawn in `fg` instead of its colour.
+pub fn render_in(scene: &Scene, fg: [u8; 3]) -> RgbImage {
     let (cx, cy) = scene.position.centre();
     let (cx, cy) = (cx + scene.jitter.0, cy + scene.jitter.1);
     let r = scene.size.radius() + scene.radius_jitter;
-    let fg = scene.colour.rgb();
     let bg = scene.background.rgb();
     let n = SUPERSAMPLING;
     RgbImage::from_fn(SIDE, SIDE, |px, py| {
