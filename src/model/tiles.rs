@@ -114,6 +114,9 @@ pub fn matmul_t_with(
         );
     }
     let x = x.to_dtype(DType::F32)?.contiguous()?;
+    if cols.is_empty() || k == 0 {
+        return Tensor::zeros((m, cols.len()), DType::F32, x.device());
+    }
     if !tiles {
         let rounded = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
         let wt = Tensor::from_vec(w.unpack(cols.clone()), (cols.len(), k), x.device())?;
@@ -133,7 +136,7 @@ pub fn matmul_t_with(
     let stride = w.chunks * K_CHUNK;
     let block = (A_BLOCK_BYTES / (2 * stride)).max(32) / 32 * 32;
     let out_ptr = SendPtr(out.as_mut_ptr());
-    for start in (0..m).step_by(block).filter(|_| w.chunks > 0) {
+    for start in (0..m).step_by(block) {
         let rows = block.min(m - start);
         let a = &a[start * stride..(start + rows) * stride];
         (0..(last - first) / 2).into_par_iter().for_each(|pair| {
@@ -486,5 +489,9 @@ mod tests {
         let err = matmul_t_with(&random(2, 31, 4), &packed, 0..16, false).unwrap_err();
         assert!(err.to_string().contains("[2, 31]"), "{err}");
         assert!(matmul_t_with(&random(2, 32, 4), &packed, 0..17, false).is_err());
+        for tiles in [false, available()] {
+            let empty = matmul_t_with(&random(2, 32, 4), &packed, 16..16, tiles).unwrap();
+            assert_eq!(empty.dims(), [2, 0]);
+        }
     }
 }
