@@ -65,10 +65,6 @@ impl PackedWeight {
         Ok(Self { data, n, k, chunks })
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
     /// Rows `rows` of the weight back in f32, `[rows.len(), k]` (the fallback's operand).
     fn unpack(&self, rows: Range<usize>) -> Vec<f32> {
         let k = self.k;
@@ -413,8 +409,16 @@ mod tests {
                 .unwrap()
         };
         let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_abs(&(got - want).unwrap()) < 1e-5);
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// The tiles against the fallback, over shapes that leave partial row tiles, partial
@@ -439,15 +443,8 @@ mod tests {
             let got = matmul_t_with(&x, &packed, cols.clone(), true).unwrap();
             let want = matmul_t_with(&x, &packed, cols.clone(), false).unwrap();
             assert_eq!(got.dims(), [m, cols.len()]);
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
+            let scale = max_abs(&want);
+            let diff = max_abs(&(got - want).unwrap());
             assert!(
                 diff <= 1e-5 * scale.max(1.0),
                 "m {m} n {n} k {k} {cols:?}: {diff}"
