@@ -13,8 +13,9 @@ mod support;
 
 fn main() -> anyhow::Result<()> {
     let iters = support::iterations("TILES_BENCH_ITERS", 10);
-    if !tiles::available() {
-        println!("this CPU has no AMX-BF16 tiles: nothing to compare");
+    let kernel = tiles::Kernel::best();
+    if kernel == tiles::Kernel::Portable {
+        println!("this CPU has neither AMX tiles nor AVX-512 BF16: nothing to compare");
         return Ok(());
     }
     let device = Device::Cpu;
@@ -50,9 +51,10 @@ fn main() -> anyhow::Result<()> {
         })?;
         let gflops = |dt: f64| (m * flops_per_row) as f64 / dt / 1e9;
         println!(
-            "{m} rows, one layer: f32 GEMM {:.2} ms ({:.0} GFLOP/s), AMX bf16 {:.2} ms ({:.0} GFLOP/s), {:.2}×",
+            "{m} rows, one layer: f32 GEMM {:.2} ms ({:.0} GFLOP/s), bf16 on {} {:.2} ms ({:.0} GFLOP/s), {:.2}×",
             f32_layer * 1e3,
             gflops(f32_layer),
+            kernel.name(),
             tile_layer * 1e3,
             gflops(tile_layer),
             f32_layer / tile_layer

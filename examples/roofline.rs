@@ -26,7 +26,8 @@ fn main() -> anyhow::Result<()> {
         2.0 * (m * k * n) as f64 / dt / 1e9
     );
 
-    if rudolph::model::tiles::available() {
+    let kernel = rudolph::model::tiles::Kernel::best();
+    if kernel != rudolph::model::tiles::Kernel::Portable {
         let packed = rudolph::model::tiles::PackedWeight::pack(&b)?;
         rudolph::model::tiles::matmul_t(&a, &packed, 0..n)?;
         let t0 = Instant::now();
@@ -35,7 +36,8 @@ fn main() -> anyhow::Result<()> {
         }
         let dt = t0.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "bf16 matmul {m}×{k}×{n} on AMX tiles: {:.1} GFLOP/s",
+            "bf16 matmul {m}×{k}×{n} on {}: {:.1} GFLOP/s",
+            kernel.name(),
             2.0 * (m * k * n) as f64 / dt / 1e9
         );
     } else {

@@ -59,10 +59,7 @@ fn amx_stays_close_to_float32() {
         Rudolph::from_checkpoint_as(&ckpt, &tiny_config(), Precision::Tiles, &Device::Cpu).unwrap();
     assert_eq!(tiles.dtype(), DType::F32);
     let report = closeness(&tiny_model(), &tiles, 0.02);
-    let on = match rudolph::model::tiles::available() {
-        true => "AMX tiles",
-        false => "the f32 fallback (no AMX here)",
-    };
+    let on = rudolph::model::tiles::Kernel::best().name();
     eprintln!("amx on the fixtures' model, through {on}: {report}");
 }
 
