@@ -28,6 +28,9 @@ pub struct BenchReport {
     pub task: Task,
     pub preset: String,
     pub dtype: String,
+    /// With `amx`, the instructions the products ran on (`AMX tiles`, `AVX-512 BF16` or the
+    /// slow `portable f32`).
+    pub kernel: Option<String>,
     pub threads: usize,
     pub images: usize,
     pub batch_size: usize,
@@ -145,6 +148,8 @@ pub fn run(
         task,
         preset: preset.to_string(),
         dtype: precision.name().to_string(),
+        kernel: (precision == Precision::Tiles)
+            .then(|| crate::model::tiles::Kernel::best().name().to_string()),
         threads: candle_core::utils::get_num_threads(),
         images: if task == Task::Forward { batch } else { images },
         batch_size: batch,

@@ -53,7 +53,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             report.task,
             report.preset,
             report.device,
-            report.dtype,
+            match &report.kernel {
+                Some(k) => format!("{} on {k}", report.dtype),
+                None => report.dtype.clone(),
+            },
             report.threads,
             report.seconds,
             report.images,
