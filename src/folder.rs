@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::error::{Result, invalid};
 use crate::model::load::LoadReport;
 use crate::model::{Precision, Rudolph};
+use crate::pipelines::images::ImageRank;
 use crate::tokenizer::TextTokenizer;
 use crate::vae::Vqgan;
 use crate::weights::Checkpoint;
@@ -127,6 +128,9 @@ pub struct GenerationConfig {
     /// Classifier-free guidance scale for pictures (`rudolph image --guidance`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guidance_scale: Option<f32>,
+    /// What `rudolph image` ranks its candidates by (`--rank`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_rank: Option<ImageRank>,
 }
 
 impl GenerationConfig {
@@ -144,7 +148,7 @@ impl GenerationConfig {
         })?;
         let config: Self = serde_json::from_str(&text).map_err(|e| {
             invalid(format!(
-                "{}: {e} (expected {{\"guidance_scale\": number}})",
+                "{}: {e} (expected {{\"guidance_scale\": number, \"image_rank\": \"codes\" or \"decoded\"}}, both optional)",
                 path.display()
             ))
         })?;
@@ -217,6 +221,12 @@ impl Loaded {
     pub fn guidance(&self, flag: Option<f32>) -> f32 {
         flag.or(self.generation.guidance_scale)
             .unwrap_or(crate::pipelines::defaults::GUIDANCE)
+    }
+
+    /// What to rank generated pictures by: `flag` if given, else the folder's, else by codes
+    /// (rc1).
+    pub fn image_rank(&self, flag: Option<ImageRank>) -> ImageRank {
+        flag.or(self.generation.image_rank).unwrap_or_default()
     }
 
     /// The VQGAN, or an error saying the task needs one.

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use rudolph::folder::{Loaded, ModelSpec};
 use rudolph::model::Precision;
 use rudolph::pipelines::captions::{CaptionRank, generate_captions};
-use rudolph::pipelines::images::generate_images;
+use rudolph::pipelines::images::{ImageRank, generate_images, rerank_decoded};
+use rudolph::pipelines::rerank::score_pairs;
 use rudolph::pipelines::{GenerateOptions, defaults};
 use rudolph::world::read::{parse_caption, read_picture};
 use rudolph::world::{Background, Colour, Position, Shape, Size};
@@ -29,8 +30,8 @@ fn builtin_as(precision: Precision) -> Loaded {
 }
 
 /// The README's first command, through the library: the best of eight drawings of «большая
-/// красная звезда слева на белом фоне» is a big red star, on the left, on white — for at least
-/// four of five seeds (sampling can go wrong: the evaluator finds all five attributes right in
+/// красная звезда слева на белом фоне» (ranked as the folder says, by the decoded pictures) is a
+/// big red star, on the left, on white — for at least four of five seeds (sampling can go wrong: the evaluator finds all five attributes right in
 /// 87 % of text → image draws of seen pairs).
 #[test]
 fn draws_the_shape_colour_and_position_it_is_asked_for() {
@@ -59,6 +60,16 @@ fn draws_a_big_red_star_on_the_left(loaded: &Loaded) {
             defaults::IMAGES,
             None,
             &opts,
+        )
+        .unwrap();
+        assert_eq!(loaded.image_rank(None), ImageRank::Decoded);
+        let ranked = rerank_decoded(
+            &loaded.model,
+            &loaded.tokenizer,
+            vae,
+            "большая красная звезда слева на белом фоне",
+            ranked,
+            8,
         )
         .unwrap();
         let codes = Tensor::from_vec(ranked[0].codes.clone(), (1, n), vae.device()).unwrap();
@@ -147,4 +158,73 @@ fn cli_runs_without_model_flags() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let best = doc["captions"][0]["text"].as_str().unwrap();
     assert!(parse_caption(best).is_some(), "not a world caption: {best}");
+}
+
+/// Ranking by the decoded picture keeps every candidate, sorts them by `ppl_decoded`, and that
+/// score is the text's perplexity given the codes of the picture saved as 8-bit RGB and encoded
+/// again, computed here step by step.
+#[test]
+fn ranks_by_the_picture_as_it_is_shown() {
+    let loaded = builtin();
+    let vae = loaded.vae().unwrap();
+    let cfg = loaded.model.config();
+    let text = "маленький синий круг снизу на чёрном фоне";
+    let mut opts = GenerateOptions::new(defaults::IMAGE);
+    opts.seed = 7;
+    opts.progress = false;
+    let by_codes = generate_images(&loaded.model, &loaded.tokenizer, text, 6, None, &opts).unwrap();
+    assert!(by_codes.iter().all(|r| r.ppl_decoded.is_none()));
+    let by_picture = rerank_decoded(
+        &loaded.model,
+        &loaded.tokenizer,
+        vae,
+        text,
+        by_codes.clone(),
+        4,
+    )
+    .unwrap();
+    let key = |r: &rudolph::pipelines::images::RankedCodes| r.ppl_decoded.unwrap();
+    assert!(by_picture.windows(2).all(|w| key(&w[0]) <= key(&w[1])));
+    let mut before: Vec<_> = by_codes.iter().map(|r| r.codes.clone()).collect();
+    let mut after: Vec<_> = by_picture.iter().map(|r| r.codes.clone()).collect();
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "the same candidates, reordered");
+
+    let n = cfg.image_seq_length();
+    let right = rudolph::pipelines::images::encode_checked(
+        &loaded.tokenizer,
+        text,
+        cfg.r_text_seq_length,
+        "text",
+    );
+    for r in &by_picture {
+        let codes = Tensor::from_vec(r.codes.clone(), (1, n), vae.device()).unwrap();
+        let shown =
+            rudolph::image::to_rgb8(&vae.decode_codes(&codes).unwrap().get(0).unwrap()).unwrap();
+        let pixels =
+            rudolph::image::preprocess(&shown, cfg.image_size() as u32, vae.device()).unwrap();
+        let again = vae
+            .encode_codes(&pixels.unsqueeze(0).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        let want = score_pairs(&loaded.model, &[(again.as_slice(), right.as_slice())], 1, 1)
+            .unwrap()[0]
+            .ppl_text;
+        let got = key(r);
+        assert!(
+            (got - want).abs() <= 1e-4 * want,
+            "ppl_decoded {got} against {want}"
+        );
+    }
+    let mut short = by_codes;
+    short[0].codes.pop();
+    let err = rerank_decoded(&loaded.model, &loaded.tokenizer, vae, text, short, 4).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("needs {n} codes")),
+        "{err}"
+    );
 }

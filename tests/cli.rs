@@ -362,10 +362,10 @@ fn a_model_folder_is_found_by_the_original_file_names() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A folder's `generation_config.json` sets `rudolph image`'s guidance unless the flag does; a
-/// malformed one is an error naming the file.
+/// A folder's `generation_config.json` sets `rudolph image`'s guidance and ranking unless the
+/// flags do; a malformed one is an error naming the file.
 #[test]
-fn a_model_folder_sets_its_own_guidance() {
+fn a_model_folder_sets_its_own_guidance_and_ranking() {
     let dir = temp_dir("generation");
     for (from, to) in [
         ("rudolph_tiny/config.json", "config.json"),
@@ -408,6 +408,35 @@ fn a_model_folder_sets_its_own_guidance() {
     assert_eq!(guidance(&draw(&["--guidance", "1"])), 1.0);
     let codes = |o: &Output| stdout_json(o)["images"][0]["codes"].clone();
     assert_eq!(codes(&guided), codes(&draw(&["--guidance", "2.5"])));
+    let ranked_by = |o: &Output| stdout_json(o)["ranked_by"].as_str().unwrap().to_string();
+    let decoded = |o: &Output| stdout_json(o)["images"][0]["ppl_decoded"].as_f64();
+    assert_eq!(ranked_by(&guided), "codes");
+    assert_eq!(decoded(&guided), None);
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"guidance_scale": 2.5, "image_rank": "decoded"}"#,
+    )
+    .unwrap();
+    let by_picture = draw(&[]);
+    assert_eq!(ranked_by(&by_picture), "decoded");
+    assert!(decoded(&by_picture).is_some_and(|p| p.is_finite() && p >= 1.0));
+    assert_eq!(
+        codes(&by_picture),
+        codes(&guided),
+        "one candidate, the same draw"
+    );
+    assert_eq!(ranked_by(&draw(&["--rank", "codes"])), "codes");
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"image_rank": "best"}"#,
+    )
+    .unwrap();
+    let bad = draw(&[]);
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("image_rank"),
+        "{}",
+        stderr(&bad)
+    );
     std::fs::write(dir.join("generation_config.json"), r#"{"guidance": 2}"#).unwrap();
     let bad = draw(&[]);
     assert!(!bad.status.success());

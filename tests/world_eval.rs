@@ -7,6 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 use rudolph::config::Config;
 use rudolph::folder::{Loaded, ModelSpec};
 use rudolph::model::{LayerMaskKind, LayerMasks, MaskVariant, Rudolph};
+use rudolph::pipelines::images::ImageRank;
 use rudolph::tokenizer::{TrainOptions, train_bpe};
 use rudolph::vae::{Vqgan, VqganConfig, VqganLayout};
 use rudolph::world::eval::{EvalOptions, EvalReport, Metric, evaluate};
@@ -165,10 +166,16 @@ fn evaluate_scores_a_random_world_model() {
         captions: 3,
         images: 2,
         guidance: None,
+        rank: None,
         progress: false,
     };
     let report = evaluate(&loaded, &opts).unwrap();
     check_report(&report, 3);
+    assert_eq!(
+        report.ranked_by,
+        ImageRank::Codes,
+        "a folder without a choice ranks by codes"
+    );
     // The same seed gives the same numbers.
     let again = evaluate(&loaded, &opts).unwrap();
     assert_eq!(
@@ -185,6 +192,19 @@ fn evaluate_scores_a_random_world_model() {
     check_report(&g, 3);
     assert_eq!((g.captions, g.images), (0, 1));
     assert!(g.table().contains("one greedy caption"), "{}", g.table());
+    // Ranked by the decoded pictures: the same draws, reproducibly, and the table says so.
+    let decoded = EvalOptions {
+        rank: Some(ImageRank::Decoded),
+        ..opts
+    };
+    let d = evaluate(&loaded, &decoded).unwrap();
+    check_report(&d, 3);
+    assert_eq!(d.ranked_by, ImageRank::Decoded);
+    assert!(d.table().contains("ranked decoded"), "{}", d.table());
+    assert_eq!(
+        serde_json::to_value(&d).unwrap(),
+        serde_json::to_value(evaluate(&loaded, &decoded).unwrap()).unwrap()
+    );
 }
 
 #[test]

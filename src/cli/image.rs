@@ -2,7 +2,7 @@
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs, check_writable};
 use crate::pipelines::defaults;
-use crate::pipelines::images::{Borders, generate_images, image_prompt};
+use crate::pipelines::images::{Borders, ImageRank, generate_images, image_prompt, rerank_decoded};
 use candle_core::Tensor;
 use std::path::PathBuf;
 
@@ -43,6 +43,11 @@ pub struct ImageArgs {
     /// Default: the model folder's `generation_config.json`, else 1.
     #[arg(long, value_name = "S")]
     pub guidance: Option<f32>,
+    /// Rank candidates by the text given their sampled codes (`codes`, as the original) or
+    /// given the codes of the decoded picture encoded again (`decoded`). Default: the model
+    /// folder's `generation_config.json` (the built-in model's says decoded), else codes.
+    #[arg(long, value_enum)]
+    pub rank: Option<ImageRank>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -121,6 +126,18 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         prompt.as_ref(),
         &opts,
     )?;
+    let rank = loaded.image_rank(args.rank);
+    let ranked = match rank {
+        ImageRank::Codes => ranked,
+        ImageRank::Decoded => rerank_decoded(
+            &loaded.model,
+            &loaded.tokenizer,
+            vae,
+            &args.text,
+            ranked,
+            opts.batch_size,
+        )?,
+    };
     let best: Vec<u32> = ranked[..keep]
         .iter()
         .flat_map(|r| r.codes.clone())
@@ -145,19 +162,24 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             .map(|(i, r)| {
                 serde_json::json!({
                     "rank": i + 1, "ppl_text": r.ppl_text, "ppl_image": r.ppl_image,
+                    "ppl_decoded": r.ppl_decoded,
                     "codes": r.codes, "kept": i < keep, "file": files.get(i),
                 })
             })
             .collect();
         let doc = serde_json::json!({
-            "text": args.text, "seed": opts.seed, "guidance": opts.guidance,
+            "text": args.text, "seed": opts.seed, "guidance": opts.guidance, "ranked_by": rank,
             "grid": args.output.display().to_string(), "images": images,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for (i, r) in ranked.iter().take(keep).enumerate() {
+            let decoded = r
+                .ppl_decoded
+                .map(|p| format!("  ppl_decoded {p:>10.2}"))
+                .unwrap_or_default();
             println!(
-                "#{:<3} ppl_text {:>10.2}  ppl_image {:>10.2}",
+                "#{:<3} ppl_text {:>10.2}  ppl_image {:>10.2}{decoded}",
                 i + 1,
                 r.ppl_text,
                 r.ppl_image

@@ -2,6 +2,7 @@
 
 use super::common::ModelArgs;
 use crate::pipelines::defaults;
+use crate::pipelines::images::ImageRank;
 use crate::world;
 use crate::world::eval::{EvalOptions, evaluate};
 use std::io::Write;
@@ -91,6 +92,10 @@ pub struct EvalArgs {
     /// the model folder's, else 1).
     #[arg(long)]
     pub guidance: Option<f32>,
+    /// What the pictures are ranked by (as `rudolph image --rank`; default: the model folder's,
+    /// else codes).
+    #[arg(long, value_enum)]
+    pub rank: Option<ImageRank>,
     /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
     /// text_to_image_held_out.png).
     #[arg(long, value_name = "DIR")]
@@ -140,6 +145,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         captions: args.captions,
         images: args.images,
         guidance: args.guidance,
+        rank: args.rank,
         progress: !args.quiet,
     };
     let report = evaluate(&loaded, &opts)?;

@@ -176,6 +176,7 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     }
     let generation = GenerationConfig {
         guidance_scale: Some(args.guidance),
+        image_rank: Some(crate::world::recipe::WORLD_IMAGE_RANK),
     };
     std::fs::write(
         dirs.model.join(GenerationConfig::FILE),

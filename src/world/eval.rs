@@ -11,7 +11,7 @@ use crate::folder::Loaded;
 use crate::pipelines::captions::CaptionRank;
 use crate::pipelines::captions::generate_captions;
 use crate::pipelines::classify::class_texts;
-use crate::pipelines::images::generate_images;
+use crate::pipelines::images::{ImageRank, generate_images, rerank_decoded};
 use crate::pipelines::rerank::score_pairs;
 use crate::pipelines::texts::{SpecialIds, TextEnd, cut_text, generate_text_ids, template_prefix};
 use crate::pipelines::{Fidelity, GenerateOptions, defaults};
@@ -43,6 +43,8 @@ pub struct EvalOptions {
     /// Classifier-free guidance scale of the pictures (`rudolph image --guidance`); `None`: the
     /// model folder's, as the CLI takes it.
     pub guidance: Option<f32>,
+    /// What the pictures are ranked by (`rudolph image --rank`); `None`: the model folder's.
+    pub rank: Option<ImageRank>,
     /// Progress bars on stderr.
     pub progress: bool,
 }
@@ -56,6 +58,7 @@ impl Default for EvalOptions {
             captions: defaults::CAPTIONS,
             images: defaults::IMAGES,
             guidance: None,
+            rank: None,
             progress: false,
         }
     }
@@ -296,6 +299,8 @@ pub struct EvalReport {
     pub images: usize,
     /// The classifier-free guidance scale the pictures were drawn with.
     pub guidance: f32,
+    /// What the pictures were ranked by.
+    pub ranked_by: ImageRank,
     pub captioning_seen: AttributeReport,
     pub text_to_image_seen: AttributeReport,
     pub captioning_held_out: AttributeReport,
@@ -420,9 +425,13 @@ impl EvalReport {
         } else {
             format!(" at guidance {}", self.guidance)
         };
+        let ranked = match self.ranked_by {
+            ImageRank::Codes => "",
+            ImageRank::Decoded => " (ranked decoded)",
+        };
         let mut out = format!(
             "shapes world eval: n = {} per task, seed {}; {captions} per picture, best of {} \
-             pictures per caption{guidance}\n",
+             pictures per caption{guidance}{ranked}\n",
             self.n, self.seed, self.images
         );
         out.push_str(&pad("task", name_w));
@@ -595,6 +604,17 @@ fn draw_scenes(
                 None,
                 &sampling,
             )?;
+            let ranked = match loaded.image_rank(opts.rank) {
+                ImageRank::Codes => ranked,
+                ImageRank::Decoded => rerank_decoded(
+                    &loaded.model,
+                    &loaded.tokenizer,
+                    vae,
+                    &scene.caption(),
+                    ranked,
+                    opts.batch_size,
+                )?,
+            };
             let best = ranked
                 .into_iter()
                 .next()
@@ -818,6 +838,7 @@ pub fn evaluate(loaded: &Loaded, opts: &EvalOptions) -> Result<EvalReport> {
         captions: opts.captions,
         images: opts.images,
         guidance: loaded.guidance(opts.guidance),
+        ranked_by: loaded.image_rank(opts.rank),
         captioning_seen,
         text_to_image_seen,
         captioning_held_out,
