@@ -247,3 +247,40 @@ fn a_saved_model_reloads_to_the_same_logits() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two trainers from the same weights, options and batches end bit for bit the same: the
+/// recipe of the built-in model is reproducible only if every step is.
+#[test]
+fn training_is_deterministic() {
+    let input = goldens("model_goldens/forward.safetensors");
+    let batch = vec![(
+        get(&input, "input_ids").clone(),
+        get(&input, "attention_mask_default").clone(),
+    )];
+    let run = || {
+        let mut trainer = tiny_trainer(overfit_options(6));
+        let logs: Vec<f32> = (0..6)
+            .map(|_| trainer.train_step(&batch).unwrap().grad_norm)
+            .collect();
+        let weights: Vec<(String, Vec<f64>)> = trainer
+            .state_dict()
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, flat_f64(&t)))
+            .collect();
+        (logs, weights)
+    };
+    let (first_norms, first) = run();
+    assert!(
+        first_norms.iter().any(|&n| n > 1.0),
+        "the gradients are never clipped: {first_norms:?}"
+    );
+    for _ in 0..3 {
+        let (norms, again) = run();
+        assert_eq!(norms, first_norms);
+        assert!(
+            first == again,
+            "the weights differ between two identical runs"
+        );
+    }
+}

@@ -279,9 +279,13 @@ impl Trainer {
                 }
             }
         }
+        // Summed in the parameters' order (not the map's, which changes from run to run), so
+        // that the clipping, and with it the whole run, is reproducible bit for bit.
         let mut norm_sq = 0f64;
-        for g in grads.values() {
-            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        for slot in &self.optimizer.slots {
+            if let Some(g) = grads.get(&slot.param.as_tensor().id()) {
+                norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
         }
         let grad_norm = norm_sq.sqrt();
         if let Some(max) = self.options.clip_norm {

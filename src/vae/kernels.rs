@@ -344,73 +344,71 @@ impl CustomOp3 for Conv2dBackward {
         let pointwise = self.geometry.is_pointwise();
         let par = inner_parallelism(d.b);
         let mut dx = vec![0f32; d.b * chw];
-        // Per-thread partial sums of the weight and bias gradients: [dW (O·Ckk) | db (O)].
-        let partial = dx
+        // Each picture's own weight and bias gradients, [dW (O·Ckk) | db (O)], added up in
+        // picture order below: per-thread partial sums would group the pictures as the
+        // scheduler happens to split them, and training would not be reproducible.
+        let partials = dx
             .par_chunks_mut(chw)
             .enumerate()
-            .try_fold(
-                || vec![0f32; d.o * d.ckk + d.o],
-                |mut acc, (bi, dxb)| -> Result<Vec<f32>> {
-                    let xb = &x[bi * chw..(bi + 1) * chw];
-                    let gb = &grad[bi * d.o * plane..(bi + 1) * d.o * plane];
-                    let (dw, db) = acc.split_at_mut(d.o * d.ckk);
-                    let mut cols = if pointwise {
-                        Vec::new()
-                    } else {
-                        let mut buf = vec![0f32; d.ckk * plane];
-                        self.geometry.im2col(xb, (d.c, d.h, d.w), &mut buf)?;
-                        buf
-                    };
-                    let colsv: &[f32] = if pointwise { xb } else { &cols };
-                    // dW += dY [O, P] · colsᵀ [P, Ckk]
+            .map(|(bi, dxb)| -> Result<Vec<f32>> {
+                let mut acc = vec![0f32; d.o * d.ckk + d.o];
+                let xb = &x[bi * chw..(bi + 1) * chw];
+                let gb = &grad[bi * d.o * plane..(bi + 1) * d.o * plane];
+                let (dw, db) = acc.split_at_mut(d.o * d.ckk);
+                let mut cols = if pointwise {
+                    Vec::new()
+                } else {
+                    let mut buf = vec![0f32; d.ckk * plane];
+                    self.geometry.im2col(xb, (d.c, d.h, d.w), &mut buf)?;
+                    buf
+                };
+                let colsv: &[f32] = if pointwise { xb } else { &cols };
+                // dW += dY [O, P] · colsᵀ [P, Ckk]
+                matmul(
+                    (d.o, d.ckk, plane),
+                    dw,
+                    true,
+                    gb,
+                    (plane, 1),
+                    colsv,
+                    (1, plane),
+                    par,
+                );
+                for (s, row) in db.iter_mut().zip(gb.chunks(plane)) {
+                    *s += row.iter().sum::<f32>();
+                }
+                // dcols = Wᵀ [Ckk, O] · dY [O, P], then back onto the pixels.
+                if pointwise {
                     matmul(
-                        (d.o, d.ckk, plane),
-                        dw,
-                        true,
+                        (d.ckk, plane, d.o),
+                        dxb,
+                        false,
+                        weight,
+                        (1, d.ckk),
                         gb,
                         (plane, 1),
-                        colsv,
-                        (1, plane),
                         par,
                     );
-                    for (s, row) in db.iter_mut().zip(gb.chunks(plane)) {
-                        *s += row.iter().sum::<f32>();
-                    }
-                    // dcols = Wᵀ [Ckk, O] · dY [O, P], then back onto the pixels.
-                    if pointwise {
-                        matmul(
-                            (d.ckk, plane, d.o),
-                            dxb,
-                            false,
-                            weight,
-                            (1, d.ckk),
-                            gb,
-                            (plane, 1),
-                            par,
-                        );
-                    } else {
-                        matmul(
-                            (d.ckk, plane, d.o),
-                            &mut cols,
-                            false,
-                            weight,
-                            (1, d.ckk),
-                            gb,
-                            (plane, 1),
-                            par,
-                        );
-                        self.geometry.col2im(&cols, (d.c, d.h, d.w), dxb)?;
-                    }
-                    Ok(acc)
-                },
-            )
-            .try_reduce(
-                || vec![0f32; d.o * d.ckk + d.o],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    Ok(a)
-                },
-            )?;
+                } else {
+                    matmul(
+                        (d.ckk, plane, d.o),
+                        &mut cols,
+                        false,
+                        weight,
+                        (1, d.ckk),
+                        gb,
+                        (plane, 1),
+                        par,
+                    );
+                    self.geometry.col2im(&cols, (d.c, d.h, d.w), dxb)?;
+                }
+                Ok(acc)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut partial = vec![0f32; d.o * d.ckk + d.o];
+        for p in &partials {
+            partial.iter_mut().zip(p).for_each(|(x, y)| *x += y);
+        }
         dx.extend_from_slice(&partial);
         let n = dx.len();
         Ok((CpuStorage::F32(dx), Shape::from(n)))
