@@ -1,21 +1,25 @@
 //! The compute-bound products of the 350M configuration (one layer's four linear weights against
-//! the rows of a reranked picture and of a full sequence) in f32 through candle's GEMM and in bf16
-//! on the AMX tiles (`--dtype amx`), in the same run: ms per layer and GFLOP/s.
+//! the rows of a reranked picture and of full sequences) in f32
+//! through candle's GEMM and in bf16 (`--dtype amx`) on every kernel this CPU has (AMX tiles,
+//! AVX-512 BF16, AVX2), in the same run: ms per layer, GFLOP/s and the ratio to f32.
 //! `TILES_BENCH_ITERS` sets the timed runs (default 10, after one warm-up).
 //!
 //!     cargo bench --bench tiles
 
 use candle_core::{Device, Tensor};
 use rudolph::config::Config;
-use rudolph::model::tiles::{self, PackedWeight};
+use rudolph::model::tiles::{self, Kernel, PackedWeight};
 
 mod support;
 
 fn main() -> anyhow::Result<()> {
     let iters = support::iterations("TILES_BENCH_ITERS", 10);
-    let kernel = tiles::Kernel::best();
-    if kernel == tiles::Kernel::Portable {
-        println!("this CPU has neither AMX tiles nor AVX-512 BF16: nothing to compare");
+    let kernels: Vec<Kernel> = [Kernel::Tiles, Kernel::Avx512, Kernel::Avx2]
+        .into_iter()
+        .filter(|k| k.available())
+        .collect();
+    if kernels.is_empty() {
+        println!("this CPU has no AMX tiles, AVX-512 BF16 or AVX2: nothing to compare");
         return Ok(());
     }
     let device = Device::Cpu;
@@ -43,22 +47,28 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         })?;
-        let tile_layer = support::mean_seconds(iters, || {
-            for ((x, w), &(n, _)) in xs.iter().zip(&packed).zip(&shapes) {
-                tiles::matmul_t(x, w, 0..n)?;
-            }
-            Ok(())
-        })?;
         let gflops = |dt: f64| (m * flops_per_row) as f64 / dt / 1e9;
-        println!(
-            "{m} rows, one layer: f32 GEMM {:.2} ms ({:.0} GFLOP/s), bf16 on {} {:.2} ms ({:.0} GFLOP/s), {:.2}×",
+        let mut line = format!(
+            "{m} rows, one layer: f32 GEMM {:.2} ms ({:.0} GFLOP/s)",
             f32_layer * 1e3,
-            gflops(f32_layer),
-            kernel.name(),
-            tile_layer * 1e3,
-            gflops(tile_layer),
-            f32_layer / tile_layer
+            gflops(f32_layer)
         );
+        for &kernel in &kernels {
+            let bf16_layer = support::mean_seconds(iters, || {
+                for ((x, w), &(n, _)) in xs.iter().zip(&packed).zip(&shapes) {
+                    tiles::matmul_t_with(x, w, 0..n, kernel)?;
+                }
+                Ok(())
+            })?;
+            line += &format!(
+                "; bf16 on {} {:.2} ms ({:.0} GFLOP/s, {:.2}×)",
+                kernel.name(),
+                bf16_layer * 1e3,
+                gflops(bf16_layer),
+                f32_layer / bf16_layer
+            );
+        }
+        println!("{line}");
     }
     Ok(())
 }

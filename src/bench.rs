@@ -28,8 +28,8 @@ pub struct BenchReport {
     pub task: Task,
     pub preset: String,
     pub dtype: String,
-    /// With `amx`, the instructions the products ran on (`AMX tiles`, `AVX-512 BF16` or the
-    /// slow `portable f32`).
+    /// With `amx`, the instructions the products ran on (`AMX tiles`, `AVX-512 BF16`, `AVX2`
+    /// or `portable`).
     pub kernel: Option<String>,
     pub threads: usize,
     pub images: usize,

@@ -38,8 +38,8 @@ fn draws_the_shape_colour_and_position_it_is_asked_for() {
     draws_a_big_red_star_on_the_left(&builtin());
 }
 
-/// The same with every linear product in bf16 (`--dtype amx`: on the AMX tiles where the CPU
-/// has them, else the f32 emulation of the same products).
+/// The same with every linear product in bf16 (`--dtype amx`: on the AMX tiles, AVX-512 BF16
+/// or AVX2, whichever this CPU has).
 #[test]
 fn draws_it_with_bf16_tile_products_too() {
     draws_a_big_red_star_on_the_left(&builtin_as(Precision::Tiles));

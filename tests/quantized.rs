@@ -48,7 +48,7 @@ fn q8_stays_close_to_float32() {
     eprintln!("q8 on the fixtures' model: {done}/{total} layers quantized, {report}");
 }
 
-/// bf16 products (on the AMX tiles where the CPU has them): activations and weights rounded to
+/// bf16 products (on the best kernel this CPU has): activations and weights rounded to
 /// bf16 before each linear product, everything else in f32.
 #[test]
 fn amx_stays_close_to_float32() {

@@ -31,8 +31,8 @@ pub struct ModelArgs {
     pub device: String,
     /// Weight precision: f32 (exact, the default), f16 or bf16; f16w or bf16w store the linear
     /// weights in 16 bits; q8 or q4k quantize them (about 4× or 7× fewer bytes); amx runs the
-    /// linear products in bf16 on Intel AMX tiles, or with AVX-512 BF16 where there are none (AMD
-    /// Zen 4) (see the README for each one's quality cost).
+    /// linear products in bf16 on Intel AMX tiles, else with AVX-512 BF16 (AMD Zen 4), else AVX2
+    /// (see the README for each one's quality cost).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }

@@ -11,9 +11,9 @@
 //! decoding reads every weight once per token, so fewer bytes per weight is the way past the
 //! memory-bandwidth limit. Activations and the bias stay in float.
 //!
-//! Or it can be packed for the CPU's AMX tiles or AVX-512 BF16 dot products (`tiles`): bf16
+//! Or it can be packed for the bf16 kernels (`tiles`: AMX tiles, AVX-512 BF16 or AVX2): bf16
 //! products with f32 accumulation, several times the f32 peak where products of many rows are
-//! compute-bound.
+//! compute-bound on the first two.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
@@ -31,7 +31,7 @@ enum Weight {
         matmul: QMatMul,
         dtype: DType,
     },
-    /// Packed for the AMX tiles (or AVX-512 BF16), under f32 activations.
+    /// Packed for the bf16 kernels (`model::tiles`), under f32 activations.
     Tiles(Arc<PackedWeight>),
 }
 
@@ -73,8 +73,8 @@ impl Dense {
         Ok(())
     }
 
-    /// Packs the weight for the AMX tiles or AVX-512 BF16 (bf16 products, f32 activations and
-    /// bias). CPU only.
+    /// Packs the weight for the bf16 kernels (bf16 products, f32 activations and bias). CPU
+    /// only.
     pub fn store_tiles(&mut self) -> Result<()> {
         if let Weight::Float(w) | Weight::Half(w) = &self.weight {
             if !w.device().is_cpu() {

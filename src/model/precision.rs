@@ -15,14 +15,14 @@ pub enum Precision {
     /// f32 activations, embeddings and norms; every linear weight in this format.
     Quantized(GgmlDType),
     /// Every linear product in bf16 with f32 accumulation, on the CPU's AMX tiles, else its
-    /// AVX-512 BF16 dot products (weights packed once in bf16; activations rounded as they
-    /// enter a product). Elsewhere the same products run, slowly, in f32.
+    /// AVX-512 BF16 dot products, else AVX2 (weights packed once in bf16; activations rounded as
+    /// they enter a product); see [`crate::model::tiles::Kernel`].
     Tiles,
 }
 
 impl Precision {
     pub const NAMES: &'static str = "f32, f16, bf16, f16w / bf16w (f16 / bf16 linear weights, f32 compute), \
-         q8 (8-bit blocks), q4k (4-bit k-quants) or amx (bf16 products on Intel AMX tiles, else AVX-512 BF16)";
+         q8 (8-bit blocks), q4k (4-bit k-quants) or amx (bf16 products on Intel AMX tiles, else AVX-512 BF16, else AVX2)";
 
     /// The dtype to load the checkpoint in (a quantized model is loaded in f32 first).
     pub fn load_dtype(self) -> DType {

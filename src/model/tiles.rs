@@ -1,11 +1,12 @@
-//! Matrix products on Intel AMX tiles or AVX-512 BF16 (`--dtype amx`): `y = x·Wᵀ` in bf16 with
-//! f32 accumulation.
+//! Matrix products with bf16 weights (`--dtype amx`): `y = x·Wᵀ` in bf16 with f32 accumulation,
+//! on Intel AMX tiles, AVX-512 BF16 or AVX2, whichever the CPU has ([`Kernel`]).
 //!
 //! Sapphire Rapids and later Xeons multiply 16×32 bf16 tiles by 32×16 ones in one instruction,
 //! several times the f32 FMA peak of the same core; CPUs with AVX-512 BF16 but no tiles (AMD
-//! Zen 4, for one) do 16 dot products of bf16 pairs per instruction, twice the f32 FMA rate. Reranking, captioning prompts and full
-//! forwards are compute-bound products of hundreds of rows, so they gain the most; decoding steps
-//! read half the bytes of f32 weights, as `bf16w` does.
+//! Zen 4, for one) do 16 dot products of bf16 pairs per instruction, twice the f32 FMA rate;
+//! AVX2 widens the pairs to f32 in registers and runs at the f32 rate. Reranking, captioning
+//! prompts and full forwards are compute-bound products of hundreds of rows, so they gain the
+//! most from the first two; decoding steps read half the bytes of f32 weights on all of them.
 //!
 //! The weight is packed once, when the model is built, into the layout the tile loads want (the
 //! packing a GEMM would otherwise redo at every call): for each group of 16 outputs and each
@@ -14,9 +15,9 @@
 //! Activations are rounded to bf16 (to nearest even) as they are laid out for the tiles; biases,
 //! norms, attention and the head's log-softmax stay in f32.
 //!
-//! Where the CPU has neither (or the kernel refuses the tile state and there is no AVX-512 BF16),
-//! the same packed weight is unpacked and multiplied in f32 against the bf16-rounded
-//! activations: the same products, in another order of summation, much slower.
+//! Elsewhere (not x86-64) the same arithmetic runs as plain Rust loops the compiler vectorises,
+//! or, for many rows, the weight is unpacked for candle's f32 GEMM: the same products, in
+//! another order of summation.
 
 use candle_core::{DType, Result, Tensor};
 use half::bf16;
@@ -30,6 +31,12 @@ const N_TILE: usize = 16;
 const K_CHUNK: usize = 32;
 /// bf16 values in one packed weight block: `K_CHUNK / 2` rows of `N_TILE` pairs.
 const BLOCK: usize = K_CHUNK * N_TILE;
+/// From this many rows on, the portable kernel unpacks the weight to f32 for candle's GEMM; below
+/// it, reading the packed bf16 directly is faster (a decoding step's product is bound by reading
+/// the weight, and unpacking it would write twice its bytes). On 350M with SSE2 loops: one
+/// picture generated in 11.5 s against 80 s unpacking at every step; a reranked picture (264
+/// rows) in 1.9 s against 4.9 s in the loops.
+const PORTABLE_GEMM_ROWS: usize = 32;
 /// Bytes of bf16 activations multiplied against the whole weight at a time.
 const A_BLOCK_BYTES: usize = 1 << 20;
 
@@ -67,7 +74,7 @@ impl PackedWeight {
         Ok(Self { data, n, k, chunks })
     }
 
-    /// Rows `rows` of the weight back in f32, `[rows.len(), k]` (the fallback's operand).
+    /// Rows `rows` of the weight back in f32, `[rows.len(), k]`.
     fn unpack(&self, rows: Range<usize>) -> Vec<f32> {
         let k = self.k;
         let mut out = vec![0f32; rows.len() * k];
@@ -84,6 +91,9 @@ impl PackedWeight {
     }
 }
 
+/// Names the kernel [`Kernel::best`] picks, overriding the choice of the fastest.
+pub const KERNEL_ENV: &str = "RUDOLPH_BF16_KERNEL";
+
 /// Which instructions multiply the packed weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -93,19 +103,46 @@ pub enum Kernel {
     /// per register, each a dot product of one input pair. The packed blocks are already laid
     /// out as one register of 16 output pairs per input pair.
     Avx512,
-    /// Unpacks the weight and multiplies in f32 against the rounded activations.
+    /// AVX2 with FMA (any x86-64 of the last decade): each bf16 pair widened to two f32 in
+    /// registers by a shift and a mask, then two FMAs. The f32 rate, with half the weight bytes.
+    Avx2,
+    /// The same arithmetic in plain Rust, vectorised by the compiler for any CPU.
     Portable,
 }
 
 impl Kernel {
-    /// The fastest kernel this process can use: tiles, else AVX-512 BF16, else portable.
+    /// The kernel `--dtype amx` uses: the one named by `$RUDOLPH_BF16_KERNEL` (`tiles`,
+    /// `avx512`, `avx2` or `portable`, to compare them) if this CPU has it, else the fastest:
+    /// tiles, else AVX-512 BF16, else AVX2, else portable.
     pub fn best() -> Self {
-        if Self::Tiles.available() {
-            Self::Tiles
-        } else if Self::Avx512.available() {
-            Self::Avx512
-        } else {
-            Self::Portable
+        static CHOSEN: OnceLock<Kernel> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let asked = std::env::var(KERNEL_ENV).ok().and_then(|v| {
+                let k = Self::ALL.into_iter().find(|k| k.id() == v.trim());
+                if k.is_none_or(|k| !k.available()) {
+                    eprintln!("{KERNEL_ENV}={v}: not a kernel this CPU has; using the fastest");
+                }
+                k.filter(|k| k.available())
+            });
+            asked.unwrap_or_else(|| {
+                Self::ALL
+                    .into_iter()
+                    .find(|k| k.available())
+                    .unwrap_or(Self::Portable)
+            })
+        })
+    }
+
+    /// Every kernel, fastest first.
+    pub const ALL: [Kernel; 4] = [Self::Tiles, Self::Avx512, Self::Avx2, Self::Portable];
+
+    /// The name `$RUDOLPH_BF16_KERNEL` takes.
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::Tiles => "tiles",
+            Self::Avx512 => "avx512",
+            Self::Avx2 => "avx2",
+            Self::Portable => "portable",
         }
     }
 
@@ -116,6 +153,7 @@ impl Kernel {
         match self {
             Self::Tiles => *GRANTED.get_or_init(amx::request),
             Self::Avx512 => avx512::detected(),
+            Self::Avx2 => avx2::detected(),
             Self::Portable => true,
         }
     }
@@ -124,7 +162,8 @@ impl Kernel {
         match self {
             Self::Tiles => "AMX tiles",
             Self::Avx512 => "AVX-512 BF16",
-            Self::Portable => "portable f32",
+            Self::Avx2 => "AVX2",
+            Self::Portable => "portable",
         }
     }
 }
@@ -154,7 +193,9 @@ pub fn matmul_t_with(
     if cols.is_empty() || k == 0 {
         return Tensor::zeros((m, cols.len()), DType::F32, x.device());
     }
-    if kernel == Kernel::Portable {
+    if kernel == Kernel::Portable && m >= PORTABLE_GEMM_ROWS {
+        // Many rows are compute-bound: unpacking the weight once and using candle's GEMM (which
+        // picks the CPU's widest instructions at run time) beats the plain loops.
         let rounded = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
         let wt = Tensor::from_vec(w.unpack(cols.clone()), (cols.len(), k), x.device())?;
         return rounded.matmul(&wt.t()?);
@@ -223,7 +264,45 @@ pub fn matmul_t_with(
                 }
             });
         }
-        Kernel::Portable => unreachable!("handled above"),
+        Kernel::Avx2 => {
+            // As for AVX-512, a task per pair of output groups.
+            (0..(last - first) / 2).into_par_iter().for_each(|pair| {
+                let g = first + 2 * pair;
+                let out_ptr = &out_ptr;
+                // SAFETY: AVX2 and FMA were detected (checked above); each task writes only its
+                // own two groups' columns of `out`, whose `m` rows are `width` long; `a` holds
+                // `m` rows of `chunks` whole chunks and the weight holds groups `g` and `g + 1`.
+                unsafe {
+                    avx2::group_pair(
+                        &a,
+                        m,
+                        w.chunks,
+                        &w.data[g * group_len..(g + 2) * group_len],
+                        out_ptr.0.add((g - first) * N_TILE),
+                        width,
+                    )
+                }
+            });
+        }
+        Kernel::Portable => {
+            (0..(last - first) / 2).into_par_iter().for_each(|pair| {
+                let g = first + 2 * pair;
+                let out_ptr = &out_ptr;
+                // SAFETY: each task writes only its own two groups' columns of `out`, whose `m`
+                // rows are `width` long; `a` holds `m` rows of `chunks` whole chunks and the
+                // weight holds groups `g` and `g + 1`.
+                unsafe {
+                    portable::group_pair(
+                        &a,
+                        m,
+                        w.chunks,
+                        &w.data[g * group_len..(g + 2) * group_len],
+                        out_ptr.0.add((g - first) * N_TILE),
+                        width,
+                    )
+                }
+            });
+        }
     }
     let y = Tensor::from_vec(out, (m, width), x.device())?;
     let from = cols.start - first * N_TILE;
@@ -545,6 +624,160 @@ mod avx512 {
     }
 }
 
+/// The kernels' arithmetic in plain Rust, for any CPU: the compiler vectorises the loops over
+/// 32 outputs for whatever the target has (SSE2 on baseline x86-64, NEON on ARM).
+mod portable {
+    use super::{K_CHUNK, N_TILE};
+
+    /// Rows per tile: 4 rows × 32 outputs of accumulators.
+    const ROWS: usize = 4;
+
+    /// Two output groups (32 columns) for all `m` rows of `a`: `out` points at the first of
+    /// them in a row-major `[m, width]` f32 matrix.
+    ///
+    /// # Safety
+    /// `a` holds `m · chunks · 32` values, `w` two groups of `chunks` blocks, and `out` `m` rows
+    /// of `width ≥ 32` writable floats.
+    pub unsafe fn group_pair(
+        a: &[u16],
+        m: usize,
+        chunks: usize,
+        w: &[u16],
+        out: *mut f32,
+        width: usize,
+    ) {
+        let stride = chunks * K_CHUNK;
+        let group_len = w.len() / 2;
+        let widen = |v: u16| f32::from_bits((v as u32) << 16);
+        for row in (0..m).step_by(ROWS) {
+            let rows = (m - row).min(ROWS);
+            let mut acc = [[0f32; 2 * N_TILE]; ROWS];
+            for p in 0..stride / 2 {
+                let (mut even, mut odd) = ([0f32; 2 * N_TILE], [0f32; 2 * N_TILE]);
+                for g in 0..2 {
+                    let line = &w[g * group_len + p * 2 * N_TILE..][..2 * N_TILE];
+                    for o in 0..N_TILE {
+                        even[g * N_TILE + o] = widen(line[2 * o]);
+                        odd[g * N_TILE + o] = widen(line[2 * o + 1]);
+                    }
+                }
+                for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                    let at = (row + r) * stride + 2 * p;
+                    let (x0, x1) = (widen(a[at]), widen(a[at + 1]));
+                    for o in 0..2 * N_TILE {
+                        acc[o] += x0 * even[o] + x1 * odd[o];
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                // SAFETY: row `row + r` < `m` and its 32 columns are within `width`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.add((row + r) * width), 32) };
+                dst.copy_from_slice(acc);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{K_CHUNK, N_TILE};
+    use std::arch::x86_64::*;
+
+    /// Rows per register tile: 2 rows × 4 registers of 8 outputs are 8 accumulators, with 4
+    /// registers for the widened inputs and 2 for the widened weights, within AVX2's 16.
+    const ROWS: usize = 2;
+
+    pub fn detected() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// Two output groups (32 columns) for all `m` rows of `a`: `out` points at the first of
+    /// them in a row-major `[m, width]` f32 matrix.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; `a` holds `m · chunks · 32` values, `w` two groups of
+    /// `chunks` blocks, and `out` `m` rows of `width ≥ 32` writable floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn group_pair(
+        a: &[u16],
+        m: usize,
+        chunks: usize,
+        w: &[u16],
+        out: *mut f32,
+        width: usize,
+    ) {
+        debug_assert!(a.len() == m * chunks * K_CHUNK && w.len() == 2 * chunks * K_CHUNK * 16);
+        let stride = chunks * K_CHUNK;
+        let mut row = 0;
+        while row < m {
+            let rows = (m - row).min(ROWS);
+            // SAFETY: rows `row..row + rows` exist in `a` and `out` (see above).
+            let (a, out) = unsafe { (a.as_ptr().add(row * stride), out.add(row * width)) };
+            let args = (a, stride, w.as_ptr(), w.len() / 2, stride / 2, out, width);
+            unsafe {
+                match rows {
+                    2 => tile::<2>(args),
+                    _ => tile::<1>(args),
+                }
+            }
+            row += rows;
+        }
+    }
+
+    type TileArgs = (*const u16, usize, *const u16, usize, usize, *mut f32, usize);
+
+    /// `R` rows × 32 outputs. A packed line of 16 output pairs is two registers of 8 pairs;
+    /// a pair's even (low) half becomes an f32 by a 16-bit left shift, its odd half by masking
+    /// off the low 16 bits.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const R: usize>((a, stride, w, group_len, pairs, out, width): TileArgs) {
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for p in 0..pairs {
+            // SAFETY (this block): pair `p` of both groups and of each of the `R` rows is in
+            // bounds (see `group_pair`).
+            let inputs: [(__m256, __m256); R] = std::array::from_fn(|r| {
+                let pair = unsafe { a.add(r * stride + 2 * p).cast::<i32>().read_unaligned() };
+                let v = _mm256_set1_epi32(pair);
+                (
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                    _mm256_castsi256_ps(_mm256_and_si256(v, high)),
+                )
+            });
+            for h in 0..4 {
+                let at = (h / 2) * group_len + p * 2 * N_TILE + (h % 2) * N_TILE;
+                let raw = unsafe { _mm256_loadu_si256(w.add(at).cast()) };
+                let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw));
+                let odd = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+                for (acc, (x_even, x_odd)) in acc.iter_mut().zip(&inputs) {
+                    acc[h] = _mm256_fmadd_ps(*x_even, even, acc[h]);
+                    acc[h] = _mm256_fmadd_ps(*x_odd, odd, acc[h]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, acc) in acc.iter().enumerate() {
+                let at = r * width + (h / 2) * N_TILE + (h % 2) * 8;
+                unsafe { _mm256_storeu_ps(out.add(at), *acc) };
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    pub fn detected() -> bool {
+        false
+    }
+
+    /// # Safety
+    /// Never called: [`detected`] is false off x86-64.
+    pub unsafe fn group_pair(_: &[u16], _: usize, _: usize, _: &[u16], _: *mut f32, _: usize) {
+        unreachable!("AVX2 exists only on x86-64")
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 mod avx512 {
     pub const GROUPS: usize = 4;
@@ -589,17 +822,26 @@ mod tests {
     /// The fallback is the definition: bf16-rounded operands, f32 products.
     #[test]
     fn fallback_is_the_product_of_the_rounded_operands() {
-        let (x, w) = (random(5, 40, 1), random(19, 40, 2));
-        let packed = PackedWeight::pack(&w).unwrap();
-        let got = matmul_t_with(&x, &packed, 0..19, Kernel::Portable).unwrap();
         let round = |t: &Tensor| {
             t.to_dtype(DType::BF16)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap()
         };
-        let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap();
-        assert!(max_abs(&(got - want).unwrap()) < 1e-5);
+        for (m, n, k, cols) in [
+            (5, 19, 40, 0..19),
+            (9, 70, 33, 20..61),
+            (1, 32, 96, 0..32),
+            (PORTABLE_GEMM_ROWS + 3, 40, 64, 5..37),
+        ] {
+            let (x, w) = (random(m, k, 1), random(n, k, 2));
+            let packed = PackedWeight::pack(&w).unwrap();
+            let got = matmul_t_with(&x, &packed, cols.clone(), Kernel::Portable).unwrap();
+            let w = round(&w).narrow(0, cols.start, cols.len()).unwrap();
+            let want = round(&x).matmul(&w.t().unwrap()).unwrap();
+            let diff = max_abs(&(got - want).unwrap());
+            assert!(diff < 1e-5, "m {m} n {n} k {k} {cols:?}: {diff}");
+        }
     }
 
     fn max_abs(t: &Tensor) -> f32 {
@@ -615,7 +857,7 @@ mod tests {
     /// chunks, odd output groups, a last group pair and column windows.
     #[test]
     fn kernels_match_the_fallback() {
-        for kernel in [Kernel::Tiles, Kernel::Avx512] {
+        for kernel in [Kernel::Tiles, Kernel::Avx512, Kernel::Avx2] {
             if kernel.available() {
                 kernel_matches_the_fallback(kernel);
             } else {
