@@ -120,7 +120,10 @@ impl Kernel {
             let asked = std::env::var(KERNEL_ENV).ok().and_then(|v| {
                 let k = Self::ALL.into_iter().find(|k| k.id() == v.trim());
                 if k.is_none_or(|k| !k.available()) {
-                    eprintln!("{KERNEL_ENV}={v}: not a kernel this CPU has; using the fastest");
+                    eprintln!(
+                        "{KERNEL_ENV}={v}: not one of tiles, avx512, avx2, portable that this \
+                         CPU has; using the fastest"
+                    );
                 }
                 k.filter(|k| k.available())
             });
@@ -264,35 +267,20 @@ pub fn matmul_t_with(
                 }
             });
         }
-        Kernel::Avx2 => {
-            // As for AVX-512, a task per pair of output groups.
+        Kernel::Avx2 | Kernel::Portable => {
+            let group_pair: GroupPairFn = match kernel {
+                Kernel::Avx2 => avx2::group_pair,
+                _ => portable::group_pair,
+            };
+            // A task per pair of output groups, each over every row.
             (0..(last - first) / 2).into_par_iter().for_each(|pair| {
                 let g = first + 2 * pair;
                 let out_ptr = &out_ptr;
-                // SAFETY: AVX2 and FMA were detected (checked above); each task writes only its
+                // SAFETY: the kernel is available (checked above); each task writes only its
                 // own two groups' columns of `out`, whose `m` rows are `width` long; `a` holds
                 // `m` rows of `chunks` whole chunks and the weight holds groups `g` and `g + 1`.
                 unsafe {
-                    avx2::group_pair(
-                        &a,
-                        m,
-                        w.chunks,
-                        &w.data[g * group_len..(g + 2) * group_len],
-                        out_ptr.0.add((g - first) * N_TILE),
-                        width,
-                    )
-                }
-            });
-        }
-        Kernel::Portable => {
-            (0..(last - first) / 2).into_par_iter().for_each(|pair| {
-                let g = first + 2 * pair;
-                let out_ptr = &out_ptr;
-                // SAFETY: each task writes only its own two groups' columns of `out`, whose `m`
-                // rows are `width` long; `a` holds `m` rows of `chunks` whole chunks and the
-                // weight holds groups `g` and `g + 1`.
-                unsafe {
-                    portable::group_pair(
+                    group_pair(
                         &a,
                         m,
                         w.chunks,
@@ -312,6 +300,9 @@ pub fn matmul_t_with(
         y.narrow(1, from, cols.len())?.contiguous()
     }
 }
+
+/// A kernel's product for two output groups over all rows (see `avx2::group_pair`).
+type GroupPairFn = unsafe fn(&[u16], usize, usize, &[u16], *mut f32, usize);
 
 struct SendPtr(*mut f32);
 // SAFETY: the tasks sharing it write disjoint columns (see `matmul_t_with`).
