@@ -363,11 +363,11 @@ impl CustomOp3 for Conv2dBackward {
                     buf
                 };
                 let colsv: &[f32] = if pointwise { xb } else { &cols };
-                // dW += dY [O, P] · colsᵀ [P, Ckk]
+                // dW = dY [O, P] · colsᵀ [P, Ckk]
                 matmul(
                     (d.o, d.ckk, plane),
                     dw,
-                    true,
+                    false,
                     gb,
                     (plane, 1),
                     colsv,
