@@ -42,7 +42,8 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         use candle_nn::init::{Init, NormalOrUniform};
-        let mut data = self.map.data().lock().expect("VarMap lock poisoned");
+        let poisoned = |_| candle_core::Error::Msg("the VQGAN's VarMap lock is poisoned".into());
+        let mut data = self.map.data().lock().map_err(poisoned)?;
         if let Some(var) = data.get(name) {
             if var.shape() != &shape {
                 candle_core::bail!(
@@ -53,11 +54,14 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
             }
             return Ok(var.as_tensor().clone());
         }
-        let mut rng = self.rng.lock().expect("init generator lock poisoned");
-        let mut unit = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let mut rng = self.rng.lock().map_err(|_| {
+            candle_core::Error::Msg("the VQGAN's init generator lock is poisoned".into())
+        })?;
         let n = shape.elem_count();
         let mut uniform = |lo: f64, up: f64| -> Vec<f32> {
-            (0..n).map(|_| (lo + (up - lo) * unit()) as f32).collect()
+            (0..n)
+                .map(|_| (lo + (up - lo) * unit(&mut rng)) as f32)
+                .collect()
         };
         let values = match init {
             Init::Const(c) => vec![c as f32; n],
@@ -91,17 +95,20 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
         self.map
             .data()
             .lock()
-            .expect("VarMap lock poisoned")
-            .contains_key(name)
+            .is_ok_and(|data| data.contains_key(name))
     }
+}
+
+/// A uniform draw in [0, 1) with 53 random bits.
+fn unit(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// `n` normal draws (Box–Muller).
 fn normal(n: usize, mean: f64, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    let mut unit = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     (0..n)
         .map(|_| {
-            let (u, v) = (1.0 - unit(), unit());
+            let (u, v) = (1.0 - unit(rng), unit(rng));
             (mean + std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
         })
         .collect()
