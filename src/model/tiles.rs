@@ -215,24 +215,32 @@ pub fn matmul_t_with(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let group_len = w.chunks * BLOCK;
     match kernel {
-        Kernel::Tiles => {
-            // Rows in blocks whose activations stay in a core's L2 cache while every pair of
-            // output groups streams past them (2112 rows of the MLP's 4096 inputs would be
-            // 17 MB).
+        Kernel::Tiles | Kernel::Avx2 | Kernel::Portable => {
             let stride = w.chunks * K_CHUNK;
-            let block = (A_BLOCK_BYTES / (2 * stride)).max(32) / 32 * 32;
+            let (group_pair, block): (GroupPairFn, usize) = match kernel {
+                // Rows in blocks whose activations stay in a core's L2 cache while every pair
+                // of output groups streams past them (2112 rows of the MLP's 4096 inputs would
+                // be 17 MB).
+                Kernel::Tiles => (
+                    amx::group_pair,
+                    (A_BLOCK_BYTES / (2 * stride)).max(32) / 32 * 32,
+                ),
+                Kernel::Avx2 => (avx2::group_pair, m.max(1)),
+                _ => (portable::group_pair, m.max(1)),
+            };
             for start in (0..m).step_by(block) {
                 let rows = block.min(m - start);
                 let a = &a[start * stride..(start + rows) * stride];
+                // A task per pair of output groups.
                 (0..(last - first) / 2).into_par_iter().for_each(|pair| {
                     let g = first + 2 * pair;
                     let out_ptr = &out_ptr;
-                    // SAFETY: the tiles were granted (checked above); each task writes only its
-                    // own two output groups' columns of rows `start..start + rows` of `out`,
-                    // whose rows are `width` long; `a` holds `rows` rows of `chunks` whole
-                    // chunks and the weight holds groups `g` and `g + 1`.
+                    // SAFETY: the kernel is available (checked above; the tiles granted); each
+                    // task writes only its own two output groups' columns of rows `start..start
+                    // + rows` of `out`, whose rows are `width` long; `a` holds `rows` rows of
+                    // `chunks` whole chunks and the weight holds groups `g` and `g + 1`.
                     unsafe {
-                        amx::group_pair(
+                        group_pair(
                             a,
                             rows,
                             w.chunks,
@@ -267,30 +275,6 @@ pub fn matmul_t_with(
                 }
             });
         }
-        Kernel::Avx2 | Kernel::Portable => {
-            let group_pair: GroupPairFn = match kernel {
-                Kernel::Avx2 => avx2::group_pair,
-                _ => portable::group_pair,
-            };
-            // A task per pair of output groups, each over every row.
-            (0..(last - first) / 2).into_par_iter().for_each(|pair| {
-                let g = first + 2 * pair;
-                let out_ptr = &out_ptr;
-                // SAFETY: the kernel is available (checked above); each task writes only its
-                // own two groups' columns of `out`, whose `m` rows are `width` long; `a` holds
-                // `m` rows of `chunks` whole chunks and the weight holds groups `g` and `g + 1`.
-                unsafe {
-                    group_pair(
-                        &a,
-                        m,
-                        w.chunks,
-                        &w.data[g * group_len..(g + 2) * group_len],
-                        out_ptr.0.add((g - first) * N_TILE),
-                        width,
-                    )
-                }
-            });
-        }
     }
     let y = Tensor::from_vec(out, (m, width), x.device())?;
     let from = cols.start - first * N_TILE;
@@ -301,7 +285,7 @@ pub fn matmul_t_with(
     }
 }
 
-/// A kernel's product for two output groups over all rows (see `avx2::group_pair`).
+/// A kernel's product for two output groups over a block of rows (see `avx2::group_pair`).
 type GroupPairFn = unsafe fn(&[u16], usize, usize, &[u16], *mut f32, usize);
 
 struct SendPtr(*mut f32);
@@ -503,19 +487,6 @@ mod amx {
         }
         // Gives the tile state back, so that context switches stop saving it.
         unsafe { asm!("tilerelease", options(nostack)) };
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod amx {
-    pub fn request() -> bool {
-        false
-    }
-
-    /// # Safety
-    /// Never called: [`request`] is false off x86-64.
-    pub unsafe fn group_pair(_: &[u16], _: usize, _: usize, _: &[u16], _: *mut f32, _: usize) {
-        unreachable!("AMX tiles exist only on x86-64")
     }
 }
 
@@ -756,25 +727,23 @@ mod avx2 {
     }
 }
 
+/// What the x86-64 kernels' modules offer elsewhere: nothing is available, so nothing is called.
 #[cfg(not(target_arch = "x86_64"))]
-mod avx2 {
+mod x86_only {
+    pub const GROUPS: usize = 4;
+
+    pub fn request() -> bool {
+        false
+    }
+
     pub fn detected() -> bool {
         false
     }
 
     /// # Safety
-    /// Never called: [`detected`] is false off x86-64.
+    /// Never called: [`request`] and [`detected`] are false off x86-64.
     pub unsafe fn group_pair(_: &[u16], _: usize, _: usize, _: &[u16], _: *mut f32, _: usize) {
-        unreachable!("AVX2 exists only on x86-64")
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod avx512 {
-    pub const GROUPS: usize = 4;
-
-    pub fn detected() -> bool {
-        false
+        unreachable!("AMX and AVX exist only on x86-64")
     }
 
     /// # Safety
@@ -791,6 +760,12 @@ mod avx512 {
         unreachable!("AVX-512 exists only on x86-64")
     }
 }
+#[cfg(not(target_arch = "x86_64"))]
+use x86_only as amx;
+#[cfg(not(target_arch = "x86_64"))]
+use x86_only as avx2;
+#[cfg(not(target_arch = "x86_64"))]
+use x86_only as avx512;
 
 #[cfg(test)]
 mod tests {
