@@ -377,29 +377,20 @@ impl CustomOp3 for Conv2dBackward {
                 for (s, row) in db.iter_mut().zip(gb.chunks(plane)) {
                     *s += row.iter().sum::<f32>();
                 }
-                // dcols = Wᵀ [Ckk, O] · dY [O, P], then back onto the pixels.
-                if pointwise {
-                    matmul(
-                        (d.ckk, plane, d.o),
-                        dxb,
-                        false,
-                        weight,
-                        (1, d.ckk),
-                        gb,
-                        (plane, 1),
-                        par,
-                    );
-                } else {
-                    matmul(
-                        (d.ckk, plane, d.o),
-                        &mut cols,
-                        false,
-                        weight,
-                        (1, d.ckk),
-                        gb,
-                        (plane, 1),
-                        par,
-                    );
+                // dcols = Wᵀ [Ckk, O] · dY [O, P] (a 1×1 convolution's columns are its pixels),
+                // then back onto the pixels.
+                let dcols: &mut [f32] = if pointwise { &mut *dxb } else { &mut cols };
+                matmul(
+                    (d.ckk, plane, d.o),
+                    dcols,
+                    false,
+                    weight,
+                    (1, d.ckk),
+                    gb,
+                    (plane, 1),
+                    par,
+                );
+                if !pointwise {
                     self.geometry.col2im(&cols, (d.c, d.h, d.w), dxb)?;
                 }
                 Ok(acc)

@@ -528,8 +528,9 @@ mod tests {
     }
 
     /// Two trainers with the same options and pictures end bit for bit the same, code
-    /// re-seeding included: the convolutions' weight gradients are summed over the pictures in
-    /// a fixed order, whichever threads computed them.
+    /// re-seeding included: the initial weights are drawn from the options' seed, and the
+    /// convolutions' weight gradients are summed over the pictures in a fixed order, whichever
+    /// threads computed them.
     #[test]
     fn training_is_reproducible() {
         let dev = Device::Cpu;
