@@ -27,8 +27,14 @@ impl From<&Scene> for Attributes {
     }
 }
 
-fn dist2(a: [u8; 3], b: [u8; 3]) -> i32 {
+/// Squared Euclidean distance of two RGB colours.
+pub fn dist2(a: [u8; 3], b: [u8; 3]) -> i32 {
     (0..3).map(|c| (a[c] as i32 - b[c] as i32).pow(2)).sum()
+}
+
+/// The palette colour the reader names a pixel of colour `rgb`.
+pub fn colour_name(rgb: [u8; 3]) -> Colour {
+    nearest(&Colour::ALL, |c| dist2(rgb, c.rgb()) as f64)
 }
 
 fn nearest<T: Copy>(options: &[T], key: impl Fn(T) -> f64) -> T {
@@ -63,7 +69,7 @@ pub fn read_picture(img: &RgbImage) -> Option<Attributes> {
     for p in img.pixels() {
         if dist2(p.0, bg) > 60 * 60 {
             visible += 1;
-            let c = nearest(&Colour::ALL, |c| dist2(p.0, c.rgb()) as f64);
+            let c = colour_name(p.0);
             colour_votes[Colour::ALL.iter().position(|&k| k == c).expect("listed")] += 1;
         }
     }
