@@ -2,7 +2,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use rudolph::model::{Labels, LossWeights, Rudolph};
@@ -137,6 +137,15 @@ fn tiny_trainer(options: rudolph::train::TrainOptions) -> rudolph::train::Traine
     rudolph::train::Trainer::new(&cfg, Some(tensors), masks, options, &Device::Cpu).unwrap()
 }
 
+/// The forward goldens' ids and default mask, as one batch.
+fn golden_batch() -> Vec<(Tensor, Tensor)> {
+    let input = goldens("model_goldens/forward.safetensors");
+    vec![(
+        get(&input, "input_ids").clone(),
+        get(&input, "attention_mask_default").clone(),
+    )]
+}
+
 fn overfit_options(steps: u64) -> rudolph::train::TrainOptions {
     rudolph::train::TrainOptions {
         steps,
@@ -149,11 +158,7 @@ fn overfit_options(steps: u64) -> rudolph::train::TrainOptions {
 
 #[test]
 fn overfitting_a_few_samples_drives_the_loss_down() {
-    let input = goldens("model_goldens/forward.safetensors");
-    let batch = vec![(
-        get(&input, "input_ids").clone(),
-        get(&input, "attention_mask_default").clone(),
-    )];
+    let batch = golden_batch();
     let mut trainer = tiny_trainer(overfit_options(80));
     let before = trainer.evaluate(&batch).unwrap()[0];
     let mut last = None;
@@ -171,11 +176,7 @@ fn overfitting_a_few_samples_drives_the_loss_down() {
 
 #[test]
 fn frozen_parameters_do_not_move() {
-    let input = goldens("model_goldens/forward.safetensors");
-    let batch = vec![(
-        get(&input, "input_ids").clone(),
-        get(&input, "attention_mask_default").clone(),
-    )];
+    let batch = golden_batch();
     let options = rudolph::train::TrainOptions {
         freeze: rudolph::train::Freeze::AttentionMlp,
         ..overfit_options(3)
@@ -252,11 +253,7 @@ fn a_saved_model_reloads_to_the_same_logits() {
 /// recipe of the built-in model is reproducible only if every step is.
 #[test]
 fn training_is_deterministic() {
-    let input = goldens("model_goldens/forward.safetensors");
-    let batch = vec![(
-        get(&input, "input_ids").clone(),
-        get(&input, "attention_mask_default").clone(),
-    )];
+    let batch = golden_batch();
     let run = || {
         let mut trainer = tiny_trainer(overfit_options(6));
         let logs: Vec<f32> = (0..6)

@@ -156,12 +156,9 @@ fn clock_seed() -> u64 {
 
 /// Reads a picture and turns it into the model's codes (pre-processing as the pipelines do).
 pub fn picture_codes(loaded: &Loaded, path: &Path) -> anyhow::Result<Vec<u32>> {
-    let vae = loaded.vae()?;
-    let size = loaded.model.config().image_size();
     let img = crate::image::load_image(path)?;
-    let pixels = crate::image::preprocess(&img, size as u32, vae.device())?;
-    let codes = vae.encode_codes(&pixels.unsqueeze(0)?)?;
-    Ok(codes.flatten_all()?.to_vec1::<u32>()?)
+    let mut codes = crate::pipelines::images::picture_codes(&loaded.model, loaded.vae()?, &[img])?;
+    Ok(codes.remove(0))
 }
 
 /// Refuses to replace a file the user has not asked to overwrite.

@@ -2,7 +2,7 @@
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs, check_writable};
 use crate::pipelines::defaults;
-use crate::pipelines::images::{Borders, ImageRank, generate_images, image_prompt, rerank_decoded};
+use crate::pipelines::images::{Borders, ImageRank, generate_images, image_prompt};
 use candle_core::Tensor;
 use std::path::PathBuf;
 
@@ -127,17 +127,14 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         &opts,
     )?;
     let rank = loaded.image_rank(args.rank);
-    let ranked = match rank {
-        ImageRank::Codes => ranked,
-        ImageRank::Decoded => rerank_decoded(
-            &loaded.model,
-            &loaded.tokenizer,
-            vae,
-            &args.text,
-            ranked,
-            opts.batch_size,
-        )?,
-    };
+    let ranked = rank.apply(
+        &loaded.model,
+        &loaded.tokenizer,
+        vae,
+        &args.text,
+        ranked,
+        opts.batch_size,
+    )?;
     let best: Vec<u32> = ranked[..keep]
         .iter()
         .flat_map(|r| r.codes.clone())

@@ -160,6 +160,24 @@ pub enum ImageRank {
     Decoded,
 }
 
+impl ImageRank {
+    /// Orders `ranked` (as [`generate_images`] returns them, by codes) this way, best first.
+    pub fn apply(
+        self,
+        model: &Rudolph,
+        tokenizer: &TextTokenizer,
+        vae: &Vqgan,
+        text: &str,
+        ranked: Vec<RankedCodes>,
+        batch: usize,
+    ) -> crate::Result<Vec<RankedCodes>> {
+        match self {
+            Self::Codes => Ok(ranked),
+            Self::Decoded => rerank_decoded(model, tokenizer, vae, text, ranked, batch),
+        }
+    }
+}
+
 /// Text → `count` code grids, reranked by the text's perplexity given each picture (rc1
 /// `generate_codebooks` + `self_reranking_by_text`), best first.
 pub fn generate_images(
@@ -239,7 +257,7 @@ pub fn rerank_decoded(
     batch: usize,
 ) -> crate::Result<Vec<RankedCodes>> {
     let cfg = model.config();
-    let (n, size) = (cfg.image_seq_length(), cfg.image_size() as u32);
+    let n = cfg.image_seq_length();
     let right = encode_checked(tokenizer, &lower_strip(text), cfg.r_text_seq_length, "text");
     for chunk in ranked.chunks_mut(batch.max(1)) {
         let mut flat = Vec::with_capacity(chunk.len() * n);
@@ -253,22 +271,10 @@ pub fn rerank_decoded(
             flat.extend_from_slice(&r.codes);
         }
         let decoded = vae.decode_codes(&Tensor::from_vec(flat, (chunk.len(), n), vae.device())?)?;
-        let pixels = (0..chunk.len())
-            .map(|j| {
-                let shown = crate::image::to_rgb8(&decoded.get(j)?)?;
-                Ok(crate::image::preprocess(&shown, size, vae.device())?)
-            })
+        let shown = (0..chunk.len())
+            .map(|j| Ok(crate::image::to_rgb8(&decoded.get(j)?)?))
             .collect::<crate::Result<Vec<_>>>()?;
-        let again = vae
-            .encode_codes(&Tensor::stack(&pixels, 0)?)?
-            .flatten_from(1)?
-            .to_vec2::<u32>()?;
-        if again.iter().any(|row| row.len() != n) {
-            return Err(invalid(format!(
-                "the VQGAN encodes a {size}×{size} picture into {} codes but the model expects {n}",
-                again[0].len()
-            )));
-        }
+        let again = picture_codes(model, vae, &shown)?;
         let pairs: Vec<(&[u32], &[u32])> = again
             .iter()
             .map(|c| (c.as_slice(), right.as_slice()))
@@ -282,6 +288,32 @@ pub fn rerank_decoded(
         key(a).total_cmp(&key(b))
     });
     Ok(ranked)
+}
+
+/// The codes of `pictures`, pre-processed as every pipeline does (centre crop, resize to the
+/// model's image size), in one VQGAN batch; an error if the VQGAN's grid does not fit the model.
+pub fn picture_codes(
+    model: &Rudolph,
+    vae: &Vqgan,
+    pictures: &[image::RgbImage],
+) -> crate::Result<Vec<Vec<u32>>> {
+    let cfg = model.config();
+    let (n, size) = (cfg.image_seq_length(), cfg.image_size() as u32);
+    let pixels = pictures
+        .iter()
+        .map(|p| crate::image::preprocess(p, size, vae.device()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let codes = vae
+        .encode_codes(&Tensor::stack(&pixels, 0)?)?
+        .flatten_from(1)?
+        .to_vec2::<u32>()?;
+    if let Some(row) = codes.iter().find(|row| row.len() != n) {
+        return Err(invalid(format!(
+            "the VQGAN gives {} codes per {size}×{size} picture but the model expects {n}",
+            row.len()
+        )));
+    }
+    Ok(codes)
 }
 
 /// `encode_text` with a warning when the text does not fit its slots (it is truncated, and the

@@ -11,7 +11,7 @@ use crate::folder::Loaded;
 use crate::pipelines::captions::CaptionRank;
 use crate::pipelines::captions::generate_captions;
 use crate::pipelines::classify::class_texts;
-use crate::pipelines::images::{ImageRank, generate_images, rerank_decoded};
+use crate::pipelines::images::{ImageRank, generate_images, picture_codes};
 use crate::pipelines::rerank::score_pairs;
 use crate::pipelines::texts::{SpecialIds, TextEnd, cut_text, generate_text_ids, template_prefix};
 use crate::pipelines::{Fidelity, GenerateOptions, defaults};
@@ -505,25 +505,10 @@ const GREEDY: SamplingParams = SamplingParams {
 /// The VQGAN codes of each scene's rendered picture, pre-processed as `rudolph caption` does.
 pub fn scene_codes(loaded: &Loaded, scenes: &[Scene], batch: usize) -> Result<Vec<Vec<u32>>> {
     let vae = world_vae(loaded)?;
-    let cfg = loaded.model.config();
-    let size = cfg.image_size() as u32;
     let mut out = Vec::with_capacity(scenes.len());
     for chunk in scenes.chunks(batch.max(1)) {
-        let pixels = chunk
-            .iter()
-            .map(|s| crate::image::preprocess(&render(s), size, vae.device()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let codes = vae.encode_codes(&Tensor::stack(&pixels, 0)?)?;
-        for row in codes.flatten_from(1)?.to_vec2::<u32>()? {
-            if row.len() != cfg.image_seq_length() {
-                return Err(invalid(format!(
-                    "the VQGAN gives {} codes per {size}×{size} picture but the model expects {}",
-                    row.len(),
-                    cfg.image_seq_length()
-                )));
-            }
-            out.push(row);
-        }
+        let pictures: Vec<RgbImage> = chunk.iter().map(render).collect();
+        out.extend(picture_codes(&loaded.model, vae, &pictures)?);
     }
     Ok(out)
 }
@@ -604,17 +589,14 @@ fn draw_scenes(
                 None,
                 &sampling,
             )?;
-            let ranked = match loaded.image_rank(opts.rank) {
-                ImageRank::Codes => ranked,
-                ImageRank::Decoded => rerank_decoded(
-                    &loaded.model,
-                    &loaded.tokenizer,
-                    vae,
-                    &scene.caption(),
-                    ranked,
-                    opts.batch_size,
-                )?,
-            };
+            let ranked = loaded.image_rank(opts.rank).apply(
+                &loaded.model,
+                &loaded.tokenizer,
+                vae,
+                &scene.caption(),
+                ranked,
+                opts.batch_size,
+            )?;
             let best = ranked
                 .into_iter()
                 .next()
