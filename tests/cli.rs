@@ -90,7 +90,9 @@ fn stderr(out: &Output) -> String {
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("rudolph-cli-{name}-{}", std::process::id()));
+    // Under target/, replaced on each run, so that runs do not pile folders up.
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rudolph-cli-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }

@@ -13,14 +13,15 @@ use std::process::{Command, Output};
 
 /// A fresh scratch folder for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rudolph-train-{name}-{}", std::process::id()));
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rudolph-train-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-/// The fixture pictures, each with a caption, and one text-only line, as a JSONL in `dir`
-/// (pictures named relative to it).
+/// The fixture pictures, each with a caption, one text-only line and one picture alone, as a
+/// JSONL in `dir` (pictures named relative to it).
 fn write_dataset(dir: &Path) -> PathBuf {
     let mut pictures: Vec<PathBuf> = std::fs::read_dir(fixture("images"))
         .unwrap()
@@ -43,6 +44,8 @@ fn write_dataset(dir: &Path) -> PathBuf {
         lines.push(serde_json::json!({"image": format!("pics/{name}"), "text": text}).to_string());
     }
     lines.push(serde_json::json!({"text": "just a sentence"}).to_string());
+    let first = pictures[0].file_name().unwrap().to_str().unwrap();
+    lines.push(serde_json::json!({"image": format!("pics/{first}")}).to_string());
     let path = dir.join("data.jsonl");
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     path
@@ -266,6 +269,17 @@ fn bad_lines_and_missing_pictures_are_reported_with_file_and_line() {
     assert!(
         err.contains("nowhere.png") && err.contains(&format!("missing.jsonl:{line}")),
         "error does not name the missing picture and its line: {err}"
+    );
+
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, format!("{good}{{}}\n")).unwrap();
+    let err = failure(&with(
+        model_flags(&empty),
+        &["--out", dir.join("o3").to_str().unwrap()],
+    ));
+    assert!(
+        err.contains(&format!("empty.jsonl:{line}")) && err.contains("neither"),
+        "error does not say the line has neither key: {err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

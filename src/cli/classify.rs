@@ -10,7 +10,8 @@ pub struct ClassifyArgs {
     /// Class names, comma-separated (the flag may be repeated).
     #[arg(long, value_delimiter = ',', required = true)]
     pub classes: Vec<String>,
-    /// Text before each class name, e.g. "на картинке".
+    /// Text before each class name, e.g. "на картинке"; or a text with the class's place
+    /// marked `{}`, e.g. "{} слева на белом фоне" (the words after the class are scored too).
     #[arg(long, default_value = "")]
     pub template: String,
     #[arg(long, default_value_t = 16)]

@@ -36,6 +36,11 @@ pub struct SampleArgs {
     /// Draw only the held-out colour+shape pairs (for evaluation) instead of the seen ones.
     #[arg(long)]
     pub held_out: bool,
+    /// Also draw M pictures without captions, each shape in a colour off the palette (never
+    /// one the reader would name as a held-out pair): `rudolph train` trains them as pictures
+    /// alone.
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    pub recoloured: usize,
     /// Write into a non-empty folder.
     #[arg(long)]
     pub force: bool,
@@ -62,7 +67,18 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
         &args.out,
         true,
     )?;
-    println!("wrote {} scenes and {}", args.n, jsonl.display());
+    if args.recoloured > 0 {
+        append_recoloured(args.recoloured, args.seed, &args.out, true)?;
+    }
+    println!(
+        "wrote {} scenes{} and {}",
+        args.n,
+        match args.recoloured {
+            0 => String::new(),
+            m => format!(" and {m} recoloured pictures"),
+        },
+        jsonl.display()
+    );
     Ok(())
 }
 
@@ -128,6 +144,38 @@ pub fn write_scenes(
     bar.finish();
     lines.flush()?;
     Ok(jsonl)
+}
+
+/// Appends `m` pictures of seen scenes (drawn from `seed`, apart from the captioned ones) with
+/// their shapes in colours off the palette ([`world::recipe::recolour`]) and no text to the
+/// `data.jsonl` in `out`, as `recoloured-NNNNNN.png`.
+pub fn append_recoloured(
+    m: usize,
+    seed: u64,
+    out: &std::path::Path,
+    progress: bool,
+) -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    let jsonl = out.join("data.jsonl");
+    let mut lines = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&jsonl)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
+    );
+    let stream = seed ^ 0x7ec0_10e5;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
+    let bar = crate::progress::Progress::new(m as u64, "recoloured", progress);
+    for (i, scene) in world::sample(m, stream, false).iter().enumerate() {
+        let name = format!("recoloured-{i:06}.png");
+        let colour = world::recipe::recolour(scene, &mut rng);
+        crate::image::save_png(&world::render::render_in(scene, colour), &out.join(&name))?;
+        writeln!(lines, "{}", serde_json::json!({ "image": name }))?;
+        bar.inc(1);
+    }
+    bar.finish();
+    lines.flush()?;
+    Ok(())
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 //! same `--out` after an interruption and it continues where it stopped.
 
 use super::train::TrainArgs;
-use super::world::write_scenes;
+use super::world::{append_recoloured, write_scenes};
 use crate::folder::GenerationConfig;
 use crate::tokenizer::TextTokenizer;
 use crate::train::Freeze;
@@ -29,6 +29,10 @@ pub struct WorldTrainArgs {
     /// Training scenes for the transformer (seen colour+shape pairs only).
     #[arg(long, default_value_t = 6000)]
     pub scenes: usize,
+    /// Pictures without captions per round, each shape in a colour off the palette (never one
+    /// the reader would name as a held-out pair), trained as pictures alone.
+    #[arg(long, default_value_t = 0)]
+    pub recoloured: usize,
     /// Transformer optimizer steps per round.
     #[arg(long, default_value_t = 2500)]
     pub steps: u64,
@@ -128,7 +132,20 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
         let (data, run_dir) = dirs.round(round);
         let jsonl = data.join("data.jsonl");
         if !jsonl.is_file() {
-            write_scenes(&sample(args.scenes, round as u64, false), &data, progress)?;
+            // Written aside and renamed, so that an interrupted write is not taken for data.
+            let partial = data.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            write_scenes(
+                &sample(args.scenes, round as u64, false),
+                &partial,
+                progress,
+            )?;
+            if args.recoloured > 0 {
+                append_recoloured(args.recoloured, round as u64, &partial, progress)?;
+            }
+            let _ = std::fs::remove_dir_all(&data);
+            std::fs::rename(&partial, &data)
+                .with_context(|| format!("renaming {} to {}", partial.display(), data.display()))?;
         }
         if run_dir.join("model.safetensors").is_file() {
             continue;

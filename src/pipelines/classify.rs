@@ -1,5 +1,10 @@
 //! Zero-shot classification (rc1 `zs_clf`): each class name, after an optional template, is
 //! scored as the right text of the picture; the lowest perplexity wins.
+//!
+//! A template may also hold the class in the middle, as `{}` (rc10's `r_template`): the words
+//! after it are scored with the class. A model that never saw a text end right after the class
+//! (the built-in one always goes on with a position and a background) otherwise judges each class
+//! by how likely the text is to stop there, not by the picture.
 
 use super::rerank::score_pairs;
 use crate::error::invalid;
@@ -24,7 +29,11 @@ pub struct Classification {
     pub scores: Vec<ClassScore>,
 }
 
-/// The right-text ids of each class after the template, and the number of template tokens.
+/// Where the class goes in a template: after all of it, or in place of its one `{}`.
+const SLOT: &str = "{}";
+
+/// The right-text ids of each class in the template, and the number of template tokens before
+/// the class (the scoring starts after them).
 pub fn class_texts(
     tokenizer: &TextTokenizer,
     classes: &[String],
@@ -34,39 +43,76 @@ pub fn class_texts(
     if classes.is_empty() {
         return Err(invalid("the class list is empty"));
     }
-    let template_encoded = tokenizer.encode_text(&lower_strip(template), r);
-    // Template BPE tokens: all but BOS and EOS.
-    let ts = template_encoded
-        .iter()
-        .filter(|&&t| t != 0)
-        .count()
-        .saturating_sub(2);
+    if template.matches(SLOT).count() > 1 {
+        return Err(invalid(format!(
+            "the template «{template}» has more than one {SLOT}: it marks the one place of the class"
+        )));
+    }
+    let mut out = Vec::with_capacity(classes.len());
+    let ts = match template.split_once(SLOT) {
+        None => {
+            let ts = template_tokens(tokenizer, template, r)?;
+            let template_encoded = tokenizer.encode_text(&lower_strip(template), r);
+            for class in classes {
+                let name = class_name(class)?;
+                let c = tokenizer.encode_text(&format!(" {name}"), r);
+                warn_if_truncated(tokenizer, class, &name, ts, r);
+                // Same ids as encoding `template + ' ' + class`: YTTM encodes word by word.
+                out.push(if ts > 0 {
+                    [&template_encoded[..ts + 1], &c[1..r - ts]].concat()
+                } else {
+                    c
+                });
+            }
+            ts
+        }
+        Some((before, after)) => {
+            let ts = template_tokens(tokenizer, before, r)?;
+            let prefix = tokenizer.bpe().encode(&lower_strip(before));
+            for class in classes {
+                let name = class_name(class)?;
+                let text = lower_strip(&format!("{before}{name}{after}"));
+                let ids = tokenizer.bpe().encode(&text);
+                if ids.len() < ts || ids[..ts] != prefix[..] {
+                    return Err(invalid(format!(
+                        "in the template «{template}», {SLOT} must stand apart from the words \
+                         before it (with «{class}» the text «{text}» splits differently)"
+                    )));
+                }
+                warn_if_truncated(tokenizer, class, &text, 0, r);
+                out.push(tokenizer.encode_text(&text, r));
+            }
+            ts
+        }
+    };
+    Ok((out, ts))
+}
+
+/// Template BPE tokens (its encoding without BOS and EOS), checked to leave room for a class.
+fn template_tokens(tokenizer: &TextTokenizer, template: &str, r: usize) -> crate::Result<usize> {
+    let ts = tokenizer.bpe().encode(&lower_strip(template)).len();
     if ts + 3 > r {
         return Err(invalid(format!(
             "the template «{template}» leaves no room for a class in the {r} text slots"
         )));
     }
-    let mut out = Vec::with_capacity(classes.len());
-    for class in classes {
-        let name = lower_strip(class);
-        if name.is_empty() {
-            return Err(invalid("a class name is empty"));
-        }
-        let c = tokenizer.encode_text(&format!(" {name}"), r);
-        if tokenizer.bpe().encode(&name).len() + ts + 2 > r {
-            eprintln!(
-                "warning: class «{class}» does not fit the text slots after the template; it was truncated"
-            );
-        }
-        // Same ids as encoding `template + ' ' + class`: YTTM encodes word by word.
-        let ids = if ts > 0 {
-            [&template_encoded[..ts + 1], &c[1..r - ts]].concat()
-        } else {
-            c
-        };
-        out.push(ids);
+    Ok(ts)
+}
+
+fn class_name(class: &str) -> crate::Result<String> {
+    let name = lower_strip(class);
+    if name.is_empty() {
+        return Err(invalid("a class name is empty"));
     }
-    Ok((out, ts))
+    Ok(name)
+}
+
+fn warn_if_truncated(tokenizer: &TextTokenizer, class: &str, text: &str, before: usize, r: usize) {
+    if tokenizer.bpe().encode(text).len() + before + 2 > r {
+        eprintln!(
+            "warning: class «{class}» does not fit the text slots with the template; it was truncated"
+        );
+    }
 }
 
 /// Classifies a picture (`N` codes) among `classes`.

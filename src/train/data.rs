@@ -1,6 +1,6 @@
 //! Training data: a JSONL file of `{"image": "...", "text": "..."}` lines (or a folder holding
-//! one), pictures encoded once to VQGAN codes and cached, a held-out split, and the composition
-//! of samples into model sequences.
+//! one; either key may be left out), pictures encoded once to VQGAN codes and cached, a held-out
+//! split, and the composition of samples into model sequences.
 
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
@@ -18,6 +18,20 @@ pub enum Sample {
     Picture { codes: Vec<u32>, text: String },
     /// A text alone: trains only the left-text language model.
     Text { text: String },
+    /// A picture alone: trains only the picture after a blank left text, which is the
+    /// unconditional branch that classifier-free guidance pushes away from.
+    Image { codes: Vec<u32> },
+}
+
+/// Which segments of a composed sequence its loss weighs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The run's loss weights: left text, picture and right text.
+    All,
+    /// The left text alone.
+    Text,
+    /// The picture alone.
+    Image,
 }
 
 /// One JSONL line as written.
@@ -25,14 +39,14 @@ pub enum Sample {
 #[serde(deny_unknown_fields)]
 struct Line {
     image: Option<String>,
-    text: String,
+    text: Option<String>,
 }
 
 /// A line that names a picture, before encoding.
 struct Pending {
     line: usize,
     path: PathBuf,
-    text: String,
+    text: Option<String>,
 }
 
 /// The JSONL file for `path`: the file itself, or the one `*.jsonl` in a folder.
@@ -93,13 +107,19 @@ pub fn load_dataset(
         }
         let line: Line = serde_json::from_str(raw).map_err(|e| {
             invalid(format!(
-                "{}:{line_no}: {e} (expected {{\"image\": \"path\", \"text\": \"...\"}} or {{\"text\": \"...\"}})",
+                "{}:{line_no}: {e} (expected {{\"image\": \"path\", \"text\": \"...\"}}, {{\"text\": \"...\"}} or {{\"image\": \"path\"}})",
                 file.display()
             ))
         })?;
-        match line.image {
-            None => samples.push(Some(Sample::Text { text: line.text })),
-            Some(img) => {
+        match (line.image, line.text) {
+            (None, None) => {
+                return Err(invalid(format!(
+                    "{}:{line_no}: the line has neither \"image\" nor \"text\"",
+                    file.display()
+                )));
+            }
+            (None, Some(text)) => samples.push(Some(Sample::Text { text })),
+            (Some(img), text) => {
                 let p = base.join(&img);
                 if !p.is_file() {
                     return Err(invalid(format!(
@@ -113,7 +133,7 @@ pub fn load_dataset(
                     Pending {
                         line: line_no,
                         path: p,
-                        text: line.text,
+                        text,
                     },
                 ));
                 samples.push(None);
@@ -156,9 +176,9 @@ pub fn load_dataset(
                 codes
             }
         };
-        samples[slot] = Some(Sample::Picture {
-            codes,
-            text: p.text,
+        samples[slot] = Some(match p.text {
+            Some(text) => Sample::Picture { codes, text },
+            None => Sample::Image { codes },
         });
         bar.inc(1);
     }
@@ -284,11 +304,12 @@ pub struct Compose {
     pub bpe_dropout: f64,
 }
 
-/// The ids `[l + N + r]` of `sample` and whether it is text-only. `draw` numbers the draw, so
+/// The ids `[l + N + r]` of `sample` and the part its loss weighs. `draw` numbers the draw, so
 /// the random choices (blanking, BPE-dropout) are a function of it and `seed` alone.
 ///
 /// A text-only sample gets zero codes and an empty right text; its loss then weights only the
-/// left text, which under the causal mask never sees them.
+/// left text, which under the causal mask never sees them. A picture alone gets a blank left
+/// text, as a picture trained image → text does, and an empty right text of weight 0.
 pub fn compose(
     sample: &Sample,
     cfg: &Config,
@@ -296,7 +317,7 @@ pub fn compose(
     how: Compose,
     seed: u64,
     draw: u64,
-) -> Result<(Vec<u32>, bool)> {
+) -> Result<(Vec<u32>, Part)> {
     let (l, n, r) = (
         cfg.l_text_seq_length,
         cfg.image_seq_length(),
@@ -319,7 +340,13 @@ pub fn compose(
             // An empty right text (BOS, EOS, pads) rather than all pads: its term is weighted
             // 0, but a mean over no targets would be NaN and poison the total.
             ids.extend(tokenizer.encode_text("", r));
-            Ok((ids, true))
+            Ok((ids, Part::Text))
+        }
+        Sample::Image { codes } => {
+            ids.resize(l, 0);
+            ids.extend(codes);
+            ids.extend(tokenizer.encode_text("", r));
+            Ok((ids, Part::Image))
         }
         Sample::Picture { codes, text } => {
             let left = enc(text, l)?;
@@ -332,7 +359,7 @@ pub fn compose(
             }
             ids.extend(codes);
             ids.extend(right);
-            Ok((ids, false))
+            Ok((ids, Part::All))
         }
     }
 }
@@ -350,6 +377,45 @@ mod tests {
         let mut all: Vec<usize> = train.into_iter().chain(val).collect();
         all.sort_unstable();
         assert_eq!(all, (0..7).collect::<Vec<_>>());
+    }
+
+    /// A picture alone trains as the unconditional branch: a blank left text (as a picture
+    /// trained image → text has), its codes, and an empty right text.
+    #[test]
+    fn a_picture_alone_has_a_blank_left_text_and_an_empty_right_one() {
+        let dir = crate::builtin::dir().unwrap();
+        let tokenizer = TextTokenizer::load(dir.join("bpe.model")).unwrap();
+        let cfg = crate::world::recipe::model_config(tokenizer.bpe().vocab_size());
+        let (l, n, r) = (
+            cfg.l_text_seq_length,
+            cfg.image_seq_length(),
+            cfg.r_text_seq_length,
+        );
+        let codes: Vec<u32> = (0..n as u32).collect();
+        let how = Compose {
+            i2t_fraction: 0.0,
+            bpe_dropout: 0.0,
+        };
+        let sample = Sample::Image {
+            codes: codes.clone(),
+        };
+        let (ids, part) = compose(&sample, &cfg, &tokenizer, how, 0, 0).unwrap();
+        assert_eq!(part, Part::Image);
+        assert_eq!(ids[..l], vec![0; l][..]);
+        assert_eq!(ids[l..l + n], codes[..]);
+        assert_eq!(ids[l + n..], tokenizer.encode_text("", r)[..]);
+        // With every picture blanked, a captioned one has the same left text.
+        let captioned = Sample::Picture {
+            codes,
+            text: "большая красная звезда".into(),
+        };
+        let blank = Compose {
+            i2t_fraction: 1.0,
+            ..how
+        };
+        let (ids2, part2) = compose(&captioned, &cfg, &tokenizer, blank, 0, 0).unwrap();
+        assert_eq!(part2, Part::All);
+        assert_eq!(ids2[..l + n], ids[..l + n]);
     }
 
     #[test]

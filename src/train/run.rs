@@ -2,7 +2,7 @@
 //! evaluates, checkpoints and saves the result.
 
 use super::checkpoint::{save_checkpoint, save_model};
-use super::data::{Compose, Sample, compose, draw, split};
+use super::data::{Compose, Part, Sample, compose, draw, split};
 use super::plot::{Curve, draw_loss_curve};
 use super::trainer::{MicroBatch, StepLog, TrainOptions, Trainer};
 use crate::error::{Error, Result, invalid};
@@ -169,25 +169,36 @@ pub fn run(
     })
 }
 
-/// Groups composed sequences into at most two micro-batches: pictured ones with the run's
-/// loss weights, text-only ones with the left-text term alone. Each gets its share of the
-/// `per_step` samples, so the step's gradient is the mean over all of them.
+/// Groups composed sequences into at most three micro-batches: captioned pictures with the
+/// run's loss weights, texts alone with the left-text term alone, pictures alone with the
+/// picture term alone (each alone term is the whole loss of its sample). Each gets its share of
+/// the `per_step` samples, so the step's gradient is the mean over all of them.
 fn micro_batches(
-    items: Vec<(Vec<u32>, bool)>,
+    items: Vec<(Vec<u32>, Part)>,
     options: &TrainOptions,
     per_step: u64,
     mask: &Tensor,
 ) -> Result<Vec<MicroBatch>> {
+    let all = options.weights();
     let text_only = LossWeights {
         l_text: 1.0,
         image: 0.0,
         r_text: 0.0,
     };
+    let image_only = LossWeights {
+        l_text: 0.0,
+        image: 1.0,
+        r_text: 0.0,
+    };
     let mut out = Vec::new();
-    for (is_text, weights) in [(false, options.weights()), (true, text_only)] {
+    for (part, weights) in [
+        (Part::All, all),
+        (Part::Text, text_only),
+        (Part::Image, image_only),
+    ] {
         let rows: Vec<&Vec<u32>> = items
             .iter()
-            .filter(|(_, t)| *t == is_text)
+            .filter(|(_, p)| *p == part)
             .map(|(ids, _)| ids)
             .collect();
         if rows.is_empty() {

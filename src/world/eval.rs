@@ -267,11 +267,12 @@ pub fn describe(a: &Attributes) -> String {
 }
 
 /// How zero-shot classification is set up (see [`zero_shot`]).
-pub const ZERO_SHOT_METHOD: &str = "shape: class text = the noun after the scene's true size and colour \
-adjectives, which agree with each candidate noun in turn (so the template never gives the gender \
-away); colour: class text = the colour adjective agreeing with the scene's noun, after its true \
-size adjective; only the class tokens (and EOS) are scored; a class wins only with a strictly \
-lowest perplexity";
+pub const ZERO_SHOT_METHOD: &str = "the scene's true caption with the class in its place, as \
+`rudolph classify --template` with {}: shape — the class is the size and colour adjectives and \
+the noun, in each candidate's gender (adjectives before the class would give the noun away by \
+their gender); colour — the class is the colour adjective agreeing with the scene's noun, after \
+its true size adjective; the class tokens and every word after them (and EOS) are scored; a \
+class wins only with a strictly lowest perplexity";
 
 /// Zero-shot classification of the seen scenes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -686,8 +687,8 @@ fn retrieval(
     Ok(Metric::new(correct, scenes.len(), Some(RETRIEVAL_TARGET)))
 }
 
-/// Perplexity of the class tokens of each `(template, class)` given the picture, with
-/// `classify`'s text layout (`class_texts`): only the class tokens and EOS are scored.
+/// Perplexity of each `(template, class)` given the picture, with `classify`'s text layout
+/// (`class_texts`): the tokens from the class on are scored.
 fn class_ppls(
     loaded: &Loaded,
     codes: &[u32],
@@ -702,6 +703,15 @@ fn class_ppls(
         out.push(score_pairs(&loaded.model, &pairs, ts + 1, batch)?[0].ppl_text);
     }
     Ok(out)
+}
+
+/// The words of a scene's caption after its noun.
+fn scene_tail(scene: &Scene) -> String {
+    format!(
+        "{} на {} фоне",
+        scene.position.phrase(),
+        scene.background.phrase()
+    )
 }
 
 /// Zero-shot shape and colour classification of the seen scenes (method: [`ZERO_SHOT_METHOD`]).
@@ -719,8 +729,13 @@ fn zero_shot(
             .map(|&s| {
                 let g = s.gender();
                 (
-                    format!("{} {}", scene.size.adjective(g), scene.colour.adjective(g)),
-                    s.noun().to_string(),
+                    format!("{{}} {}", scene_tail(scene)),
+                    format!(
+                        "{} {} {}",
+                        scene.size.adjective(g),
+                        scene.colour.adjective(g),
+                        s.noun()
+                    ),
                 )
             })
             .collect();
@@ -732,7 +747,15 @@ fn zero_shot(
         let g: Gender = scene.shape.gender();
         let colours: Vec<(String, String)> = Colour::ALL
             .iter()
-            .map(|&k| (scene.size.adjective(g).to_string(), k.adjective(g)))
+            .map(|&k| {
+                let template = format!(
+                    "{} {{}} {} {}",
+                    scene.size.adjective(g),
+                    scene.shape.noun(),
+                    scene_tail(scene)
+                );
+                (template, k.adjective(g))
+            })
             .collect();
         let truth = Colour::ALL
             .iter()
