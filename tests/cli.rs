@@ -507,8 +507,10 @@ fn the_world_recipe_is_reproducible() {
             "6",
             "--scenes",
             "64",
-            "--rounds",
-            "2",
+            "--lr",
+            "1e-3,5e-4",
+            "--recoloured",
+            "0,16",
             "--ignore-gate",
             "--quiet",
         ]);
