@@ -33,7 +33,7 @@ fn builtin_as(precision: Precision) -> Loaded {
 /// The README's first command, through the library: the best of eight drawings of «большая
 /// красная звезда слева на белом фоне» (ranked as the folder says, by the decoded pictures) is a
 /// big red star, on the left, on white — for at least four of five seeds (sampling can go wrong:
-/// the evaluator finds all five attributes right in 90 % of text → image draws of seen pairs).
+/// the evaluator finds all five attributes right in 90–93 % of text → image draws of seen pairs).
 #[test]
 fn draws_the_shape_colour_and_position_it_is_asked_for() {
     draws_a_big_red_star_on_the_left(&builtin());
@@ -90,7 +90,7 @@ fn draws_a_big_red_star_on_the_left(loaded: &Loaded) {
 
 /// Five rendered pictures captioned as `rudolph caption` does by default (48 draws, the best
 /// by the joint ranking): at least four come back with exactly their own caption (the evaluator
-/// finds all five attributes right for 93 % of seen scenes), and every one is grammatical.
+/// finds all five attributes right for 96–98 % of seen scenes), and every one is grammatical.
 #[test]
 fn captions_rendered_pictures() {
     let loaded = builtin();
@@ -233,7 +233,7 @@ fn ranks_by_the_picture_as_it_is_shown() {
 /// Zero-shot shape classification with the class in the middle of a caption template (`{}`):
 /// for each rendered scene the classes are the size, colour and noun in each shape's gender, and
 /// the template is the rest of its caption. At least four of five pick the true shape (the
-/// world eval's zero-shot shape rate is 90 % and more).
+/// world eval finds the true shape for 86–94 % of seen scenes).
 #[test]
 fn classifies_shapes_with_the_class_inside_the_template() {
     let loaded = builtin();

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 /// The classifier-free guidance scale the built-in model's folder sets for its pictures: the
 /// model trains half its pictures without their text, which is the unconditional branch, and
 /// pushing 1.2× away from it draws held-out colour+shape pairs in the colour asked for more often
-/// (81 % against 77 % at 1.5, over scene seeds 0–2, pictures ranked decoded; on seed 0, 86 %
+/// (measured on the three-round model: 81 % against 77 % at 1.5, over scene seeds 0–2, pictures ranked decoded; on seed 0, 86 %
 /// against 80 % without guidance); at 2.0 seen shapes and sizes suffer (the README's table).
 pub const WORLD_GUIDANCE: f32 = 1.2;
 
