@@ -6,11 +6,11 @@ use rudolph::folder::{Loaded, ModelSpec};
 use rudolph::model::Precision;
 use rudolph::pipelines::captions::{CaptionRank, generate_captions};
 use rudolph::pipelines::classify::{self, class_texts};
-use rudolph::pipelines::images::{ImageRank, generate_images, rerank_decoded};
+use rudolph::pipelines::images::{ImageRank, generate_images, picture_codes, rerank_decoded};
 use rudolph::pipelines::rerank::score_pairs;
 use rudolph::pipelines::{GenerateOptions, defaults};
 use rudolph::world::read::{parse_caption, read_picture};
-use rudolph::world::{Background, Colour, Position, Shape, Size};
+use rudolph::world::{Background, Colour, Position, Scene, Shape, Size};
 use std::process::Command;
 
 fn builtin() -> Loaded {
@@ -239,34 +239,19 @@ fn classifies_shapes_with_the_class_inside_the_template() {
     let loaded = builtin();
     let vae = loaded.vae().unwrap();
     let mut right = 0;
-    for scene in rudolph::world::sample(5, 4, false) {
-        let img = rudolph::world::render::render(&scene);
-        let pixels = rudolph::image::to_tensor(&img, vae.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let codes = vae.encode_codes(&pixels).unwrap().flatten_all().unwrap();
+    let scenes = rudolph::world::sample(5, 4, false);
+    let pictures: Vec<_> = scenes.iter().map(rudolph::world::render::render).collect();
+    let codes = picture_codes(&loaded.model, vae, &pictures).unwrap();
+    for (scene, codes) in scenes.iter().zip(&codes) {
         let classes: Vec<String> = Shape::ALL
             .iter()
-            .map(|s| {
-                let g = s.gender();
-                format!(
-                    "{} {} {}",
-                    scene.size.adjective(g),
-                    scene.colour.adjective(g),
-                    s.noun()
-                )
-            })
+            .map(|&shape| Scene { shape, ..*scene }.noun_phrase())
             .collect();
-        let template = format!(
-            "{{}} {} на {} фоне",
-            scene.position.phrase(),
-            scene.background.phrase()
-        );
+        let template = format!("{{}} {}", scene.place());
         let got = classify::classify(
             &loaded.model,
             &loaded.tokenizer,
-            &codes.to_vec1::<u32>().unwrap(),
+            codes,
             &classes,
             &template,
             8,

@@ -56,6 +56,10 @@ pub fn run(args: WorldArgs) -> anyhow::Result<()> {
 
 fn sample(args: SampleArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
+    anyhow::ensure!(
+        !(args.held_out && args.recoloured > 0),
+        "--recoloured adds training pictures of seen scenes; it does not go with --held-out"
+    );
     if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() && !args.force {
         anyhow::bail!(
             "{} is not empty; pass --force to write into it",

@@ -9,8 +9,8 @@ use crate::tokenizer::TextTokenizer;
 use crate::train::Freeze;
 use crate::train::schedule::Schedule;
 use crate::world::recipe::{
-    RunDirs, VQGAN_GATE, VqganStage, WORLD_GUIDANCE, all_seen_captions, model_config, save_vqgan,
-    train_vqgan, vqgan_gate,
+    ROUND_LRS, ROUND_RECOLOURED, RunDirs, VQGAN_GATE, VqganStage, WORLD_GUIDANCE,
+    all_seen_captions, model_config, save_vqgan, train_vqgan, vqgan_gate,
 };
 use crate::world::sample;
 use crate::world::tokenizer::world_bpe;
@@ -57,15 +57,6 @@ pub struct WorldTrainArgs {
     #[arg(long, short)]
     pub quiet: bool,
 }
-
-/// Peak learning rates of the built-in model's rounds: three rounds on captioned scenes, halving
-/// each time, then, from 2.5e-4 again and halving, three rounds that add recoloured pictures.
-pub const ROUND_LRS: [f64; 6] = [1e-3, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4, 6.25e-5];
-
-/// Recoloured pictures without captions in each round (see [`ROUND_LRS`]): drawing every outline
-/// in many colours lifted held-out text → image size from 77 to 86 % and colour from 81 to 85 %
-/// over scene seeds 0–2 (the README's table).
-pub const ROUND_RECOLOURED: [usize; 6] = [0, 0, 0, 3000, 6000, 6000];
 
 pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     let rounds = args.lr.len();

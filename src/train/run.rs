@@ -305,3 +305,49 @@ fn curve(history: &[LogLine]) -> Curve {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each part goes to its own micro-batch, in order, with the loss weights that train only
+    /// that part, and the shares add up to the step's samples.
+    #[test]
+    fn each_part_gets_its_own_micro_batch_and_weights() {
+        let options = TrainOptions::default();
+        let row = |k: u32| vec![k; 3];
+        let items = vec![
+            (row(1), Part::Image),
+            (row(2), Part::All),
+            (row(3), Part::Text),
+            (row(4), Part::Image),
+        ];
+        let mask = Tensor::zeros(
+            (1, 1, 3, 3),
+            candle_core::DType::U8,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let batches = micro_batches(items, &options, 8, &mask).unwrap();
+        let got: Vec<(Vec<Vec<u32>>, [f64; 3], f64)> = batches
+            .iter()
+            .map(|b| {
+                let w = b.weights;
+                (
+                    b.ids.to_vec2::<u32>().unwrap(),
+                    [w.l_text, w.image, w.r_text],
+                    b.share,
+                )
+            })
+            .collect();
+        let [l, i, r] = options.loss_weights;
+        assert_eq!(
+            got,
+            vec![
+                (vec![row(2)], [l, i, r], 1.0 / 8.0),
+                (vec![row(3)], [1.0, 0.0, 0.0], 1.0 / 8.0),
+                (vec![row(1), row(4)], [0.0, 1.0, 0.0], 2.0 / 8.0),
+            ]
+        );
+    }
+}

@@ -705,15 +705,6 @@ fn class_ppls(
     Ok(out)
 }
 
-/// The words of a scene's caption after its noun.
-fn scene_tail(scene: &Scene) -> String {
-    format!(
-        "{} на {} фоне",
-        scene.position.phrase(),
-        scene.background.phrase()
-    )
-}
-
 /// Zero-shot shape and colour classification of the seen scenes (method: [`ZERO_SHOT_METHOD`]).
 fn zero_shot(
     loaded: &Loaded,
@@ -726,17 +717,9 @@ fn zero_shot(
     for (scene, c) in scenes.iter().zip(codes) {
         let shapes: Vec<(String, String)> = Shape::ALL
             .iter()
-            .map(|&s| {
-                let g = s.gender();
-                (
-                    format!("{{}} {}", scene_tail(scene)),
-                    format!(
-                        "{} {} {}",
-                        scene.size.adjective(g),
-                        scene.colour.adjective(g),
-                        s.noun()
-                    ),
-                )
+            .map(|&shape| {
+                let candidate = Scene { shape, ..*scene };
+                (format!("{{}} {}", scene.place()), candidate.noun_phrase())
             })
             .collect();
         let truth = Shape::ALL
@@ -752,7 +735,7 @@ fn zero_shot(
                     "{} {{}} {} {}",
                     scene.size.adjective(g),
                     scene.shape.noun(),
-                    scene_tail(scene)
+                    scene.place()
                 );
                 (template, k.adjective(g))
             })

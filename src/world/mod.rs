@@ -242,12 +242,24 @@ impl Scene {
 
     /// «большая красная звезда слева на белом фоне».
     pub fn caption(&self) -> String {
+        format!("{} {}", self.noun_phrase(), self.place())
+    }
+
+    /// The caption's first half, the adjectives agreeing with the noun: «большая красная звезда».
+    pub fn noun_phrase(&self) -> String {
         let g = self.shape.gender();
         format!(
-            "{} {} {} {} на {} фоне",
+            "{} {} {}",
             self.size.adjective(g),
             self.colour.adjective(g),
-            self.shape.noun(),
+            self.shape.noun()
+        )
+    }
+
+    /// The caption after the noun: «слева на белом фоне».
+    pub fn place(&self) -> String {
+        format!(
+            "{} на {} фоне",
             self.position.phrase(),
             self.background.phrase()
         )
