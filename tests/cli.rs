@@ -484,6 +484,50 @@ fn world_sample_writes_pictures_and_captions() {
         dir.to_str().unwrap(),
     ]);
     assert!(!again.status.success() && stderr(&again).contains("--force"));
+
+    // Recoloured pictures with prompts: the caption without its colour, never a held-out colour.
+    let prompted = dir.parent().unwrap().join("prompted");
+    let out = rudolph(&[
+        "world",
+        "sample",
+        "--n",
+        "2",
+        "--recoloured",
+        "6",
+        "--prompted",
+        "--out",
+        prompted.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(prompted.join("data.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8);
+    let colours = ["красн", "оранж", "жёлт", "зелён", "син", "фиолет"];
+    for line in &lines[2..8] {
+        assert!(line.get("text").is_none(), "{line}");
+        let prompt = line["prompt"].as_str().unwrap();
+        assert!(!colours.iter().any(|c| prompt.contains(c)), "{prompt}");
+        // With a colour put back after the size, it is a whole, grammatical caption.
+        let (size, rest) = prompt.split_once(' ').unwrap();
+        let noun = rest.split(' ').next().unwrap();
+        let shape = rudolph::world::Shape::ALL
+            .into_iter()
+            .find(|s| s.noun() == noun)
+            .unwrap_or_else(|| panic!("{prompt}: no noun after the size"));
+        let colour = rudolph::world::Colour::Yellow.adjective(shape.gender());
+        let whole = format!("{size} {colour} {rest}");
+        let parsed = rudolph::world::read::parse_caption(&whole).unwrap();
+        assert!(parsed.grammatical, "{whole}");
+        let picture = image::open(prompted.join(line["image"].as_str().unwrap())).unwrap();
+        let read = rudolph::world::read::read_picture(&picture.to_rgb8()).unwrap();
+        assert!(
+            !rudolph::world::HELD_OUT.contains(&(read.colour, read.shape)),
+            "{prompt} reads as a held-out pair"
+        );
+    }
     std::fs::remove_dir_all(dir.parent().unwrap()).ok();
 }
 
@@ -511,6 +555,8 @@ fn the_world_recipe_is_reproducible() {
             "1e-3,5e-4",
             "--recoloured",
             "0,16",
+            "--prompted",
+            "0,1",
             "--ignore-gate",
             "--quiet",
         ]);
@@ -532,5 +578,14 @@ fn the_world_recipe_is_reproducible() {
     let generation: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("generation_config.json")).unwrap()).unwrap();
     assert_eq!(generation["image_rank"], "decoded");
+    // Round 2's 16 recoloured pictures are prompted; round 1 has none.
+    let prompts = |data: &str| {
+        std::fs::read_to_string(base.join("a").join(data).join("data.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"prompt\""))
+            .count()
+    };
+    assert_eq!((prompts("data"), prompts("data-2")), (0, 16));
     std::fs::remove_dir_all(&base).ok();
 }

@@ -46,6 +46,9 @@ fn write_dataset(dir: &Path) -> PathBuf {
     lines.push(serde_json::json!({"text": "just a sentence"}).to_string());
     let first = pictures[0].file_name().unwrap().to_str().unwrap();
     lines.push(serde_json::json!({"image": format!("pics/{first}")}).to_string());
+    lines.push(
+        serde_json::json!({"image": format!("pics/{first}"), "prompt": "a picture"}).to_string(),
+    );
     let path = dir.join("data.jsonl");
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     path
@@ -281,6 +284,32 @@ fn bad_lines_and_missing_pictures_are_reported_with_file_and_line() {
         err.contains(&format!("empty.jsonl:{line}")) && err.contains("neither"),
         "error does not say the line has neither key: {err}"
     );
+
+    let first: serde_json::Value = serde_json::from_str(good.lines().next().unwrap()).unwrap();
+    let picture = first["image"].as_str().unwrap();
+    for (name, bad, says) in [
+        (
+            "both.jsonl",
+            serde_json::json!({"image": picture, "text": "a", "prompt": "b"}).to_string(),
+            "both",
+        ),
+        (
+            "lone.jsonl",
+            "{\"prompt\": \"b\"}".to_string(),
+            "no \"image\"",
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{good}{bad}\n")).unwrap();
+        let err = failure(&with(
+            model_flags(&path),
+            &["--out", dir.join("o4").to_str().unwrap()],
+        ));
+        assert!(
+            err.contains(&format!("{name}:{line}")) && err.contains(says),
+            "error does not say {says:?} at {name}:{line}: {err}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// A JSONL file, one {"image": "path relative to the file", "text": "..."} per line (lines
-    /// with only "text" train the left-text model), or a folder holding one.
+    /// A JSONL file, one {"image": "path relative to the file", "text": "..."} per line, or a
+    /// folder holding one. Lines with only "text" train the left-text model; lines with only
+    /// "image" train the picture after a blank left text; lines with "image" and "prompt"
+    /// train the picture after the prompt, which is not itself trained.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
     /// Start from this model folder (config.json, pytorch_model.bin or model.safetensors,

@@ -41,6 +41,11 @@ pub struct SampleArgs {
     /// alone.
     #[arg(long, value_name = "M", default_value_t = 0)]
     pub recoloured: usize,
+    /// Give each recoloured picture its caption without the colour as a prompt
+    /// («большая звезда слева на белом фоне»): it conditions the picture, and is not trained as
+    /// a text (see `rudolph train`'s data format).
+    #[arg(long, requires = "recoloured")]
+    pub prompted: bool,
     /// Write into a non-empty folder.
     #[arg(long)]
     pub force: bool,
@@ -72,7 +77,7 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
         true,
     )?;
     if args.recoloured > 0 {
-        append_recoloured(args.recoloured, args.seed, &args.out, true)?;
+        append_recoloured(args.recoloured, args.prompted, args.seed, &args.out, true)?;
     }
     println!(
         "wrote {} scenes{} and {}",
@@ -151,10 +156,14 @@ pub fn write_scenes(
 }
 
 /// Appends `m` pictures of seen scenes (drawn from `seed`, apart from the captioned ones) with
-/// their shapes in colours off the palette ([`world::recipe::recolour`]) and no text to the
-/// `data.jsonl` in `out`, as `recoloured-NNNNNN.png`.
+/// their shapes in colours off the palette ([`world::recipe::recolour`]) to the `data.jsonl` in
+/// `out`, as `recoloured-NNNNNN.png`: with no text (the model learns to draw every outline in
+/// many colours, as its unconditional branch) or, when `prompted`, each prompted by its caption
+/// without the colour ([`world::Scene::colourless_caption`]), so that the shape's word alone
+/// decides the outline.
 pub fn append_recoloured(
     m: usize,
+    prompted: bool,
     seed: u64,
     out: &std::path::Path,
     progress: bool,
@@ -174,7 +183,11 @@ pub fn append_recoloured(
         let name = format!("recoloured-{i:06}.png");
         let colour = world::recipe::recolour(scene, &mut rng);
         crate::image::save_png(&world::render::render_in(scene, colour), &out.join(&name))?;
-        writeln!(lines, "{}", serde_json::json!({ "image": name }))?;
+        let line = match prompted {
+            true => serde_json::json!({ "image": name, "prompt": scene.colourless_caption() }),
+            false => serde_json::json!({ "image": name }),
+        };
+        writeln!(lines, "{line}")?;
         bar.inc(1);
     }
     bar.finish();

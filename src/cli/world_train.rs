@@ -9,7 +9,7 @@ use crate::tokenizer::TextTokenizer;
 use crate::train::Freeze;
 use crate::train::schedule::Schedule;
 use crate::world::recipe::{
-    ROUND_LRS, ROUND_RECOLOURED, RunDirs, VQGAN_GATE, VqganStage, WORLD_GUIDANCE,
+    ROUND_LRS, ROUND_PROMPTED, ROUND_RECOLOURED, RunDirs, VQGAN_GATE, VqganStage, WORLD_GUIDANCE,
     all_seen_captions, model_config, save_vqgan, train_vqgan, vqgan_gate,
 };
 use crate::world::sample;
@@ -43,6 +43,12 @@ pub struct WorldTrainArgs {
     /// trained as pictures alone.
     #[arg(long, value_delimiter = ',', default_values_t = ROUND_RECOLOURED)]
     pub recoloured: Vec<usize>,
+    /// Whether each round's recoloured pictures are prompted by their captions without the
+    /// colour (one per round: 0 or 1, false or true) rather than trained after a blank left
+    /// text.
+    #[arg(long, value_delimiter = ',', default_values_t = ROUND_PROMPTED,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub prompted: Vec<bool>,
     /// Fraction of picture samples trained image → text, with the left text blanked.
     #[arg(long, default_value_t = 0.5)]
     pub i2t_fraction: f64,
@@ -61,11 +67,15 @@ pub struct WorldTrainArgs {
 pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     let rounds = args.lr.len();
     anyhow::ensure!(rounds >= 1, "--lr needs at least one value (one per round)");
-    anyhow::ensure!(
-        args.recoloured.len() == rounds,
-        "--recoloured has {} values and --lr {rounds}: give one of each per round",
-        args.recoloured.len()
-    );
+    for (flag, n) in [
+        ("--recoloured", args.recoloured.len()),
+        ("--prompted", args.prompted.len()),
+    ] {
+        anyhow::ensure!(
+            n == rounds,
+            "{flag} has {n} values and --lr {rounds}: give one of each per round"
+        );
+    }
     anyhow::ensure!(
         args.lr.iter().all(|lr| lr.is_finite() && *lr > 0.0),
         "--lr values must be positive numbers"
@@ -138,7 +148,7 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     // peak learning rate; the last rounds add pictures without captions whose shapes are in
     // colours off the palette, so that the model draws every outline in many colours.
     for round in 1..=rounds {
-        let recoloured = args.recoloured[round - 1];
+        let (recoloured, prompted) = (args.recoloured[round - 1], args.prompted[round - 1]);
         let (data, run_dir) = dirs.round(round);
         let jsonl = data.join("data.jsonl");
         if !jsonl.is_file() {
@@ -151,7 +161,7 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
                 progress,
             )?;
             if recoloured > 0 {
-                append_recoloured(recoloured, round as u64, &partial, progress)?;
+                append_recoloured(recoloured, prompted, round as u64, &partial, progress)?;
             }
             let _ = std::fs::remove_dir_all(&data);
             std::fs::rename(&partial, &data)

@@ -1,6 +1,7 @@
 //! Training data: a JSONL file of `{"image": "...", "text": "..."}` lines (or a folder holding
-//! one; either key may be left out), pictures encoded once to VQGAN codes and cached, a held-out
-//! split, and the composition of samples into model sequences.
+//! one; either key may be left out, and a picture may have a `"prompt"` instead of a text),
+//! pictures encoded once to VQGAN codes and cached, a held-out split, and the composition of
+//! samples into model sequences.
 
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
@@ -18,9 +19,14 @@ pub enum Sample {
     Picture { codes: Vec<u32>, text: String },
     /// A text alone: trains only the left-text language model.
     Text { text: String },
-    /// A picture alone: trains only the picture after a blank left text, which is the
-    /// unconditional branch that classifier-free guidance pushes away from.
-    Image { codes: Vec<u32> },
+    /// A picture alone: trains only the picture, after its prompt as the left text, or after a
+    /// blank left text (the unconditional branch that classifier-free guidance pushes away
+    /// from) when it has none. A prompt conditions the picture but is not trained as text, so
+    /// it may say less than a caption (the recoloured pictures of `rudolph world sample`).
+    Image {
+        codes: Vec<u32>,
+        prompt: Option<String>,
+    },
 }
 
 /// Which segments of a composed sequence its loss weighs.
@@ -40,13 +46,23 @@ pub enum Part {
 struct Line {
     image: Option<String>,
     text: Option<String>,
+    prompt: Option<String>,
+}
+
+/// What a picture's line says besides the picture.
+enum Words {
+    /// `"text"`: trained both ways, as the picture's caption.
+    Text(String),
+    /// `"prompt"`: only conditions the picture.
+    Prompt(String),
+    None,
 }
 
 /// A line that names a picture, before encoding.
 struct Pending {
     line: usize,
     path: PathBuf,
-    text: Option<String>,
+    words: Words,
 }
 
 /// The JSONL file for `path`: the file itself, or the one `*.jsonl` in a folder.
@@ -107,19 +123,36 @@ pub fn load_dataset(
         }
         let line: Line = serde_json::from_str(raw).map_err(|e| {
             invalid(format!(
-                "{}:{line_no}: {e} (expected {{\"image\": \"path\", \"text\": \"...\"}}, {{\"text\": \"...\"}} or {{\"image\": \"path\"}})",
+                "{}:{line_no}: {e} (expected {{\"image\": \"path\", \"text\": \"...\"}}, {{\"text\": \"...\"}}, {{\"image\": \"path\"}} or {{\"image\": \"path\", \"prompt\": \"...\"}})",
                 file.display()
             ))
         })?;
-        match (line.image, line.text) {
-            (None, None) => {
+        let words = match (line.text, line.prompt) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!(
+                    "{}:{line_no}: the line has both \"text\" and \"prompt\"; a picture's text is trained as its caption, a prompt only conditions it",
+                    file.display()
+                )));
+            }
+            (Some(text), None) => Words::Text(text),
+            (None, Some(prompt)) => Words::Prompt(prompt),
+            (None, None) => Words::None,
+        };
+        match (line.image, words) {
+            (None, Words::None) => {
                 return Err(invalid(format!(
                     "{}:{line_no}: the line has neither \"image\" nor \"text\"",
                     file.display()
                 )));
             }
-            (None, Some(text)) => samples.push(Some(Sample::Text { text })),
-            (Some(img), text) => {
+            (None, Words::Prompt(_)) => {
+                return Err(invalid(format!(
+                    "{}:{line_no}: a \"prompt\" conditions a picture, and the line has no \"image\"",
+                    file.display()
+                )));
+            }
+            (None, Words::Text(text)) => samples.push(Some(Sample::Text { text })),
+            (Some(img), words) => {
                 let p = base.join(&img);
                 if !p.is_file() {
                     return Err(invalid(format!(
@@ -133,7 +166,7 @@ pub fn load_dataset(
                     Pending {
                         line: line_no,
                         path: p,
-                        text,
+                        words,
                     },
                 ));
                 samples.push(None);
@@ -176,9 +209,16 @@ pub fn load_dataset(
                 codes
             }
         };
-        samples[slot] = Some(match p.text {
-            Some(text) => Sample::Picture { codes, text },
-            None => Sample::Image { codes },
+        samples[slot] = Some(match p.words {
+            Words::Text(text) => Sample::Picture { codes, text },
+            Words::Prompt(prompt) => Sample::Image {
+                codes,
+                prompt: Some(prompt),
+            },
+            Words::None => Sample::Image {
+                codes,
+                prompt: None,
+            },
         });
         bar.inc(1);
     }
@@ -342,8 +382,11 @@ pub fn compose(
             ids.extend(tokenizer.encode_text("", r));
             Ok((ids, Part::Text))
         }
-        Sample::Image { codes } => {
-            ids.resize(l, 0);
+        Sample::Image { codes, prompt } => {
+            match prompt {
+                Some(prompt) => ids.extend(enc(prompt, l)?),
+                None => ids.resize(l, 0),
+            }
             ids.extend(codes);
             ids.extend(tokenizer.encode_text("", r));
             Ok((ids, Part::Image))
@@ -398,6 +441,7 @@ mod tests {
         };
         let sample = Sample::Image {
             codes: codes.clone(),
+            prompt: None,
         };
         let (ids, part) = compose(&sample, &cfg, &tokenizer, how, 0, 0).unwrap();
         assert_eq!(part, Part::Image);
@@ -416,6 +460,36 @@ mod tests {
         let (ids2, part2) = compose(&captioned, &cfg, &tokenizer, blank, 0, 0).unwrap();
         assert_eq!(part2, Part::All);
         assert_eq!(ids2[..l + n], ids[..l + n]);
+    }
+
+    /// A prompted picture has its prompt as the left text, encoded as a caption's would be,
+    /// and still trains the picture alone.
+    #[test]
+    fn a_prompted_picture_has_its_prompt_as_the_left_text() {
+        let dir = crate::builtin::dir().unwrap();
+        let tokenizer = TextTokenizer::load(dir.join("bpe.model")).unwrap();
+        let cfg = crate::world::recipe::model_config(tokenizer.bpe().vocab_size());
+        let (l, n, r) = (
+            cfg.l_text_seq_length,
+            cfg.image_seq_length(),
+            cfg.r_text_seq_length,
+        );
+        let codes: Vec<u32> = (0..n as u32).rev().collect();
+        let how = Compose {
+            i2t_fraction: 1.0,
+            bpe_dropout: 0.0,
+        };
+        let prompt = "Большой круг слева";
+        let sample = Sample::Image {
+            codes: codes.clone(),
+            prompt: Some(prompt.into()),
+        };
+        let (ids, part) = compose(&sample, &cfg, &tokenizer, how, 0, 0).unwrap();
+        assert_eq!(part, Part::Image);
+        assert_eq!(ids[..l], tokenizer.encode_text("большой круг слева", l)[..]);
+        assert_ne!(ids[..l], vec![0; l][..]);
+        assert_eq!(ids[l..l + n], codes[..]);
+        assert_eq!(ids[l + n..], tokenizer.encode_text("", r)[..]);
     }
 
     #[test]

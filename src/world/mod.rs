@@ -245,6 +245,17 @@ impl Scene {
         format!("{} {}", self.noun_phrase(), self.place())
     }
 
+    /// The caption without its colour, «большая звезда слева на белом фоне»: true of the scene
+    /// in any colour, so the prompt of a recoloured picture.
+    pub fn colourless_caption(&self) -> String {
+        format!(
+            "{} {} {}",
+            self.size.adjective(self.shape.gender()),
+            self.shape.noun(),
+            self.place()
+        )
+    }
+
     /// The caption's first half, the adjectives agreeing with the noun: «большая красная звезда».
     pub fn noun_phrase(&self) -> String {
         let g = self.shape.gender();
@@ -337,6 +348,17 @@ mod tests {
             )
             .caption(),
             "маленькое синее сердце в центре на чёрном фоне"
+        );
+        assert_eq!(
+            scene(
+                Size::Small,
+                Colour::Blue,
+                Shape::Heart,
+                Position::Centre,
+                Background::Black
+            )
+            .colourless_caption(),
+            "маленькое сердце в центре на чёрном фоне"
         );
         assert_eq!(
             scene(

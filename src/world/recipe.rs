@@ -46,6 +46,12 @@ pub const ROUND_LRS: [f64; 6] = [1e-3, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4, 6.25e-5];
 /// over scene seeds 0–2 (the README's table).
 pub const ROUND_RECOLOURED: [usize; 6] = [0, 0, 0, 3000, 6000, 6000];
 
+/// Whether a round's recoloured pictures are prompted by their captions without the colour
+/// (`rudolph world sample --prompted`) rather than trained after a blank left text: none in
+/// the shipped recipe. A seventh, prompted round draws held-out pairs in the shape asked for
+/// far more often but in the colour asked for less often (the README's "Tried and not kept").
+pub const ROUND_PROMPTED: [bool; 6] = [false; 6];
+
 /// Codes per picture side: 64 px pictures, f = 8.
 pub const CODES_PER_SIDE: usize = 8;
 
