@@ -450,6 +450,15 @@ fn a_model_folder_sets_its_own_guidance_and_ranking() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The lines of a JSONL file, parsed.
+fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn world_sample_writes_pictures_and_captions() {
     let dir = temp_dir("world").join("scenes");
@@ -464,11 +473,7 @@ fn world_sample_writes_pictures_and_captions() {
         "9",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("data.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_jsonl(&dir.join("data.jsonl"));
     assert_eq!(lines.len(), 5);
     for line in &lines {
         let picture = image::open(dir.join(line["image"].as_str().unwrap())).unwrap();
@@ -499,11 +504,7 @@ fn world_sample_writes_pictures_and_captions() {
         prompted.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(prompted.join("data.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_jsonl(&prompted.join("data.jsonl"));
     assert_eq!(lines.len(), 8);
     let colours = ["красн", "оранж", "жёлт", "зелён", "син", "фиолет"];
     for line in &lines[2..8] {

@@ -422,13 +422,19 @@ mod tests {
         assert_eq!(all, (0..7).collect::<Vec<_>>());
     }
 
+    /// The built-in model's tokenizer and the world recipe's config.
+    fn world_tokenizer_and_config() -> (TextTokenizer, Config) {
+        let dir = crate::builtin::dir().unwrap();
+        let tokenizer = TextTokenizer::load(dir.join("bpe.model")).unwrap();
+        let cfg = crate::world::recipe::model_config(tokenizer.bpe().vocab_size());
+        (tokenizer, cfg)
+    }
+
     /// A picture alone trains as the unconditional branch: a blank left text (as a picture
     /// trained image → text has), its codes, and an empty right text.
     #[test]
     fn a_picture_alone_has_a_blank_left_text_and_an_empty_right_one() {
-        let dir = crate::builtin::dir().unwrap();
-        let tokenizer = TextTokenizer::load(dir.join("bpe.model")).unwrap();
-        let cfg = crate::world::recipe::model_config(tokenizer.bpe().vocab_size());
+        let (tokenizer, cfg) = world_tokenizer_and_config();
         let (l, n, r) = (
             cfg.l_text_seq_length,
             cfg.image_seq_length(),
@@ -466,9 +472,7 @@ mod tests {
     /// and still trains the picture alone.
     #[test]
     fn a_prompted_picture_has_its_prompt_as_the_left_text() {
-        let dir = crate::builtin::dir().unwrap();
-        let tokenizer = TextTokenizer::load(dir.join("bpe.model")).unwrap();
-        let cfg = crate::world::recipe::model_config(tokenizer.bpe().vocab_size());
+        let (tokenizer, cfg) = world_tokenizer_and_config();
         let (l, n, r) = (
             cfg.l_text_seq_length,
             cfg.image_seq_length(),
