@@ -146,7 +146,9 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     // scenes are seen a dozen times in one round, and the image loss starts to overfit them)
     // and continues from the previous round's weights with a fresh cosine cycle at its own
     // peak learning rate; the last rounds add pictures without captions whose shapes are in
-    // colours off the palette, so that the model draws every outline in many colours.
+    // colours off the palette, so that the model draws every outline in many colours; in a
+    // prompted round they follow their colourless caption, so that the words for an outline
+    // call it up in any colour.
     for round in 1..=rounds {
         let (recoloured, prompted) = (args.recoloured[round - 1], args.prompted[round - 1]);
         let (data, run_dir) = dirs.round(round);
