@@ -581,10 +581,9 @@ fn the_world_recipe_is_reproducible() {
     assert_eq!(generation["image_rank"], "decoded");
     // Round 2's 16 recoloured pictures are prompted; round 1 has none.
     let prompts = |data: &str| {
-        std::fs::read_to_string(base.join("a").join(data).join("data.jsonl"))
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("\"prompt\""))
+        read_jsonl(&base.join("a").join(data).join("data.jsonl"))
+            .iter()
+            .filter(|line| line.get("prompt").is_some())
             .count()
     };
     assert_eq!((prompts("data"), prompts("data-2")), (0, 16));

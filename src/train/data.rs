@@ -422,24 +422,25 @@ mod tests {
         assert_eq!(all, (0..7).collect::<Vec<_>>());
     }
 
-    /// The built-in model's tokenizer and the world recipe's config.
-    fn world_tokenizer_and_config() -> (TextTokenizer, Config) {
+    /// The built-in model's tokenizer, the world recipe's config and its segment lengths
+    /// (left text, image, right text).
+    fn world_tokenizer_and_config() -> (TextTokenizer, Config, (usize, usize, usize)) {
         let dir = crate::builtin::dir().unwrap();
         let tokenizer = TextTokenizer::load(dir.join("bpe.model")).unwrap();
         let cfg = crate::world::recipe::model_config(tokenizer.bpe().vocab_size());
-        (tokenizer, cfg)
+        let lengths = (
+            cfg.l_text_seq_length,
+            cfg.image_seq_length(),
+            cfg.r_text_seq_length,
+        );
+        (tokenizer, cfg, lengths)
     }
 
     /// A picture alone trains as the unconditional branch: a blank left text (as a picture
     /// trained image → text has), its codes, and an empty right text.
     #[test]
     fn a_picture_alone_has_a_blank_left_text_and_an_empty_right_one() {
-        let (tokenizer, cfg) = world_tokenizer_and_config();
-        let (l, n, r) = (
-            cfg.l_text_seq_length,
-            cfg.image_seq_length(),
-            cfg.r_text_seq_length,
-        );
+        let (tokenizer, cfg, (l, n, r)) = world_tokenizer_and_config();
         let codes: Vec<u32> = (0..n as u32).collect();
         let how = Compose {
             i2t_fraction: 0.0,
@@ -472,12 +473,7 @@ mod tests {
     /// and still trains the picture alone.
     #[test]
     fn a_prompted_picture_has_its_prompt_as_the_left_text() {
-        let (tokenizer, cfg) = world_tokenizer_and_config();
-        let (l, n, r) = (
-            cfg.l_text_seq_length,
-            cfg.image_seq_length(),
-            cfg.r_text_seq_length,
-        );
+        let (tokenizer, cfg, (l, n, r)) = world_tokenizer_and_config();
         let codes: Vec<u32> = (0..n as u32).rev().collect();
         let how = Compose {
             i2t_fraction: 1.0,

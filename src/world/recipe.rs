@@ -40,7 +40,7 @@ pub const WORLD_IMAGE_RANK: ImageRank = ImageRank::Decoded;
 
 /// Peak learning rates of the built-in model's rounds: three rounds on captioned scenes, halving
 /// each time, then, from 2.5e-4 again and halving, three rounds that add recoloured pictures,
-/// then twice a round at 1.25e-4 whose recoloured pictures are prompted followed by one at
+/// then two pairs of rounds: one at 1.25e-4 whose recoloured pictures are prompted, then one at
 /// 6.25e-5 whose are not (see [`ROUND_PROMPTED`]).
 pub const ROUND_LRS: [f64; 10] = [
     1e-3, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4, 6.25e-5, 1.25e-4, 6.25e-5, 1.25e-4, 6.25e-5,
