@@ -8,7 +8,7 @@ use rudolph::pipelines::captions::{CaptionRank, generate_captions};
 use rudolph::pipelines::classify::{self, class_texts};
 use rudolph::pipelines::images::{ImageRank, generate_images, picture_codes, rerank_decoded};
 use rudolph::pipelines::rerank::score_pairs;
-use rudolph::pipelines::{GenerateOptions, defaults};
+use rudolph::pipelines::{Fidelity, GenerateOptions, defaults};
 use rudolph::world::read::{parse_caption, read_picture};
 use rudolph::world::{Background, Colour, Position, Scene, Shape, Size};
 use std::process::Command;
@@ -271,6 +271,7 @@ fn classifies_shapes_with_the_class_inside_the_template() {
             &classes,
             &template,
             8,
+            Fidelity::Fixed,
         )
         .unwrap();
         right += (Shape::ALL[got.label] == scene.shape) as usize;
@@ -285,11 +286,25 @@ fn a_slot_at_the_end_is_the_plain_template() {
     let loaded = builtin();
     let r = loaded.model.config().r_text_seq_length;
     let classes = vec!["красная звезда".to_string(), "синий круг".to_string()];
-    let plain = class_texts(&loaded.tokenizer, &classes, "большая", r).unwrap();
-    let slot = class_texts(&loaded.tokenizer, &classes, "большая {}", r).unwrap();
+    let plain = class_texts(&loaded.tokenizer, &classes, "большая", r, Fidelity::Fixed).unwrap();
+    let slot = class_texts(
+        &loaded.tokenizer,
+        &classes,
+        "большая {}",
+        r,
+        Fidelity::Fixed,
+    )
+    .unwrap();
     assert_eq!(plain, slot);
     assert_eq!(plain.1, loaded.tokenizer.bpe().encode("большая").len());
-    let inside = class_texts(&loaded.tokenizer, &classes, "большая {} слева", r).unwrap();
+    let inside = class_texts(
+        &loaded.tokenizer,
+        &classes,
+        "большая {} слева",
+        r,
+        Fidelity::Fixed,
+    )
+    .unwrap();
     assert_eq!(inside.1, plain.1);
     assert_eq!(
         inside.0[0],
@@ -297,9 +312,32 @@ fn a_slot_at_the_end_is_the_plain_template() {
             .tokenizer
             .encode_text("большая красная звезда слева", r)
     );
-    let two = class_texts(&loaded.tokenizer, &classes, "{} и {}", r).unwrap_err();
+    let two = class_texts(&loaded.tokenizer, &classes, "{} и {}", r, Fidelity::Fixed).unwrap_err();
     assert!(two.to_string().contains("more than one"), "{two}");
     let long = "большая ".repeat(r);
-    let full = class_texts(&loaded.tokenizer, &classes, &format!("{long}{{}}"), r).unwrap_err();
+    let full = class_texts(
+        &loaded.tokenizer,
+        &classes,
+        &format!("{long}{{}}"),
+        r,
+        Fidelity::Fixed,
+    )
+    .unwrap_err();
     assert!(full.to_string().contains("no room"), "{full}");
+    // A plain template that fills the slots: refused by default; the original's layout keeps
+    // BOS, the first r − 2 template tokens and the class's first token, and scores that token.
+    let plain_long = class_texts(&loaded.tokenizer, &classes, &long, r, Fidelity::Fixed);
+    assert!(plain_long.unwrap_err().to_string().contains("no room"));
+    let (texts, ts) =
+        class_texts(&loaded.tokenizer, &classes, &long, r, Fidelity::Original).unwrap();
+    assert_eq!(ts, r - 2);
+    let template_ids = loaded.tokenizer.bpe().encode(long.trim());
+    for (text, class) in texts.iter().zip(&classes) {
+        let first = loaded.tokenizer.bpe().encode(&format!(" {class}"))[0];
+        let want: Vec<u32> = std::iter::once(2)
+            .chain(template_ids[..r - 2].iter().copied())
+            .chain([first])
+            .collect();
+        assert_eq!(text, &want, "{class}");
+    }
 }

@@ -1,6 +1,7 @@
 //! `rudolph classify IMAGE --classes a,b,c`: zero-shot classification by perplexity.
 
 use super::common::{ModelArgs, OutputArgs, picture_codes};
+use crate::pipelines::Fidelity;
 use crate::pipelines::classify::classify;
 use std::path::PathBuf;
 
@@ -16,6 +17,10 @@ pub struct ClassifyArgs {
     pub template: String,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Compute exactly what rudolph 0.0.1rc1 computes, also where it is wrong (a template that
+    /// fills the text slots is then cut, and each class scored by its first token alone).
+    #[arg(long)]
+    pub original: bool,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -42,7 +47,13 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
         &classes,
         &args.template,
         args.batch_size,
-    )?;
+        if args.original {
+            Fidelity::Original
+        } else {
+            Fidelity::Fixed
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e} (--original computes what the original computes)"))?;
     if args.output.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {

@@ -6,6 +6,7 @@
 //! (the built-in one always goes on with a position and a background) otherwise judges each class
 //! by how likely the text is to stop there, not by the picture.
 
+use super::Fidelity;
 use super::rerank::score_pairs;
 use crate::error::invalid;
 use crate::model::Rudolph;
@@ -34,11 +35,17 @@ const SLOT: &str = "{}";
 
 /// The right-text ids of each class in the template, and the number of template tokens before
 /// the class (the scoring starts after them).
+///
+/// A template that leaves no room for BOS, a whole class token and EOS is refused, unless
+/// `fidelity` is the original's: rc1 then keeps at most `r − 2` template tokens and scores
+/// whatever of each class still fits (its first token alone, without EOS, when the template
+/// fills the slots).
 pub fn class_texts(
     tokenizer: &TextTokenizer,
     classes: &[String],
     template: &str,
     r: usize,
+    fidelity: Fidelity,
 ) -> crate::Result<(Vec<Vec<u32>>, usize)> {
     if classes.is_empty() {
         return Err(invalid("the class list is empty"));
@@ -51,7 +58,15 @@ pub fn class_texts(
     let mut out = Vec::with_capacity(classes.len());
     let ts = match template.split_once(SLOT) {
         None => {
-            let ts = template_tokens(tokenizer, template, r)?;
+            let ts = match (template_tokens(tokenizer, template, r), fidelity) {
+                (Ok(ts), _) => ts,
+                (Err(_), Fidelity::Original) => tokenizer
+                    .bpe()
+                    .encode(&lower_strip(template))
+                    .len()
+                    .min(r - 2),
+                (Err(e), Fidelity::Fixed) => return Err(e),
+            };
             let template_encoded = tokenizer.encode_text(&lower_strip(template), r);
             for class in classes {
                 let name = class_name(class)?;
@@ -92,8 +107,18 @@ pub fn class_texts(
 fn template_tokens(tokenizer: &TextTokenizer, template: &str, r: usize) -> crate::Result<usize> {
     let ts = tokenizer.bpe().encode(&lower_strip(template)).len();
     if ts + 3 > r {
+        let cut = if ts + 2 > r {
+            format!(
+                ", and rc1 would cut the template itself to {} tokens",
+                r - 2
+            )
+        } else {
+            String::new()
+        };
         return Err(invalid(format!(
-            "the template «{template}» leaves no room for a class in the {r} text slots"
+            "the template «{template}» leaves no room for a class in the {r} text slots: it \
+             takes {ts} tokens, and BOS, EOS and at least one class token need 3 more (the \
+             original would score each class by its first token alone, without EOS{cut})"
         )));
     }
     Ok(ts)
@@ -115,7 +140,7 @@ fn warn_if_truncated(tokenizer: &TextTokenizer, class: &str, text: &str, before:
     }
 }
 
-/// Classifies a picture (`N` codes) among `classes`.
+/// Classifies a picture (`N` codes) among `classes`; `fidelity` as [`class_texts`].
 pub fn classify(
     model: &Rudolph,
     tokenizer: &TextTokenizer,
@@ -123,9 +148,10 @@ pub fn classify(
     classes: &[String],
     template: &str,
     batch: usize,
+    fidelity: Fidelity,
 ) -> crate::Result<Classification> {
     let r = model.config().r_text_seq_length;
-    let (texts, ts) = class_texts(tokenizer, classes, template, r)?;
+    let (texts, ts) = class_texts(tokenizer, classes, template, r, fidelity)?;
     let pairs: Vec<(&[u32], &[u32])> = texts.iter().map(|t| (codes, t.as_slice())).collect();
     let scores = score_pairs(model, &pairs, ts + 1, batch)?;
     let mut label = 0;

@@ -698,7 +698,13 @@ fn class_ppls(
     let r = loaded.model.config().r_text_seq_length;
     let mut out = Vec::with_capacity(items.len());
     for (template, class) in items {
-        let (texts, ts) = class_texts(&loaded.tokenizer, std::slice::from_ref(class), template, r)?;
+        let (texts, ts) = class_texts(
+            &loaded.tokenizer,
+            std::slice::from_ref(class),
+            template,
+            r,
+            Fidelity::Fixed,
+        )?;
         let pairs: Vec<(&[u32], &[u32])> = texts.iter().map(|t| (codes, t.as_slice())).collect();
         out.push(score_pairs(&loaded.model, &pairs, ts + 1, batch)?[0].ppl_text);
     }

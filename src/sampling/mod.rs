@@ -5,6 +5,8 @@
 //! ChaCha20, one stream per generated item (`seed`, item index). An item's tokens therefore do
 //! not depend on the batch size or on which other items are generated with it.
 
+pub mod torch_order;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -53,30 +55,63 @@ pub fn top_k_top_p_filtering(logits: &mut [f32], top_k: usize, top_p: f64) {
             .for_each(|v| *v = f32::NEG_INFINITY);
     }
     if (0.0..=1.0).contains(&top_p) {
-        // The original sorts the whole row, but entries already at −inf sort last, add zero
-        // probability and are only ever set to −inf again: sorting the finite ones (stably, as
-        // torch's sort keeps equal logits in index order here) gives the same result.
+        // The original sorts the whole row; entries already at −inf sort last, add zero
+        // probability and are only ever set to −inf again, so the sorted finite values decide
+        // how many tokens are kept. The sorted values are the same whatever the order of equal
+        // logits, so a stable sort gives the right count.
         let mut order: Vec<usize> = (0..logits.len())
             .filter(|&i| logits[i] > f32::NEG_INFINITY)
             .collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let sorted: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
-        let probs = softmax(&sorted);
+        let probs = torch_softmax(&sorted);
         // torch accumulates a float cumsum in double and stores each partial sum as float; the
         // comparison with top_p happens in float. At top_p = 1.0 rounding can drop the tail.
+        // The partial sums only grow, so the kept tokens are a prefix: the one that crosses the
+        // threshold is kept, and so is the best whatever happens.
         let mut cumulative = 0.0f64;
-        let mut remove = vec![false; order.len()];
-        for (i, p) in probs.iter().enumerate() {
+        let mut kept = sorted.len();
+        for (rank, p) in probs.iter().enumerate() {
             cumulative += *p as f64;
-            remove[i] = (cumulative as f32) > top_p as f32;
-        }
-        // Shift right so the token that crosses the threshold is kept; never drop the best.
-        for (rank, &idx) in order.iter().enumerate().skip(1) {
-            if remove[rank - 1] {
-                logits[idx] = f32::NEG_INFINITY;
+            if (cumulative as f32) > top_p as f32 {
+                kept = rank + 1;
+                break;
             }
         }
+        if kept < sorted.len() && sorted[kept - 1] == sorted[kept] {
+            // The cut splits a run of equal logits: which of them survive is decided by where
+            // torch's unstable sort put them.
+            order = torch_order::descending_order(logits);
+        }
+        for &idx in &order[kept..] {
+            logits[idx] = f32::NEG_INFINITY;
+        }
     }
+}
+
+/// Softmax summed as PyTorch's AVX2 CPU kernel sums it: eight f32 lanes, the tail added into the
+/// first lanes, the lanes folded 4+4, 2+2, 1+1 (rows under eight: one running sum), then each
+/// exponential times the sum's reciprocal. A plain running sum drifts by many units in the last
+/// place over thousands of equal probabilities, which moves the top-p cut by whole tokens.
+fn torch_softmax(logits: &[f32]) -> Vec<f32> {
+    const LANES: usize = 8;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+    let sum = if exps.len() < LANES {
+        exps.iter().sum::<f32>()
+    } else {
+        let mut acc = [0f32; LANES];
+        acc.copy_from_slice(&exps[..LANES]);
+        for chunk in exps[LANES..].chunks(LANES) {
+            for (a, e) in acc.iter_mut().zip(chunk) {
+                *a += e;
+            }
+        }
+        let half: Vec<f32> = (0..4).map(|i| acc[i] + acc[i + 4]).collect();
+        (half[0] + half[2]) + (half[1] + half[3])
+    };
+    let inv = 1.0 / sum;
+    exps.into_iter().map(|e| e * inv).collect()
 }
 
 /// Softmax in f32 (−inf entries give 0).
