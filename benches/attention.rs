@@ -8,8 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use rudolph::config::Config;
-use rudolph::model::decode_attention_with;
-use rudolph::model::simd::Simd;
+use rudolph::kernels::attention::decode_attention_with;
+use rudolph::kernels::cpu::Simd;
 
 mod support;
 

@@ -1,6 +1,6 @@
 //! The machine's ceilings for the README's roofline: f32 matrix-product throughput through
 //! candle (the kernel our model uses), bf16 throughput on the AMX tiles where the CPU has them
-//! (`--dtype amx`), memory-copy bandwidth, and the bandwidth of reading
+//! (`--dtype packed-bf16`), memory-copy bandwidth, and the bandwidth of reading
 //! memory on every core (what decoding does with the weights and the KV cache).
 //!
 //!     cargo run --release --example roofline
@@ -26,13 +26,13 @@ fn main() -> anyhow::Result<()> {
         2.0 * (m * k * n) as f64 / dt / 1e9
     );
 
-    let kernel = rudolph::model::tiles::Kernel::best();
-    if kernel != rudolph::model::tiles::Kernel::Portable {
-        let packed = rudolph::model::tiles::PackedWeight::pack(&b)?;
-        rudolph::model::tiles::matmul_t(&a, &packed, 0..n)?;
+    let kernel = rudolph::kernels::packed_bf16::Kernel::best();
+    if kernel != rudolph::kernels::packed_bf16::Kernel::Portable {
+        let packed = rudolph::kernels::packed_bf16::PackedWeight::pack(&b)?;
+        rudolph::kernels::packed_bf16::matmul_t(&a, &packed, 0..n)?;
         let t0 = Instant::now();
         for _ in 0..reps {
-            rudolph::model::tiles::matmul_t(&a, &packed, 0..n)?;
+            rudolph::kernels::packed_bf16::matmul_t(&a, &packed, 0..n)?;
         }
         let dt = t0.elapsed().as_secs_f64() / reps as f64;
         println!(

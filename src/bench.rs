@@ -28,7 +28,7 @@ pub struct BenchReport {
     pub task: Task,
     pub preset: String,
     pub dtype: String,
-    /// With `amx`, the instructions the products ran on (`AMX tiles`, `AVX-512 BF16`, `AVX2`
+    /// With `packed-bf16`, the instructions the products ran on (`AMX tiles`, `AVX-512 BF16`, `AVX2`
     /// or `portable`).
     pub kernel: Option<String>,
     pub threads: usize,
@@ -148,8 +148,11 @@ pub fn run(
         task,
         preset: preset.to_string(),
         dtype: precision.name().to_string(),
-        kernel: (precision == Precision::Tiles)
-            .then(|| crate::model::tiles::Kernel::best().name().to_string()),
+        kernel: (precision == Precision::PackedBf16).then(|| {
+            crate::kernels::packed_bf16::Kernel::best()
+                .name()
+                .to_string()
+        }),
         threads: candle_core::utils::get_num_threads(),
         images: if task == Task::Forward { batch } else { images },
         batch_size: batch,

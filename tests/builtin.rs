@@ -39,11 +39,11 @@ fn draws_the_shape_colour_and_position_it_is_asked_for() {
     draws_a_big_red_star_on_the_left(&builtin());
 }
 
-/// The same with every linear product in bf16 (`--dtype amx`: on the AMX tiles, AVX-512 BF16
+/// The same with every linear product in bf16 (`--dtype packed-bf16`: on the AMX tiles, AVX-512 BF16
 /// or AVX2, whichever this CPU has).
 #[test]
 fn draws_it_with_bf16_tile_products_too() {
-    draws_a_big_red_star_on_the_left(&builtin_as(Precision::Tiles));
+    draws_a_big_red_star_on_the_left(&builtin_as(Precision::PackedBf16));
 }
 
 fn draws_a_big_red_star_on_the_left(loaded: &Loaded) {

@@ -1,4 +1,4 @@
-//! Quantized weights (`--dtype q8`) and bf16 tile products (`--dtype amx`): the quality cost on
+//! Quantized weights (`--dtype q8`) and bf16 tile products (`--dtype packed-bf16`): the quality cost on
 //! the fixtures' model, measured against the exact float32 model — logits, greedy generation
 //! and perplexities.
 
@@ -56,11 +56,12 @@ fn amx_stays_close_to_float32() {
     let ckpt =
         rudolph::weights::Checkpoint::open(fixture("rudolph_tiny/model.safetensors")).unwrap();
     let (tiles, _) =
-        Rudolph::from_checkpoint_as(&ckpt, &tiny_config(), Precision::Tiles, &Device::Cpu).unwrap();
+        Rudolph::from_checkpoint_as(&ckpt, &tiny_config(), Precision::PackedBf16, &Device::Cpu)
+            .unwrap();
     assert_eq!(tiles.dtype(), DType::F32);
     let report = closeness(&tiny_model(), &tiles, 0.02);
-    let on = rudolph::model::tiles::Kernel::best().name();
-    eprintln!("amx on the fixtures' model, through {on}: {report}");
+    let on = rudolph::kernels::packed_bf16::Kernel::best().name();
+    eprintln!("packed-bf16 on the fixtures' model, through {on}: {report}");
 }
 
 /// Asserts that `lossy` stays within `bound` of `exact` (relative RMS of the logits and of each
@@ -160,7 +161,7 @@ fn quantizing_while_loading_equals_quantizing_after() {
 /// f16 / bf16 linear weights under f32 compute (`--dtype f16w` / `bf16w`): the only change is
 /// the rounding of the weights, so logits stay within that rounding of float32's, and decoding
 /// steps (the few-rows kernel, which widens the weights as it reads them) agree with a full
-/// forward of the same model; so do bf16 tile products (`amx`), to bf16's rounding.
+/// forward of the same model; so do packed-bf16 products, to bf16's rounding.
 #[test]
 fn half_weights_cost_only_their_rounding() {
     use rudolph::model::{Precision, Rudolph};
@@ -176,7 +177,7 @@ fn half_weights_cost_only_their_rounding() {
     for (precision, bound, step_bound) in [
         (Precision::HalfWeights(DType::F16), 2e-3, 1e-4),
         (Precision::HalfWeights(DType::BF16), 2e-2, 1e-4),
-        (Precision::Tiles, 2e-2, 2e-2),
+        (Precision::PackedBf16, 2e-2, 2e-2),
     ] {
         let dtype = precision.name();
         let (half, _) = Rudolph::from_checkpoint_as(&ckpt, &cfg, precision, &Device::Cpu).unwrap();

@@ -3,14 +3,9 @@
 use super::dense::Dense;
 use super::layer::Ops;
 use crate::config::Config;
+use crate::kernels::{self, MASK_VALUE};
 use candle_core::{D, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
-
-/// PB-relax divides the scores by this before subtracting their maximum, then multiplies back.
-const PB_RELAX_ALPHA: f64 = 32.0;
-/// Masked scores become exactly −10000, not −inf: a fully masked row then attends uniformly to
-/// every key of the call (future ones included) instead of producing NaN, as the original does.
-pub const MASK_VALUE: f64 = 10000.0;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -70,12 +65,7 @@ impl Attention {
             let view = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
             let q = view(0)?;
             let (k, v) = append(&view(1)?, &view(2)?)?;
-            let fused = match super::fused::decode_attention(&q, &k, &v, &mask.keep, scale as f32)?
-            {
-                Some(context) => Some(context),
-                None => super::fused::attention(&q, &k, &v, &mask.keep, scale as f32)?,
-            };
-            if let Some(context) = fused {
+            if let Some(context) = kernels::fused_attention(&q, &k, &v, &mask.keep, scale as f32)? {
                 return self.dense.forward(&context);
             }
             let (q, k) = (q.contiguous()?, gemm_operand(&k)?);
@@ -111,29 +101,7 @@ impl Attention {
         // PB-relax scales q before the product rather than the scores after it.
         let q = (q / scale.recip())?;
         let scores = q.matmul(&k.t()?)?; // [B, nh, Sq, Sk]
-        let probs = if ops.differentiable && super::kernels::applies(&scores) {
-            // PB-relax (scores / 32, minus their maximum, times 32) only shifts each row, which
-            // softmax ignores: the training kernel does the same maths in one pass each way.
-            super::kernels::masked_softmax(&scores, &mask.keep)?
-        } else if ops.differentiable {
-            let scores = scores
-                .broadcast_mul(&mask.keep)?
-                .broadcast_sub(&mask.penalty)?;
-            // PB-relax as the original computes it, for other devices.
-            let t = scores.affine(1.0 / PB_RELAX_ALPHA, 0.0)?;
-            let max = t
-                .detach()
-                .flatten_from(2)?
-                .max_keepdim(D::Minus1)?
-                .unsqueeze(D::Minus1)?;
-            let scores = t.broadcast_sub(&max)?.affine(PB_RELAX_ALPHA, 0.0)?;
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            // Inference skips those four passes over [B, heads, Sq, Sk]: softmax already
-            // subtracts each row's maximum, so only rounding differs (far inside float32 parity).
-            // Masking and softmax then share one pass on all cores.
-            super::fused::masked_softmax(scores, &mask.keep, &mask.penalty)?
-        };
+        let probs = kernels::masked_softmax(scores, &mask.keep, &mask.penalty, ops.differentiable)?;
         let probs = ops.dropout(probs)?;
         probs
             .matmul(&gemm_operand(v)?)? // [B, nh, Sq, hd]

@@ -4,14 +4,14 @@
 //! that multiplies the memory traffic by the batch size.
 //!
 //! The weight can be held in f16 or bf16 while activations stay in f32: decoding steps read it
-//! through the few-rows kernel (`skinny`), which widens it as it streams, so a step reads half
-//! the bytes; larger products widen it to f32 first.
+//! through the few-row kernel, which widens it as it streams, so a step reads half the bytes;
+//! larger products widen it to f32 first.
 //!
 //! The weight can be quantized in place (ggml block formats through candle's `QMatMul`): batch-1
 //! decoding reads every weight once per token, so fewer bytes per weight is the way past the
 //! memory-bandwidth limit. Activations and the bias stay in float.
 //!
-//! Or it can be packed for the bf16 kernels (`tiles`: AMX tiles, AVX-512 BF16 or AVX2): bf16
+//! Or it can be packed in bf16 (`--dtype packed-bf16`: AMX tiles, AVX-512 BF16 or AVX2): bf16
 //! products with f32 accumulation, several times the f32 peak where products of many rows are
 //! compute-bound on the first two.
 
@@ -20,7 +20,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
-use super::tiles::{self, PackedWeight};
+use crate::kernels::{self, PackedWeight};
 
 #[derive(Debug, Clone)]
 enum Weight {
@@ -31,8 +31,8 @@ enum Weight {
         matmul: QMatMul,
         dtype: DType,
     },
-    /// Packed for the bf16 kernels (`model::tiles`), under f32 activations.
-    Tiles(Arc<PackedWeight>),
+    /// Packed in bf16 for [`kernels::packed_bf16`], under f32 activations.
+    Packed(Arc<PackedWeight>),
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ impl Dense {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             Weight::Float(w) => w.dtype(),
-            Weight::Half(_) | Weight::Tiles(_) => DType::F32,
+            Weight::Half(_) | Weight::Packed(_) => DType::F32,
             Weight::Quantized { dtype, .. } => *dtype,
         }
     }
@@ -75,12 +75,12 @@ impl Dense {
 
     /// Packs the weight for the bf16 kernels (bf16 products, f32 activations and bias). CPU
     /// only.
-    pub fn store_tiles(&mut self) -> Result<()> {
+    pub fn store_packed(&mut self) -> Result<()> {
         if let Weight::Float(w) | Weight::Half(w) = &self.weight {
             if !w.device().is_cpu() {
-                candle_core::bail!("amx weights are for the CPU; use f16 or bf16 on a GPU");
+                candle_core::bail!("packed-bf16 weights are for the CPU; use f16 or bf16 on a GPU");
             }
-            self.weight = Weight::Tiles(Arc::new(PackedWeight::pack(w)?));
+            self.weight = Weight::Packed(Arc::new(PackedWeight::pack(w)?));
             self.bias = self.bias.to_dtype(DType::F32)?;
         }
         Ok(())
@@ -126,11 +126,11 @@ impl Dense {
                 let last = x.rank().saturating_sub(1);
                 return self.forward(x)?.narrow(last, cols.start, cols.len());
             }
-            Weight::Tiles(packed) => {
+            Weight::Packed(packed) => {
                 let bias = self.bias.narrow(0, cols.start, cols.len())?;
                 return Self::finish(
                     x,
-                    |x| tiles::matmul_t(x, packed, cols.clone()),
+                    |x| kernels::packed_matmul_t(x, packed, cols.clone()),
                     &bias,
                     false,
                 );
@@ -146,13 +146,9 @@ impl Dense {
 
     fn forward_with(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let product = |x: &Tensor| match &self.weight {
-            Weight::Float(w) | Weight::Half(w) if super::skinny::applies(x, w) => {
-                super::skinny::matmul_t(x, w)
-            }
-            Weight::Float(w) => x.matmul(&w.t()?),
-            Weight::Half(w) => x.matmul(&w.to_dtype(DType::F32)?.t()?),
+            Weight::Float(w) | Weight::Half(w) => kernels::matmul_t(x, w),
             Weight::Quantized { matmul, .. } => matmul.forward(x),
-            Weight::Tiles(packed) => tiles::matmul_t(x, packed, 0..self.out_dim),
+            Weight::Packed(packed) => kernels::packed_matmul_t(x, packed, 0..self.out_dim),
         };
         Self::finish(x, product, &self.bias, gelu)
     }
@@ -170,7 +166,7 @@ impl Dense {
         let rows: usize = dims.iter().product();
         let y = product(&x.contiguous()?.reshape((rows, in_dim))?)?;
         dims.push(bias.dim(0)?);
-        super::fused::bias_activation(y, bias, gelu)?.reshape(dims)
+        kernels::bias_activation(y, bias, gelu)?.reshape(dims)
     }
 }
 

@@ -3,7 +3,7 @@
 use super::attention::{AdditiveMask, Attention};
 use super::dense::Dense;
 use crate::config::Config;
-use candle_core::{D, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 pub const LAYER_NORM_EPS: f64 = 1e-5;
@@ -42,24 +42,13 @@ impl Norm {
     }
 
     pub fn forward(&self, x: &Tensor, ops: Ops<'_>) -> Result<Tensor> {
-        if !ops.differentiable {
-            return candle_nn::ops::layer_norm(
-                &x.contiguous()?,
-                &self.weight,
-                &self.bias,
-                LAYER_NORM_EPS as f32,
-            );
-        }
-        if super::kernels::applies(x) {
-            return super::kernels::layer_norm(x, &self.weight, &self.bias);
-        }
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
-            .broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        crate::kernels::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            LAYER_NORM_EPS,
+            ops.differentiable,
+        )
     }
 }
 

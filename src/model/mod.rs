@@ -9,24 +9,16 @@ pub mod cache;
 pub mod dense;
 pub mod dropout;
 pub mod embeddings;
-mod fused;
-mod kernels;
 pub mod layer;
 pub mod load;
 pub mod loss;
 pub mod masks;
 pub mod precision;
-pub mod simd;
-pub mod skinny;
-pub mod tiles;
 
 pub use cache::KvCache;
 pub use loss::{Labels, Loss, LossWeights};
 pub use masks::{LayerMaskKind, LayerMasks, MaskVariant};
 pub use precision::Precision;
-
-pub use fused::decode_attention_with;
-pub(crate) use fused::exp;
 
 use crate::config::Config;
 use attention::AdditiveMask;
@@ -84,7 +76,7 @@ impl Rudolph {
                     dense.quantize(format)?;
                 }
                 Precision::HalfWeights(dtype) => dense.store_half(dtype)?,
-                Precision::Tiles => dense.store_tiles()?,
+                Precision::PackedBf16 => dense.store_packed()?,
                 Precision::Float(_) => {}
             }
             Ok(())

@@ -14,21 +14,21 @@ pub enum Precision {
     HalfWeights(DType),
     /// f32 activations, embeddings and norms; every linear weight in this format.
     Quantized(GgmlDType),
-    /// Every linear product in bf16 with f32 accumulation, on the CPU's AMX tiles, else its
-    /// AVX-512 BF16 dot products, else AVX2 (weights packed once in bf16; activations rounded as
-    /// they enter a product); see [`crate::model::tiles::Kernel`].
-    Tiles,
+    /// Every linear product in bf16 with f32 accumulation (weights packed once in bf16,
+    /// activations rounded as they enter a product), on the CPU's AMX tiles, else its AVX-512
+    /// BF16 dot products, else AVX2; see [`crate::kernels::packed_bf16`].
+    PackedBf16,
 }
 
 impl Precision {
     pub const NAMES: &'static str = "f32, f16, bf16, f16w / bf16w (f16 / bf16 linear weights, f32 compute), \
-         q8 (8-bit blocks), q4k (4-bit k-quants) or amx (bf16 products on Intel AMX tiles, else AVX-512 BF16, else AVX2)";
+         q8 (8-bit blocks), q4k (4-bit k-quants) or packed-bf16 (alias amx: bf16 products on Intel AMX tiles, else AVX-512 BF16, else AVX2)";
 
     /// The dtype to load the checkpoint in (a quantized model is loaded in f32 first).
     pub fn load_dtype(self) -> DType {
         match self {
             Self::Float(d) => d,
-            Self::HalfWeights(_) | Self::Quantized(_) | Self::Tiles => DType::F32,
+            Self::HalfWeights(_) | Self::Quantized(_) | Self::PackedBf16 => DType::F32,
         }
     }
 
@@ -41,7 +41,7 @@ impl Precision {
             Self::HalfWeights(_) => "f16w",
             Self::Quantized(GgmlDType::Q8_0) => "q8",
             Self::Quantized(_) => "q4k",
-            Self::Tiles => "amx",
+            Self::PackedBf16 => "packed-bf16",
         }
     }
 }
@@ -58,7 +58,7 @@ impl std::str::FromStr for Precision {
             "bf16w" => Self::HalfWeights(DType::BF16),
             "q8" => Self::Quantized(GgmlDType::Q8_0),
             "q4k" => Self::Quantized(GgmlDType::Q4K),
-            "amx" => Self::Tiles,
+            "packed-bf16" | "amx" => Self::PackedBf16,
             _ => return Err(format!("'{s}': expected {}", Self::NAMES)),
         })
     }

@@ -1,7 +1,7 @@
 //! Scoring token sequences: per-token cross-entropy and the original's "perplexity", which is
 //! the mean of per-token perplexities `exp(ce)`, not `exp(mean ce)` (SPEC §7.1, quirk 10).
 
-use crate::model::exp;
+use crate::kernels::exp;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 

@@ -11,7 +11,6 @@
 
 pub mod config;
 pub mod dwt;
-mod kernels;
 mod load;
 pub mod taming;
 pub mod train;

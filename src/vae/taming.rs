@@ -3,16 +3,11 @@
 //! with convolutions. Modules are built from a [`VarBuilder`] under the original tensor names
 //! (`down.0.block.1.norm1.weight`, `mid.attn_1.q.bias`, …).
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::DdConfig;
-use super::kernels::{self, ConvGeometry};
-
-/// Whether `x` takes the training kernels: it carries gradients, on the CPU, in f32.
-fn training(x: &Tensor) -> bool {
-    x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32
-}
+use crate::kernels::{self, ConvGeometry};
 
 /// taming's epsilon: 1e-6, not PyTorch's default 1e-5.
 const NORM_EPS: f64 = 1e-6;
@@ -20,7 +15,6 @@ const NORM_EPS: f64 = 1e-6;
 /// taming's `Normalize`: `GroupNorm(groups, …)` (32 groups in every published model).
 #[derive(Debug, Clone)]
 struct GroupNorm {
-    inner: candle_nn::GroupNorm,
     gamma: Tensor,
     beta: Tensor,
     groups: usize,
@@ -30,7 +24,6 @@ fn normalize(channels: usize, groups: usize, vb: VarBuilder) -> Result<GroupNorm
     let gamma = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
     let beta = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
     Ok(GroupNorm {
-        inner: candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, NORM_EPS)?,
         gamma,
         beta,
         groups,
@@ -40,11 +33,7 @@ fn normalize(channels: usize, groups: usize, vb: VarBuilder) -> Result<GroupNorm
 impl Module for GroupNorm {
     // [B, C, H, W] -> [B, C, H, W]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if training(x) {
-            kernels::group_norm(x, &self.gamma, &self.beta, self.groups, NORM_EPS)
-        } else {
-            self.inner.forward(x)
-        }
+        kernels::group_norm(x, &self.gamma, &self.beta, self.groups, NORM_EPS)
     }
 }
 
@@ -61,43 +50,35 @@ pub(crate) fn conv(
         stride,
         ..Default::default()
     };
+    let conv = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?;
     Ok(Conv {
-        inner: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
+        weight: conv.weight().clone(),
+        bias: conv.bias().cloned(),
         geometry: ConvGeometry::symmetric(kernel, stride, padding),
     })
 }
 
-/// A convolution that runs as candle's `conv2d` at inference and as the training kernel (im2col
-/// and one GEMM per picture, with its own backward) when gradients are tracked: candle's CPU
+/// A convolution; [`kernels::conv2d`] runs it as candle's `conv2d` at inference and as the
+/// training kernel (im2col and one GEMM per picture, with its own backward) when gradients are
+/// tracked: candle's CPU
 /// backward of `conv2d` is a naive transposed convolution.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv {
-    inner: Conv2d,
+    weight: Tensor,
+    bias: Option<Tensor>,
     geometry: ConvGeometry,
 }
 
 impl Conv {
     /// The same convolution on an input padded `pad` (top, bottom, left, right) beforehand.
     fn forward_padded(&self, x: &Tensor, pad: [usize; 4]) -> Result<Tensor> {
-        let bias = self.inner.bias();
-        if training(x)
-            && let Some(bias) = bias
-        {
-            let mut geometry = self.geometry;
-            geometry
-                .pad
-                .iter_mut()
-                .zip(pad)
-                .for_each(|(p, extra)| *p += extra);
-            return kernels::conv2d(x, self.inner.weight(), bias, geometry);
-        }
-        let x = if pad == [0; 4] {
-            x.clone()
-        } else {
-            x.pad_with_zeros(2, pad[0], pad[1])?
-                .pad_with_zeros(3, pad[2], pad[3])?
-        };
-        self.inner.forward(&x)
+        let mut geometry = self.geometry;
+        geometry
+            .pad
+            .iter_mut()
+            .zip(pad)
+            .for_each(|(p, extra)| *p += extra);
+        kernels::conv2d(x, &self.weight, self.bias.as_ref(), geometry)
     }
 }
 
@@ -110,11 +91,7 @@ impl Module for Conv {
 
 /// `x · sigmoid(x)` (taming's `nonlinearity`).
 fn swish(x: &Tensor) -> Result<Tensor> {
-    if training(x) {
-        kernels::swish(x)
-    } else {
-        x * candle_nn::ops::sigmoid(x)?
-    }
+    kernels::swish(x)
 }
 
 /// Pre-activation residual block; a 1×1 `nin_shortcut` projects the skip path when the channel
@@ -224,13 +201,7 @@ struct Upsample {
 impl Module for Upsample {
     // [B, C, H, W] -> [B, C, 2H, 2W]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let up = if training(x) {
-            kernels::upsample2(x)?
-        } else {
-            x.upsample_nearest2d(2 * h, 2 * w)?
-        };
-        self.conv.forward(&up)
+        self.conv.forward(&kernels::upsample2(x)?)
     }
 }
 

@@ -8,6 +8,7 @@
 //! stored in f16 or bf16 and are widened to f32 as they are read: half the bytes per step, f32
 //! arithmetic. The real RuDOLPH checkpoints are f16, so f16 storage loses nothing for them.
 
+use super::cpu::{Cpu, Level};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -34,12 +35,12 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     matmul_t_with(x, w, Kernel::best())
 }
 
-/// [`matmul_t`] with a chosen kernel (the tests and `benches/skinny.rs` compare them).
+/// [`matmul_t`] with a chosen kernel (the tests and `benches/few_rows.rs` compare them).
 pub fn matmul_t_with(x: &Tensor, w: &Tensor, kernel: Kernel) -> Result<Tensor> {
     if !kernel.available() {
-        candle_core::bail!("the {kernel:?} skinny kernel needs CPU features this machine lacks");
+        candle_core::bail!("the {kernel:?} few-row kernel needs CPU features this machine lacks");
     }
-    x.contiguous()?.apply_op2_no_bwd(w, &SkinnyMatmul(kernel))
+    x.contiguous()?.apply_op2_no_bwd(w, &FewRowMatmul(kernel))
 }
 
 /// The instruction sets the products can use.
@@ -55,41 +56,34 @@ pub enum Kernel {
 impl Kernel {
     pub const ALL: [Kernel; 3] = [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512];
 
+    /// The kernel for what `cpu` allows.
+    pub fn for_cpu(cpu: Cpu) -> Self {
+        match cpu.level() {
+            Level::Portable => Kernel::Scalar,
+            Level::Avx2 => Kernel::Avx2,
+            Level::Avx512 | Level::Amx => Kernel::Avx512,
+        }
+    }
+
     pub fn available(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            match self {
-                Kernel::Scalar => true,
-                Kernel::Avx2 => {
-                    is_x86_feature_detected!("avx2")
-                        && is_x86_feature_detected!("fma")
-                        && is_x86_feature_detected!("f16c")
-                }
-                Kernel::Avx512 => is_x86_feature_detected!("avx512f"),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self == Kernel::Scalar
-        }
+        Cpu::available()
+            .into_iter()
+            .any(|c| Self::for_cpu(c) == self)
     }
 
     pub fn best() -> Self {
-        [Kernel::Avx512, Kernel::Avx2]
-            .into_iter()
-            .find(|k| k.available())
-            .unwrap_or(Kernel::Scalar)
+        Self::for_cpu(Cpu::best())
     }
 }
 
-struct SkinnyMatmul(Kernel);
+struct FewRowMatmul(Kernel);
 
 /// Weight rows given to one task: enough work to amortise the task, several tasks per core.
 const ROWS_PER_TASK: usize = 64;
 
-impl CustomOp2 for SkinnyMatmul {
+impl CustomOp2 for FewRowMatmul {
     fn name(&self) -> &'static str {
-        "rudolph-skinny-matmul"
+        "rudolph-few-row-matmul"
     }
 
     fn cpu_fwd(
@@ -102,7 +96,7 @@ impl CustomOp2 for SkinnyMatmul {
         let (m, k) = xl.shape().dims2()?;
         let (n, wk) = wl.shape().dims2()?;
         if wk != k || m > MAX_ROWS {
-            candle_core::bail!("skinny matmul of {:?} by {:?}ᵀ", xl.shape(), wl.shape());
+            candle_core::bail!("few-row matmul of {:?} by {:?}ᵀ", xl.shape(), wl.shape());
         }
         if m == 0 || n == 0 || k == 0 {
             // Nothing to stream; the kernels' chunking needs whole rows.
@@ -110,10 +104,10 @@ impl CustomOp2 for SkinnyMatmul {
         }
         let (xo, _) = xl
             .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("skinny matmul: strided input".into()))?;
+            .ok_or_else(|| candle_core::Error::Msg("few-row matmul: strided input".into()))?;
         let (wo, _) = wl
             .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("skinny matmul: strided weight".into()))?;
+            .ok_or_else(|| candle_core::Error::Msg("few-row matmul: strided weight".into()))?;
         let x = &xs.as_slice::<f32>()?[xo..xo + m * k];
         // yt[j, i] = row j of W · row i of x: each task fills a contiguous block of yt.
         let mut yt = vec![0f32; n * m];
@@ -121,7 +115,7 @@ impl CustomOp2 for SkinnyMatmul {
             CpuStorage::F32(w) => run(self.0, &w[wo..wo + n * k], x, m, k, &mut yt),
             CpuStorage::F16(w) => run(self.0, &w[wo..wo + n * k], x, m, k, &mut yt),
             CpuStorage::BF16(w) => run(self.0, &w[wo..wo + n * k], x, m, k, &mut yt),
-            _ => candle_core::bail!("skinny matmul: the weight is not f32, f16 or bf16"),
+            _ => candle_core::bail!("few-row matmul: the weight is not f32, f16 or bf16"),
         }
         let mut y = vec![0f32; m * n];
         for (j, col) in yt.chunks(m).enumerate() {
@@ -397,7 +391,7 @@ unsafe fn rows_avx512<W: Widen, const M: usize, const R: usize>(
 /// Weight elements ahead of the current column that each row prefetches into L1. Each row also
 /// asks for the same column of the row `R` below it (the next group) into L2: an L1 prefetch
 /// holds one of the core's few line-fill buffers until its line arrives, an L2 one does not,
-/// so these keep many more lines on their way from memory. In `cargo bench --bench skinny`
+/// so these keep many more lines on their way from memory. In `cargo bench --bench few_rows`
 /// the 350M step at 8 rows went from 65.9 to 58.7 ms (f32) and 57.5 to 38.7 ms (f16); AVX2's
 /// one-row-at-a-time kernel does the same for its next row (8 rows: 102 → 75 ms).
 #[cfg(target_arch = "x86_64")]

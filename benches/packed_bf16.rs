@@ -1,19 +1,19 @@
 //! The compute-bound products of the 350M configuration (one layer's four linear weights against
 //! the rows of a reranked picture and of full sequences) in f32
-//! through candle's GEMM and in bf16 (`--dtype amx`) on every kernel this CPU has (AMX tiles,
+//! through candle's GEMM and in bf16 (`--dtype packed-bf16`) on every kernel this CPU has (AMX tiles,
 //! AVX-512 BF16, AVX2), in the same run: ms per layer, GFLOP/s and the ratio to f32.
-//! `TILES_BENCH_ITERS` sets the timed runs (default 10, after one warm-up).
+//! `PACKED_BENCH_ITERS` sets the timed runs (default 10, after one warm-up).
 //!
-//!     cargo bench --bench tiles
+//!     cargo bench --bench packed_bf16
 
 use candle_core::{Device, Tensor};
 use rudolph::config::Config;
-use rudolph::model::tiles::{self, Kernel, PackedWeight};
+use rudolph::kernels::packed_bf16::{self, Kernel, PackedWeight};
 
 mod support;
 
 fn main() -> anyhow::Result<()> {
-    let iters = support::iterations("TILES_BENCH_ITERS", 10);
+    let iters = support::iterations("PACKED_BENCH_ITERS", 10);
     let kernels: Vec<Kernel> = [Kernel::Tiles, Kernel::Avx512, Kernel::Avx2]
         .into_iter()
         .filter(|k| k.available())
@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         for &kernel in &kernels {
             let bf16_layer = support::mean_seconds(iters, || {
                 for ((x, w), &(n, _)) in xs.iter().zip(&packed).zip(&shapes) {
-                    tiles::matmul_t_with(x, w, 0..n, kernel)?;
+                    packed_bf16::matmul_t_with(x, w, 0..n, kernel)?;
                 }
                 Ok(())
             })?;

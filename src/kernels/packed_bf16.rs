@@ -1,4 +1,4 @@
-//! Matrix products with bf16 weights (`--dtype amx`): `y = x·Wᵀ` in bf16 with f32 accumulation,
+//! Matrix products with bf16 weights (`--dtype packed-bf16`): `y = x·Wᵀ` in bf16 with f32 accumulation,
 //! on Intel AMX tiles, AVX-512 BF16 or AVX2, whichever the CPU has ([`Kernel`]).
 //!
 //! Sapphire Rapids and later Xeons multiply 16×32 bf16 tiles by 32×16 ones in one instruction,
@@ -19,11 +19,11 @@
 //! or, for many rows, the weight is unpacked for candle's f32 GEMM: the same products, in
 //! another order of summation.
 
+use super::cpu::{Cpu, Level};
 use candle_core::{DType, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 /// Outputs per tile (a tile row holds 16 f32 accumulators).
 const N_TILE: usize = 16;
@@ -91,9 +91,6 @@ impl PackedWeight {
     }
 }
 
-/// Names the kernel [`Kernel::best`] picks, overriding the choice of the fastest.
-pub const KERNEL_ENV: &str = "RUDOLPH_BF16_KERNEL";
-
 /// Which instructions multiply the packed weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -111,54 +108,29 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernel `--dtype amx` uses: the one named by `$RUDOLPH_BF16_KERNEL` (`tiles`,
-    /// `avx512`, `avx2` or `portable`, to compare them) if this CPU has it, else the fastest:
-    /// tiles, else AVX-512 BF16, else AVX2, else portable.
+    /// The kernel for what `cpu` allows: tiles, else AVX-512 BF16, else AVX2, else portable.
+    pub fn for_cpu(cpu: Cpu) -> Self {
+        match cpu.level() {
+            Level::Amx => Self::Tiles,
+            Level::Avx512 if cpu.has_bf16_dot() => Self::Avx512,
+            Level::Avx512 | Level::Avx2 => Self::Avx2,
+            Level::Portable => Self::Portable,
+        }
+    }
+
+    /// The kernel packed-bf16 products use (see [`Cpu::best`]).
     pub fn best() -> Self {
-        static CHOSEN: OnceLock<Kernel> = OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let asked = std::env::var(KERNEL_ENV).ok().and_then(|v| {
-                let k = Self::ALL.into_iter().find(|k| k.id() == v.trim());
-                if k.is_none_or(|k| !k.available()) {
-                    eprintln!(
-                        "{KERNEL_ENV}={v}: not one of tiles, avx512, avx2, portable that this \
-                         CPU has; using the fastest"
-                    );
-                }
-                k.filter(|k| k.available())
-            });
-            asked.unwrap_or_else(|| {
-                Self::ALL
-                    .into_iter()
-                    .find(|k| k.available())
-                    .unwrap_or(Self::Portable)
-            })
-        })
+        Self::for_cpu(Cpu::best())
     }
 
     /// Every kernel, fastest first.
     pub const ALL: [Kernel; 4] = [Self::Tiles, Self::Avx512, Self::Avx2, Self::Portable];
 
-    /// The name `$RUDOLPH_BF16_KERNEL` takes.
-    pub fn id(self) -> &'static str {
-        match self {
-            Self::Tiles => "tiles",
-            Self::Avx512 => "avx512",
-            Self::Avx2 => "avx2",
-            Self::Portable => "portable",
-        }
-    }
-
-    /// Whether this CPU (and, for the tiles, the OS) offers it. AMX needs the kernel to grant
-    /// the tile state (Linux asks each process to request it, `ARCH_REQ_XCOMP_PERM`).
+    /// Whether this CPU (and, for the tiles, the OS) offers it.
     pub fn available(self) -> bool {
-        static GRANTED: OnceLock<bool> = OnceLock::new();
-        match self {
-            Self::Tiles => *GRANTED.get_or_init(amx::request),
-            Self::Avx512 => avx512::detected(),
-            Self::Avx2 => avx2::detected(),
-            Self::Portable => true,
-        }
+        Cpu::available()
+            .into_iter()
+            .any(|c| Self::for_cpu(c) == self)
     }
 
     pub fn name(self) -> &'static str {
@@ -326,32 +298,6 @@ mod amx {
     use super::{BLOCK, K_CHUNK};
     use std::arch::asm;
 
-    /// CPUID leaf 7: AMX-BF16 is EDX bit 22, AMX-TILE bit 24. Then the kernel's permission for
-    /// the XTILEDATA state component (18).
-    pub fn request() -> bool {
-        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
-        if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
-            return false;
-        }
-        #[cfg(target_os = "linux")]
-        {
-            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-            const XFEATURE_XTILEDATA: libc::c_long = 18;
-            // SAFETY: a plain system call with integer arguments.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_arch_prctl,
-                    ARCH_REQ_XCOMP_PERM,
-                    XFEATURE_XTILEDATA,
-                ) == 0
-            }
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            false
-        }
-    }
-
     /// The 64-byte tile configuration (palette 1): tiles 0–3 accumulate the 2×2 output tiles,
     /// 4–5 hold `rows0` and `rows1` rows of activations, 6–7 two weight blocks. A tile with zero
     /// rows is left unconfigured (`rows1 == 0`: one row tile only).
@@ -501,10 +447,6 @@ mod avx512 {
     /// Rows per register tile.
     const ROWS: usize = 6;
 
-    pub fn detected() -> bool {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
-    }
-
     /// `count` (2 or 4) output groups for all `m` rows of `a`: `out` points at the first of
     /// them in a row-major `[m, width]` f32 matrix.
     ///
@@ -649,10 +591,6 @@ mod avx2 {
     /// registers for the widened inputs and 2 for the widened weights, within AVX2's 16.
     const ROWS: usize = 2;
 
-    pub fn detected() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-
     /// Two output groups (32 columns) for all `m` rows of `a`: `out` points at the first of
     /// them in a row-major `[m, width]` f32 matrix.
     ///
@@ -732,22 +670,14 @@ mod avx2 {
 mod x86_only {
     pub const GROUPS: usize = 4;
 
-    pub fn request() -> bool {
-        false
-    }
-
-    pub fn detected() -> bool {
-        false
-    }
-
     /// # Safety
-    /// Never called: [`request`] and [`detected`] are false off x86-64.
+    /// Never called: off x86-64 a `Cpu` is always portable.
     pub unsafe fn group_pair(_: &[u16], _: usize, _: usize, _: &[u16], _: *mut f32, _: usize) {
         unreachable!("AMX and AVX exist only on x86-64")
     }
 
     /// # Safety
-    /// Never called: [`detected`] is false off x86-64.
+    /// Never called: off x86-64 a `Cpu` is always portable.
     pub unsafe fn groups(
         _: &[u16],
         _: usize,

@@ -1,18 +1,18 @@
 //! The few-row products of one decoding step of the 350M configuration (every layer's four
 //! linear weights, so they stream from memory as in generation), timed with each kernel this
 //! CPU has, in the same run: ms per step and the weight bytes read per second.
-//! `SKINNY_BENCH_ITERS` sets the timed steps (default 5, after one warm-up).
+//! `FEW_ROWS_BENCH_ITERS` sets the timed steps (default 5, after one warm-up).
 //!
-//!     cargo bench --bench skinny
+//!     cargo bench --bench few_rows
 
 use candle_core::{DType, Device, Tensor};
 use rudolph::config::Config;
-use rudolph::model::skinny::{Kernel, matmul_t_with};
+use rudolph::kernels::few_rows::{Kernel, matmul_t_with};
 
 mod support;
 
 fn main() -> anyhow::Result<()> {
-    let iters = support::iterations("SKINNY_BENCH_ITERS", 5);
+    let iters = support::iterations("FEW_ROWS_BENCH_ITERS", 5);
     let device = Device::Cpu;
     let cfg = Config::preset("350m")?;
     let h = cfg.hidden_size;

@@ -1,32 +1,18 @@
-//! Inference kernels for the CPU that fuse elementwise passes and spread them over every core.
+//! Attention for inference on the CPU: the masked softmax, and attention fused from scores to
+//! context, in place, one pass, on all cores.
 //!
-//! candle runs its unary and binary maps (bias add, GELU, the two halves of the additive mask)
-//! on one core, one full pass over memory each, while the matrix products around them use all
-//! cores. At full sequence length those passes cost a sizeable share of a forward, so inference
-//! does them here: in place, one pass, all cores. GELU's tanh and the softmax's exp are
-//! approximations the compiler vectorises (libm's scalar `tanhf` was an eighth of a 350M forward,
-//! `expf` most of a softmax), within 5 · 10⁻⁷ and 2 ulp of libm; the row loops run compiled for
-//! the CPU's widest vectors ([`super::simd`]). Anything else (other devices or dtypes, tensors
-//! that carry gradients, i.e. training) takes the unfused path.
+//! candle runs the two halves of the additive mask as single-core passes over memory, and a
+//! decoding step's 2·B·heads tiny matrix products one after another on one core, while the
+//! products around them use every core. The row loops here run compiled for the CPU's widest
+//! vectors ([`super::cpu`]). Anything else (other devices or dtypes, tensors that carry
+//! gradients, i.e. training) takes the unfused path.
 
-use super::attention::MASK_VALUE;
-use super::simd::{Level, Simd, simd_variants};
-use candle_core::{CpuStorage, D, InplaceOp2, Layout, Result, Tensor};
+use super::MASK_VALUE;
+use super::activation::exp;
+use super::cpu::{Simd, Width, simd_variants};
+use super::{fusable, slice, slice_mut};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
-
-/// `y + bias`, then GELU (tanh form) when `gelu`. `y`: `[…, out]`, `bias`: `[out]`.
-pub fn bias_activation(y: Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
-    if fusable(&y) && fusable(bias) && bias.dims() == [y.dim(D::Minus1)?] {
-        y.inplace_op2(bias, &BiasActivation { gelu })?;
-        return Ok(y);
-    }
-    let y = y.broadcast_add(bias)?;
-    match gelu {
-        true if super::kernels::applies(&y) => super::kernels::gelu(&y),
-        true => y.gelu(),
-        false => Ok(y),
-    }
-}
 
 /// The original's masking `s·m − 10000·(1−m)` followed by a softmax over the keys.
 /// `scores`: `[B, heads, Sq, Sk]`; `keep`: `[B or 1, 1, Sq, Sk]` of 0/1.
@@ -481,9 +467,9 @@ fn dot(simd: Simd, a: &[f32], b: &[f32]) -> f32 {
     match simd.0 {
         // SAFETY: only `Simd::available` makes a `Simd`, after finding the feature.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { dot_avx512(a, b) },
+        Width::Avx512 => unsafe { dot_avx512(a, b) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { dot_avx2(a, b) },
+        Width::Avx2 => unsafe { dot_avx2(a, b) },
         _ => dot_lanes(a, b),
     }
 }
@@ -600,135 +586,6 @@ fn lane_sum(xs: &[f32]) -> f32 {
     fold_lanes(acc) + tail
 }
 
-/// A fresh (or read-only) f32 tensor in one contiguous block on the CPU, outside any graph.
-fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu()
-        && t.dtype() == candle_core::DType::F32
-        && t.is_contiguous()
-        && !t.track_op()
-}
-
-pub(super) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused op on a strided tensor".into()))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
-fn slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused op on a strided tensor".into()))?;
-    match storage {
-        CpuStorage::F32(v) => Ok(&mut v[start..end]),
-        _ => candle_core::bail!("fused op on a non-f32 tensor"),
-    }
-}
-
-struct BiasActivation {
-    gelu: bool,
-}
-
-impl InplaceOp2 for BiasActivation {
-    fn name(&self) -> &'static str {
-        "bias-activation"
-    }
-
-    fn cpu_fwd(&self, y: &mut CpuStorage, yl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
-        let bias = slice(b, bl)?;
-        let y = slice_mut(y, yl)?;
-        let (gelu, simd) = (self.gelu, Simd::best());
-        y.par_chunks_mut(bias.len())
-            .for_each(|row| bias_activation_row_simd(simd, row, bias, gelu));
-        Ok(())
-    }
-}
-
-/// `row += bias`, then GELU if asked: candle's f32 `gelu` (the tanh form) with a tanh that
-/// vectorises.
-#[inline(always)]
-fn bias_activation_row(row: &mut [f32], bias: &[f32], gelu: bool) {
-    for (v, b) in row.iter_mut().zip(bias) {
-        *v += b;
-    }
-    if gelu {
-        for v in row.iter_mut() {
-            let x = *v;
-            *v = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)));
-        }
-    }
-}
-
-simd_variants!(bias_activation_row_simd => bias_activation_row(row: &mut [f32], bias: &[f32], gelu: bool));
-
-pub(super) const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-
-/// tanh as Eigen's and XLA's fast float kernel computes it: `x · p(x²) / q(x²)` on `x` clamped
-/// to ±7.905 (where tanh rounds to ±1 in f32). Branch-free, so loops over it vectorise.
-#[inline(always)]
-pub(super) fn tanh(x: f32) -> f32 {
-    const CLAMP: f32 = 7.905_311;
-    const A: [f32; 7] = [
-        4.893_524_6e-3,
-        6.372_619_3e-4,
-        1.485_722_4e-5,
-        5.122_297e-8,
-        -8.604_672e-11,
-        2.000_188e-13,
-        -2.760_768_5e-16,
-    ];
-    const B: [f32; 4] = [4.893_525e-3, 2.268_434_6e-3, 1.185_347_1e-4, 1.198_258_4e-6];
-    let x = x.clamp(-CLAMP, CLAMP);
-    let x2 = x * x;
-    // Plain multiply-adds: `mul_add` is a libm call unless the build targets FMA.
-    let p = x2 * A[6] + A[5];
-    let p = x2 * p + A[4];
-    let p = x2 * p + A[3];
-    let p = x2 * p + A[2];
-    let p = x2 * p + A[1];
-    let p = x2 * p + A[0];
-    let q = x2 * B[3] + B[2];
-    let q = x2 * q + B[1];
-    let q = x2 * q + B[0];
-    x * p / q
-}
-
-/// `eˣ` as Cephes' `expf` computes it (`2ᵏ · p(r)`, `x = k·ln 2 + r`), branch-free so that
-/// loops over it vectorise; within 2 ulp of libm's scalar `expf`, which was most of a softmax's
-/// time. For the softmaxes' `x − max ≤ 0` (valid up to 88.37, where `2ᵏ` would leave the
-/// float exponent); below −87.3, where `eˣ` leaves the normal floats, it gives exactly 0.
-#[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    const MAX: f32 = 88.37;
-    const MIN: f32 = -87.336_55;
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 in two parts, so that `x − k·ln 2` loses no bits.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer with plain float adds.
-    const ROUND: f32 = 12_582_912.0;
-    const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_2e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_66,
-        0.5,
-    ];
-    let xc = x.clamp(MIN, MAX);
-    let k = (xc * LOG2E + ROUND) - ROUND;
-    let r = xc - k * LN2_HI - k * LN2_LO;
-    let r2 = r * r;
-    let p = P[0] * r + P[1];
-    let p = p * r + P[2];
-    let p = p * r + P[3];
-    let p = p * r + P[4];
-    let p = p * r + P[5];
-    let y = p * r2 + r + 1.0;
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
-    if x < MIN { 0.0 } else { y * scale }
-}
-
 struct MaskedSoftmax;
 
 impl InplaceOp2 for MaskedSoftmax {
@@ -758,6 +615,7 @@ impl InplaceOp2 for MaskedSoftmax {
 
 #[cfg(test)]
 mod tests {
+    use super::super::activation::*;
     use super::*;
     use candle_core::{Device, Tensor};
 

@@ -8,9 +8,9 @@
 //! maths is the composite forms' (tested against them, values and gradients); only rounding
 //! differs. Other devices and dtypes take the composite forms.
 
-use super::attention::MASK_VALUE;
-use super::fused::{SQRT_TWO_OVER_PI, exp, slice, tanh};
-use super::layer::LAYER_NORM_EPS;
+use super::MASK_VALUE;
+use super::activation::{SQRT_TWO_OVER_PI, exp, tanh};
+use super::slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -94,20 +94,26 @@ impl CustomOp2 for GeluBackward {
 // LayerNorm over the last dimension (biased variance, affine)
 
 /// `(x − mean) / √(var + ε) · weight + bias` over the last dimension, with its gradients.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm)
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps },
+    )
 }
 
-struct LayerNorm;
+#[derive(Clone, Copy)]
+struct LayerNorm {
+    eps: f64,
+}
 
 /// Mean and 1/σ of one row, accumulated in f64 so that long rows round as little as the
 /// composite form's pairwise sums.
-fn row_stats(row: &[f32]) -> (f32, f32) {
+fn row_stats(row: &[f32], eps: f64) -> (f32, f32) {
     let n = row.len() as f64;
     let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean as f32, (1.0 / (var + LAYER_NORM_EPS).sqrt()) as f32)
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
 fn width_of(x: &Layout, w: &[f32], b: &[f32]) -> Result<usize> {
@@ -141,7 +147,7 @@ impl CustomOp3 for LayerNorm {
         let h = width_of(xl, w, b)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
-            let (mean, rstd) = row_stats(x);
+            let (mean, rstd) = row_stats(x, self.eps);
             for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
                 *y = (x - mean) * rstd * w + b;
             }
@@ -160,7 +166,11 @@ impl CustomOp3 for LayerNorm {
         let h = weight.elem_count();
         let rows = x.elem_count() / h;
         // One op computes all three gradients: `[dx (rows·h) | dweight (h) | dbias (h)]`.
-        let all = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &LayerNormBackward)?;
+        let all = x.apply_op3_no_bwd(
+            weight,
+            &grad.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
         let dx = all.narrow(0, 0, rows * h)?.reshape(x.shape())?;
         let dw = all.narrow(0, rows * h, h)?.reshape(weight.shape())?;
         let db = all.narrow(0, rows * h + h, h)?.reshape(weight.shape())?;
@@ -171,7 +181,9 @@ impl CustomOp3 for LayerNorm {
 /// `(x, weight, grad_y)` → `[dx | dweight | dbias]` flattened. With `x̂ = (x − mean)·rstd` and
 /// `g = grad_y · weight`: `dx = rstd·(g − mean(g) − x̂·mean(g·x̂))`, `dweight = Σ grad_y·x̂`,
 /// `dbias = Σ grad_y` over rows.
-struct LayerNormBackward;
+struct LayerNormBackward {
+    eps: f64,
+}
 
 impl CustomOp3 for LayerNormBackward {
     fn name(&self) -> &'static str {
@@ -204,7 +216,7 @@ impl CustomOp3 for LayerNormBackward {
             .map(|((dx, x), gy)| {
                 let mut sums = vec![0f64; 2 * h];
                 for ((dx, x), gy) in dx.chunks_mut(h).zip(x.chunks(h)).zip(gy.chunks(h)) {
-                    let (mean, rstd) = row_stats(x);
+                    let (mean, rstd) = row_stats(x, self.eps);
                     let (mut mean_g, mut mean_gx) = (0f64, 0f64);
                     for i in 0..h {
                         let xh = (x[i] - mean) * rstd;
@@ -355,6 +367,8 @@ impl CustomOp3 for MaskedSoftmaxBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const EPS: f64 = 1e-5;
     use candle_core::{D, DType, Device, Var};
 
     fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
@@ -432,14 +446,14 @@ mod tests {
         compare(
             "layer norm",
             &[x, w, b],
-            |t| layer_norm(&t[0], &t[1], &t[2]),
+            |t| layer_norm(&t[0], &t[1], &t[2], EPS),
             |t| {
                 let x = &t[0];
                 let mean = x.mean_keepdim(D::Minus1)?;
                 let centred = x.broadcast_sub(&mean)?;
                 let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
                 centred
-                    .broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?
+                    .broadcast_div(&(var + EPS)?.sqrt()?)?
                     .broadcast_mul(&t[1])?
                     .broadcast_add(&t[2])
             },
@@ -481,7 +495,7 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let x = random(&[2, 8], 1, 1.0);
-        assert!(layer_norm(&x, &random(&[7], 2, 1.0), &random(&[8], 3, 1.0)).is_err());
+        assert!(layer_norm(&x, &random(&[7], 2, 1.0), &random(&[8], 3, 1.0), EPS).is_err());
         assert!(
             masked_softmax(
                 &random(&[1, 2, 3, 4], 1, 1.0),

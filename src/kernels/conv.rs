@@ -8,16 +8,10 @@
 //! one pass per group, and both spread pictures (or groups) over all cores. Only tensors that
 //! carry gradients take these paths (see `taming`); inference keeps candle's ops.
 
+use super::slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
-
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("training kernel on a strided tensor".into()))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
 
 /// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand given by its row and column strides.
 #[allow(clippy::too_many_arguments)]
