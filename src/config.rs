@@ -97,7 +97,7 @@ fn default_activation() -> String {
 impl Config {
     pub const PRESET_NAMES: [&'static str; 5] = ["350m", "350m-v2", "1.3b", "2.7b", "2.7b-fbc2"];
 
-    /// A published configuration by name (SPEC §1.2). `350m` is rudolph 0.0.1rc1's model.
+    /// A published configuration by name. `350m` is rudolph 0.0.1rc1's model.
     pub fn preset(name: &str) -> Result<Self, ConfigError> {
         let base = |layers, hidden, heads, l, d, r, k, last_k, txt_spc, img_spc| Config {
             num_layers: layers,

@@ -314,7 +314,8 @@ fn cached_greedy_generation_reproduces_the_goldens() {
 
 /// The cache returns, chunk by chunk (of any size), the rows of one full forward. Rows whose
 /// pipeline mask is all zero are left out: they attend uniformly to the keys present in their
-/// call (quirk 1), so they legitimately depend on how the sequence was chunked.
+/// call (the original masks by adding −10000, not −inf), so they legitimately depend on how the
+/// sequence was chunked.
 #[test]
 fn cache_equals_full_forward_at_every_position() {
     let cfg = tiny_config();

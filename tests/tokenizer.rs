@@ -1,4 +1,4 @@
-//! Tokenizer goldens (`tokenizer/` in the fixture folder) plus the SPEC Appendix B model,
+//! Tokenizer goldens (`tokenizer/` in the fixture folder) plus a tiny model of youtokentome 1.0.6,
 //! malformed-model errors, BPE-dropout and property tests.
 
 use std::path::PathBuf;
@@ -198,7 +198,7 @@ fn out_of_range_id_error_names_id_and_vocab_size() {
     assert!(bpe.decode(&[n + 7], &[n + 7]).unwrap().is_empty());
 }
 
-/// SPEC Appendix B: a tiny model built with youtokentome 1.0.6 and its outputs.
+/// A tiny model built with youtokentome 1.0.6 and its outputs.
 const APPENDIX_B: &str = "25 31;1089 18;1081 22;1073 20;1086 11;1099 25;1078 19;104 23;1088 5;101 24;114 27;1080 6;1072 7;119 26;1085 12;111 21;1077 8;1090 10;1082 9;9601 4;108 13;1074 17;1087 14;100 28;1079 16;1084 15;4 14 29;4 9 30;6 17 31;29 5 32;31 8 33;33 10 34;32 34 35;11 20 36;5 7 37;12 7 38;4 15 39;39 6 40;40 5 41;4 38 42;37 19 43;43 8 44;36 44 45;16 45 46;30 7 47;6 46 48;47 5 49;4 48 50;49 10 51;24 13 52;51 6 53;52 13 54;53 12 55;54 21 56;55 9 57;23 56 58;57 8 59;1 0 2 3";
 
 fn appendix_b() -> Bpe {

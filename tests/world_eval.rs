@@ -110,7 +110,7 @@ fn check_report(report: &EvalReport, n: usize) {
     for (name, m) in &metrics {
         check_metric(name, m, n);
     }
-    // Issue 7's targets: captioning 6 + text→image 5 (seen), 4 + 4 held-out, retrieval, texts.
+    // The world's targets: captioning 6 + text→image 5 (seen), 4 + 4 held-out, retrieval, texts.
     let targeted = metrics.iter().filter(|(_, m)| m.target.is_some()).count();
     assert_eq!(targeted, 21);
     assert_eq!(report.targets_total, 21);

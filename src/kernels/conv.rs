@@ -1,5 +1,5 @@
-//! CPU training kernels of the VQGAN: convolution, group norm, swish and ×2 nearest
-//! upsampling, each with its backward pass, as candle custom ops.
+//! CPU training kernels of the VQGAN: convolution, group norm and ×2 nearest upsampling, each
+//! with its backward pass, as candle custom ops (its swish is in `differentiable`).
 //!
 //! Built from candle's generic ops, one training step of the world's VQGAN on 8 pictures of
 //! 64 px took over 2 s (about 4 GFLOP/s): candle's elementwise maps run on one core, the
@@ -571,68 +571,6 @@ impl CustomOp3 for GroupNormBackward {
     }
 }
 
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
-/// Swish `x·σ(x)` (taming's `nonlinearity`) with its gradient, on all cores.
-pub fn swish(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Swish)
-}
-
-struct Swish;
-
-impl CustomOp1 for Swish {
-    fn name(&self) -> &'static str {
-        "rudolph-swish"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut y = slice(s, l)?.to_vec();
-        y.par_chunks_mut(1 << 14)
-            .for_each(|c| c.iter_mut().for_each(|v| *v *= sigmoid(*v)));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            x.apply_op2_no_bwd(&grad.contiguous()?, &SwishBackward)?,
-        ))
-    }
-}
-
-/// `(x, grad_y)` → `grad_y · (σ(x) + x·σ(x)·(1 − σ(x)))`.
-struct SwishBackward;
-
-impl candle_core::CustomOp2 for SwishBackward {
-    fn name(&self) -> &'static str {
-        "rudolph-swish-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (slice(xs, xl)?, slice(gs, gl)?);
-        if x.len() != g.len() {
-            candle_core::bail!("swish gradient {:?} does not fit", gl.shape().dims());
-        }
-        let mut out = g.to_vec();
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    let s = sigmoid(v);
-                    *o *= s + v * s * (1.0 - s);
-                }
-            });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
-    }
-}
-
 /// Nearest-neighbour ×2 upsampling with its gradient: `[B, C, H, W]` → `[B, C, 2H, 2W]`.
 pub fn upsample2(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Upsample2)
@@ -810,7 +748,7 @@ mod tests {
     #[test]
     fn swish_and_upsampling_match_candle() {
         let x = rand(&[2, 3, 4, 5], 7);
-        let ours = swish(&x).unwrap();
+        let ours = super::super::differentiable::swish(&x).unwrap();
         let reference = (x.as_tensor() * candle_nn::ops::sigmoid(&x).unwrap()).unwrap();
         assert!(max_diff(&ours, &reference) < 1e-6);
         let (ga, gb) = (

@@ -1,4 +1,4 @@
-//! Training kernels for the CPU: GELU, LayerNorm and the masked attention softmax as single ops
+//! Training kernels for the CPU: GELU, swish, LayerNorm and the masked attention softmax as single ops
 //! with hand-written backward passes, on all cores.
 //!
 //! Built from candle's elementwise ops, each of these is a chain of passes over memory in both
@@ -23,45 +23,84 @@ pub fn applies(t: &Tensor) -> bool {
 const CHUNK: usize = 1 << 14;
 
 // ---------------------------------------------------------------------------------------------
-// GELU (tanh form, the original's `gelu_jit`)
+// Pointwise activations: GELU (tanh form, the original's `gelu_jit`) and swish (taming's
+// `nonlinearity`)
 
 /// GELU with its gradient.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu)
+    x.contiguous()?.apply_op1(GELU)
 }
 
-struct Gelu;
+/// Swish `x·σ(x)` with its gradient.
+pub fn swish(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SWISH)
+}
 
-impl CustomOp1 for Gelu {
+/// A pointwise function and its derivative, one pass each way on all cores.
+#[derive(Clone, Copy)]
+struct Pointwise {
+    name: &'static str,
+    backward_name: &'static str,
+    f: fn(f32) -> f32,
+    df: fn(f32) -> f32,
+}
+
+const GELU: Pointwise = Pointwise {
+    name: "rudolph-gelu",
+    backward_name: "rudolph-gelu-backward",
+    f: |x| 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x))),
+    // With u = √(2/π)(x + 0.044715x³):
+    // gelu'(x) = ½(1 + tanh u) + ½x(1 − tanh² u)·√(2/π)(1 + 3·0.044715x²).
+    df: |x| {
+        let x2 = x * x;
+        let t = tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x2));
+        let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x2);
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    },
+};
+
+const SWISH: Pointwise = Pointwise {
+    name: "rudolph-swish",
+    backward_name: "rudolph-swish-backward",
+    f: |x| x * sigmoid(x),
+    // σ(x) + x·σ(x)·(1 − σ(x))
+    df: |x| {
+        let s = sigmoid(x);
+        s + x * s * (1.0 - s)
+    },
+};
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp1 for Pointwise {
     fn name(&self) -> &'static str {
-        "rudolph-gelu"
+        self.name
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let mut y = slice(s, l)?.to_vec();
-        y.par_chunks_mut(CHUNK).for_each(|c| {
-            for v in c {
-                let x = *v;
-                *v = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)));
-            }
-        });
+        let f = self.f;
+        y.par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
-        ))
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &PointwiseBackward(*self),
+        )?))
     }
 }
 
-/// `(x, grad_y)` → `grad_y · gelu'(x)`, with `u = √(2/π)(x + 0.044715x³)`:
-/// `gelu'(x) = ½(1 + tanh u) + ½x(1 − tanh² u)·√(2/π)(1 + 3·0.044715x²)`.
-struct GeluBackward;
+/// `(x, grad_y)` → `grad_y · f'(x)`.
+struct PointwiseBackward(Pointwise);
 
-impl CustomOp2 for GeluBackward {
+impl CustomOp2 for PointwiseBackward {
     fn name(&self) -> &'static str {
-        "rudolph-gelu-backward"
+        self.0.backward_name
     }
 
     fn cpu_fwd(
@@ -73,17 +112,19 @@ impl CustomOp2 for GeluBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(xs, xl)?, slice(gs, gl)?);
         if x.len() != g.len() {
-            candle_core::bail!("gelu gradient {:?} does not fit", gl.shape().dims());
+            candle_core::bail!(
+                "{} gradient {:?} does not fit",
+                self.0.name,
+                gl.shape().dims()
+            );
         }
+        let df = self.0.df;
         let mut out = g.to_vec();
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| {
                 for (o, &x) in o.iter_mut().zip(x) {
-                    let x2 = x * x;
-                    let t = tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x2));
-                    let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x2);
-                    *o *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+                    *o *= df(x);
                 }
             });
         Ok((CpuStorage::F32(out), xl.shape().clone()))

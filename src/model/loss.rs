@@ -1,5 +1,6 @@
 //! The training loss: three cross-entropies (left text, image, right text) with the original's
-//! label slicing, including its shift across segment boundaries (fixtures quirk 5).
+//! label slicing, including its shift across segment boundaries (the original's image labels
+//! start one position late, so the first code's image logits are never trained).
 
 use crate::config::Config;
 use candle_core::{D, DType, Result, Tensor, bail};

@@ -3,7 +3,7 @@
 //! Two families multiply together in every layer: the *layer masks* (sparse image patterns
 //! registered as checkpoint buffers: row, col, conv and last_conv) and the *pipeline masks* that
 //! each task passes in (causal, t2t, i2t). Both are 0/1; 1 = the query may attend to the key.
-//! Everything here is built in closed form, cell by cell, from SPEC §3.5–3.7.
+//! Everything here is built in closed form, cell by cell, from the rules below (the original builds the same masks by loops over cells).
 
 use crate::config::Config;
 use candle_core::{DType, Device, Result, Tensor};
@@ -31,7 +31,7 @@ impl LayerMaskKind {
     }
 
     /// The original's per-layer precedence: col wins over last_conv, so a model whose last
-    /// index is ≡ 1 (mod 4) ends with a col layer (fixtures quirk 6).
+    /// index is ≡ 1 (mod 4) ends with a col layer.
     pub fn for_layer(layer: usize, num_layers: usize) -> Self {
         let i = layer as i64;
         if (i - 1).rem_euclid(4) == 0 {
@@ -84,7 +84,7 @@ impl std::fmt::Display for MaskVariant {
     }
 }
 
-/// Whether query `q` may attend to key `k` under `kind` (SPEC §3.6).
+/// Whether query `q` may attend to key `k` under `kind`.
 pub fn layer_mask_allows(
     cfg: &Config,
     variant: MaskVariant,
@@ -99,7 +99,7 @@ pub fn layer_mask_allows(
     let n = d * d;
     let t = cfg.total_seq_length();
     if variant == MaskVariant::Rc1 {
-        // rc1 built the conv masks with `l` where `r` was meant (quirk 7).
+        // rc1 built the conv masks with `l` where `r` was meant; checkpoints store masks built that way.
         let r = match kind {
             LayerMaskKind::Row | LayerMaskKind::Col => cfg.r_text_seq_length,
             LayerMaskKind::Conv | LayerMaskKind::LastConv => l,
@@ -172,7 +172,7 @@ pub fn t2t_mask(cfg: &Config, batch: usize, device: &Device) -> Result<Tensor> {
 /// rc1 `get_i2t_attention_mask`: causal, every left-text column zeroed, and for each sample the
 /// rows from its first right-text pad on zeroed. `right_pad_masks[b][i]` is 1 where right-text
 /// slot `i` holds a token. As in the original, `argmin` finds the first 0; a row without pads
-/// (or whose first entry is the minimum at 0) masks nothing (SPEC §9 #28).
+/// (or whose first entry is the minimum at 0) masks nothing, as in the original.
 pub fn i2t_mask(cfg: &Config, right_pad_masks: &[Vec<u8>], device: &Device) -> Result<Tensor> {
     let (t, l) = (cfg.total_seq_length(), cfg.l_text_seq_length);
     let image_end = l + cfg.image_seq_length();
@@ -266,7 +266,7 @@ mod tests {
         c
     }
 
-    // The worked examples of SPEC §3.8, computed there by running the reference builders.
+    // Worked examples, computed by running the original mask builders.
     #[test]
     fn rc1_worked_example_l2_d3_r2() {
         let cfg = small(2, 3, 2, 3);
@@ -346,7 +346,7 @@ mod checksums {
     use super::*;
     use sha2::{Digest, Sha256};
 
-    /// SPEC §3.6: ones and the first 16 hex digits of the sha256 of each published mask.
+    /// The count of ones and the first 16 hex digits of the sha256 of each published mask.
     #[test]
     fn published_masks_have_the_spec_checksums() {
         type Expected = [(usize, &'static str); 4];

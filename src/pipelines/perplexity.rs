@@ -1,5 +1,5 @@
 //! Scoring token sequences: per-token cross-entropy and the original's "perplexity", which is
-//! the mean of per-token perplexities `exp(ce)`, not `exp(mean ce)` (SPEC §7.1, quirk 10).
+//! the mean of per-token perplexities `exp(ce)`, not `exp(mean ce)`, as the original computes it.
 
 use crate::kernels::exp;
 use candle_core::{DType, Result, Tensor};

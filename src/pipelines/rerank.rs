@@ -53,7 +53,7 @@ pub fn score_pairs(
 /// picture's N codes given the text. By Bayes' rule, ordering captions of one picture by it
 /// orders them by the model's `p(caption | picture)`, read through its text → image direction
 /// with its own language model as the prior. (A checkpoint trained with the original's label
-/// shift never trained the first code's image logits, fixtures quirk 5; it still counts here.)
+/// shift never trained the first code's image logits; it still counts here.)
 pub fn joint_nll(
     model: &Rudolph,
     codes: &[u32],

@@ -155,7 +155,7 @@ impl<'a> ModelReader<'a> {
 }
 
 impl Bpe {
-    /// Loads a `bpe.model` file (YTTM's text format, SPEC §8.1).
+    /// Loads a `bpe.model` file (YTTM's text format: a header line, the alphabet, the merges).
     pub fn load(path: impl AsRef<Path>) -> Result<Bpe, TokenizerError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
@@ -407,7 +407,7 @@ impl Bpe {
         self.encode(&yttm_utf8_lossy(bytes))
     }
 
-    /// BPE-dropout (SPEC §8.6): every pop of the merge queue sets the best event aside with
+    /// BPE-dropout as YTTM does it: every pop of the merge queue sets the best event aside with
     /// probability `p` (stale events included); running out of events ends that word's merging.
     ///
     /// The draws come from `rng`, so results are reproducible for a seeded RNG but are not the

@@ -1,5 +1,5 @@
 //! Training a YouTokenToMe BPE model from texts ([`train_bpe`]), written in YTTM 1.0.6's
-//! `bpe.model` text format (SPEC §8.1) so that both [`Bpe::load`] and the Python library read it.
+//! `bpe.model` text format so that both [`Bpe::load`] and the Python library read it.
 //!
 //! Semantics follow YTTM's `learn_bpe`:
 //! - texts are split into words on YTTM whitespace (ASCII `isspace` and U+2581 `▁`), exactly as

@@ -57,7 +57,7 @@ pub struct VqganConfig {
 pub const GROUP_NORM_GROUPS: usize = 32;
 
 impl VqganConfig {
-    /// ruDALL-E's `vqgan.gumbelf8-sber.config.yml` (SPEC §5.2), used by every published RuDOLPH.
+    /// ruDALL-E's `vqgan.gumbelf8-sber.config.yml`, used by every published RuDOLPH.
     pub fn gumbelf8_sber() -> Self {
         Self {
             embed_dim: 256,

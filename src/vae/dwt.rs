@@ -23,7 +23,7 @@ pub fn haar_buffers() -> [(&'static str, [usize; 4], [f32; 2]); 4] {
 ///
 /// Channels `0..3` are the low-pass band `LL` per colour; channel `3 + 3c + k` is band `k`
 /// (`LH`, `HL`, `HH`) of colour `c`. The reference runs two separable synthesis passes with
-/// `a = 0.70710677`; the closed form below (`a² = ½`) agrees with it to ~5e-7 (SPEC §7.8).
+/// `a = 0.70710677`; the closed form below (`a² = ½`) agrees with it to ~5e-7.
 pub fn inverse_haar(f: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = f.dims4()?;
     if c != 12 {

@@ -204,7 +204,7 @@ impl Vqgan {
 mod tests {
     use super::*;
 
-    /// SPEC §5.2 / Appendix A: 301 tensors (68,995,971 values) for the plain model, 307
+    /// The published checkpoints: 301 tensors (68,995,971 values) for the plain model, 307
     /// (69,072,148) with the DWT decoder.
     #[test]
     fn real_config_key_counts_match_the_reference() {

@@ -7,7 +7,7 @@
 //!
 //! Encoding is deterministic (`argmax` of the quantizer logits). rudalle 0.5.0rc1, which RuDOLPH
 //! rc1 pins, draws Gumbel noise even in eval mode, i.e. *samples* a code from
-//! `softmax(logits)`; rudalle 1.1.3 / RuDOLPH rc10 use the argmax (SPEC §7.8, quirk 14).
+//! `softmax(logits)`; rudalle 1.1.3 / RuDOLPH rc10 use the argmax.
 
 pub mod config;
 pub mod dwt;

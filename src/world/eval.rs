@@ -254,16 +254,7 @@ impl Tally {
 
 /// Attributes written as the world's caption for them.
 pub fn describe(a: &Attributes) -> String {
-    Scene {
-        size: a.size,
-        colour: a.colour,
-        shape: a.shape,
-        position: a.position,
-        background: a.background,
-        jitter: (0.0, 0.0),
-        radius_jitter: 0.0,
-    }
-    .caption()
+    Scene::exact(a.size, a.colour, a.shape, a.position, a.background).caption()
 }
 
 /// How zero-shot classification is set up (see [`zero_shot`]).

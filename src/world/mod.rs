@@ -236,6 +236,40 @@ pub struct Scene {
 }
 
 impl Scene {
+    /// The scene exactly as its caption says: centred, of the nominal radius.
+    pub fn exact(
+        size: Size,
+        colour: Colour,
+        shape: Shape,
+        position: Position,
+        background: Background,
+    ) -> Self {
+        Self {
+            size,
+            colour,
+            shape,
+            position,
+            background,
+            jitter: (0.0, 0.0),
+            radius_jitter: 0.0,
+        }
+    }
+
+    /// Every exact scene of the world, each once.
+    pub fn every() -> impl Iterator<Item = Scene> {
+        Size::ALL.into_iter().flat_map(|size| {
+            Colour::ALL.into_iter().flat_map(move |colour| {
+                Shape::ALL.into_iter().flat_map(move |shape| {
+                    Position::ALL.into_iter().flat_map(move |position| {
+                        Background::ALL.into_iter().map(move |background| {
+                            Scene::exact(size, colour, shape, position, background)
+                        })
+                    })
+                })
+            })
+        })
+    }
+
     pub fn is_held_out(&self) -> bool {
         HELD_OUT.contains(&(self.colour, self.shape))
     }
@@ -318,15 +352,7 @@ mod tests {
 
     #[test]
     fn captions_agree_in_gender() {
-        let scene = |size, colour, shape, position, background| Scene {
-            size,
-            colour,
-            shape,
-            position,
-            background,
-            jitter: (0.0, 0.0),
-            radius_jitter: 0.0,
-        };
+        let scene = Scene::exact;
         assert_eq!(
             scene(
                 Size::Big,

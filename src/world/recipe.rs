@@ -492,31 +492,10 @@ impl RunDirs {
 /// Every caption of the seen colour+shape pairs, each once (the recipe checks that each fits
 /// the text slots).
 pub fn all_seen_captions() -> Vec<String> {
-    use super::{Background, Colour, Position, Shape, Size};
-    let mut out = Vec::new();
-    for size in Size::ALL {
-        for colour in Colour::ALL {
-            for shape in Shape::ALL {
-                for position in Position::ALL {
-                    for background in Background::ALL {
-                        let scene = Scene {
-                            size,
-                            colour,
-                            shape,
-                            position,
-                            background,
-                            jitter: (0.0, 0.0),
-                            radius_jitter: 0.0,
-                        };
-                        if !scene.is_held_out() {
-                            out.push(scene.caption());
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+    Scene::every()
+        .filter(|s| !s.is_held_out())
+        .map(|s| s.caption())
+        .collect()
 }
 
 #[cfg(test)]

@@ -103,15 +103,8 @@ mod tests {
     fn pictures_show_what_the_caption_says() {
         for shape in Shape::ALL {
             for position in Position::ALL {
-                let scene = Scene {
-                    size: Size::Big,
-                    colour: Colour::Purple,
-                    shape,
-                    position,
-                    background: Background::Grey,
-                    jitter: (0.0, 0.0),
-                    radius_jitter: 0.0,
-                };
+                let scene =
+                    Scene::exact(Size::Big, Colour::Purple, shape, position, Background::Grey);
                 let img = render(&scene);
                 let (mut sx, mut sy, mut count) = (0.0, 0.0, 0.0);
                 for (x, y, p) in img.enumerate_pixels() {
@@ -137,15 +130,13 @@ mod tests {
     fn small_shapes_cover_less_than_big_ones() {
         for shape in Shape::ALL {
             let area = |size| {
-                let scene = Scene {
+                let scene = Scene::exact(
                     size,
-                    colour: Colour::Red,
+                    Colour::Red,
                     shape,
-                    position: Position::Centre,
-                    background: Background::Black,
-                    jitter: (0.0, 0.0),
-                    radius_jitter: 0.0,
-                };
+                    Position::Centre,
+                    Background::Black,
+                );
                 render(&scene).pixels().filter(|p| p.0 != [0, 0, 0]).count()
             };
             assert!(area(Size::Small) * 3 < area(Size::Big) * 2, "{shape:?}");

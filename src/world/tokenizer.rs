@@ -114,28 +114,7 @@ mod tests {
     use std::collections::HashSet;
 
     fn every_caption() -> Vec<(Scene, String)> {
-        let mut out = Vec::new();
-        for size in Size::ALL {
-            for colour in Colour::ALL {
-                for shape in Shape::ALL {
-                    for position in Position::ALL {
-                        for background in Background::ALL {
-                            let scene = Scene {
-                                size,
-                                colour,
-                                shape,
-                                position,
-                                background,
-                                jitter: (0.0, 0.0),
-                                radius_jitter: 0.0,
-                            };
-                            out.push((scene, scene.caption()));
-                        }
-                    }
-                }
-            }
-        }
-        out
+        Scene::every().map(|s| (s, s.caption())).collect()
     }
 
     #[test]
