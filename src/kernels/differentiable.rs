@@ -39,15 +39,14 @@ pub fn swish(x: &Tensor) -> Result<Tensor> {
 /// A pointwise function and its derivative, one pass each way on all cores.
 #[derive(Clone, Copy)]
 struct Pointwise {
-    name: &'static str,
-    backward_name: &'static str,
+    /// The op's name and its backward pass's.
+    names: [&'static str; 2],
     f: fn(f32) -> f32,
     df: fn(f32) -> f32,
 }
 
 const GELU: Pointwise = Pointwise {
-    name: "rudolph-gelu",
-    backward_name: "rudolph-gelu-backward",
+    names: ["rudolph-gelu", "rudolph-gelu-backward"],
     f: |x| 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x))),
     // With u = √(2/π)(x + 0.044715x³):
     // gelu'(x) = ½(1 + tanh u) + ½x(1 − tanh² u)·√(2/π)(1 + 3·0.044715x²).
@@ -60,8 +59,7 @@ const GELU: Pointwise = Pointwise {
 };
 
 const SWISH: Pointwise = Pointwise {
-    name: "rudolph-swish",
-    backward_name: "rudolph-swish-backward",
+    names: ["rudolph-swish", "rudolph-swish-backward"],
     f: |x| x * sigmoid(x),
     // σ(x) + x·σ(x)·(1 − σ(x))
     df: |x| {
@@ -76,7 +74,7 @@ fn sigmoid(v: f32) -> f32 {
 
 impl CustomOp1 for Pointwise {
     fn name(&self) -> &'static str {
-        self.name
+        self.names[0]
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -100,7 +98,7 @@ struct PointwiseBackward(Pointwise);
 
 impl CustomOp2 for PointwiseBackward {
     fn name(&self) -> &'static str {
-        self.0.backward_name
+        self.0.names[1]
     }
 
     fn cpu_fwd(
