@@ -112,7 +112,7 @@ impl CustomOp2 for PointwiseBackward {
         if x.len() != g.len() {
             candle_core::bail!(
                 "{} gradient {:?} does not fit",
-                self.0.name,
+                self.0.names[0],
                 gl.shape().dims()
             );
         }
