@@ -1,7 +1,7 @@
 //! Building a [`Rudolph`] from an original checkpoint: key check, weights, and the checkpoint's
 //! own layer masks (which win over the built ones; their version is reported).
 
-use super::masks::{self, LayerMaskKind, LayerMasks, MaskVariant};
+use super::masks::{self, LayerMasks, MaskVariant};
 use super::{Precision, Rudolph};
 use crate::config::Config;
 use crate::weights::Checkpoint;
@@ -81,16 +81,7 @@ impl Rudolph {
 
 /// The four layer-mask buffers of a checkpoint (stored as bool or as 0/1 floats) as 0/1 f32.
 pub fn masks_from_checkpoint(ckpt: &Checkpoint, device: &Device) -> crate::Result<LayerMasks> {
-    let mask = |kind: LayerMaskKind| -> crate::Result<Tensor> {
-        let name = format!("transformer.{}", kind.buffer_name());
-        Ok(ckpt.load(&name, DType::U8, device)?.to_dtype(DType::F32)?)
-    };
-    Ok(LayerMasks::new([
-        mask(LayerMaskKind::Row)?,
-        mask(LayerMaskKind::Col)?,
-        mask(LayerMaskKind::Conv)?,
-        mask(LayerMaskKind::LastConv)?,
-    ]))
+    LayerMasks::read(|name| -> crate::Result<Tensor> { Ok(ckpt.load(name, DType::U8, device)?) })
 }
 
 /// A checkpoint read tensor by tensor as the model asks for them (shapes were checked up front).

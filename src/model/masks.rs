@@ -212,6 +212,24 @@ impl LayerMasks {
         Self { masks }
     }
 
+    /// The four buffers of a checkpoint, each fetched by `read` under its name
+    /// (`transformer.row_mask`, …) in whatever dtype it was stored (bool or 0/1 floats), as 0/1
+    /// f32.
+    pub fn read<E: From<candle_core::Error>>(
+        mut read: impl FnMut(&str) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut get = |kind: LayerMaskKind| -> std::result::Result<Tensor, E> {
+            let m = read(&format!("transformer.{}", kind.buffer_name()))?;
+            Ok(m.ne(&m.zeros_like()?)?.to_dtype(DType::F32)?)
+        };
+        Ok(Self::new([
+            get(LayerMaskKind::Row)?,
+            get(LayerMaskKind::Col)?,
+            get(LayerMaskKind::Conv)?,
+            get(LayerMaskKind::LastConv)?,
+        ]))
+    }
+
     pub fn build(cfg: &Config, variant: MaskVariant, device: &Device) -> Result<Self> {
         let t = cfg.total_seq_length();
         let masks = LayerMaskKind::ALL.map(|kind| {

@@ -106,21 +106,9 @@ impl Rudolph {
     /// Reads the four `transformer.*_mask` buffers (stored as bool or as 0/1 floats).
     pub fn masks_from(cfg: &Config, vb: &VarBuilder) -> Result<LayerMasks> {
         let t = cfg.total_seq_length();
-        let get = |kind: LayerMaskKind| -> Result<Tensor> {
-            let m = vb.get_with_hints_dtype(
-                (t, t),
-                &format!("transformer.{}", kind.buffer_name()),
-                Default::default(),
-                DType::F32,
-            )?;
-            m.ne(0f32)?.to_dtype(DType::F32)
-        };
-        Ok(LayerMasks::new([
-            get(LayerMaskKind::Row)?,
-            get(LayerMaskKind::Col)?,
-            get(LayerMaskKind::Conv)?,
-            get(LayerMaskKind::LastConv)?,
-        ]))
+        LayerMasks::read(|name| {
+            vb.get_with_hints_dtype((t, t), name, Default::default(), DType::F32)
+        })
     }
 
     /// Every tensor of the original state dict with its shape, in the original order
