@@ -1,5 +1,9 @@
 //! `train_bpe` and `rudolph tokenizer train`: trained models load, round-trip and compress.
 
+mod common;
+
+use common::scratch;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -22,14 +26,6 @@ fn corpus_path() -> PathBuf {
 fn corpus() -> Vec<String> {
     let text = std::fs::read_to_string(corpus_path()).unwrap();
     text.lines().map(str::to_string).collect()
-}
-
-/// A fresh empty folder under the target dir.
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tokenizer_train_{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// YTTM's whitespace handling: words are the maximal runs of non-spaces, joined by one space.

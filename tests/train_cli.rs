@@ -11,15 +11,6 @@ use rudolph::weights::Checkpoint;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A fresh scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rudolph-train-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// The fixture pictures, each with a caption, one text-only line and one picture alone, as a
 /// JSONL in `dir` (pictures named relative to it).
 fn write_dataset(dir: &Path) -> PathBuf {

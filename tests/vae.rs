@@ -2,6 +2,10 @@
 //! `$RUDOLPH_FIXTURES` (default `../shared/fixtures`). Shapes, sizes and file lists come from
 //! the fixtures themselves, so any folder of the same layout works.
 
+mod common;
+
+use common::{assert_close, fixtures, goldens, json, scratch};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,31 +13,6 @@ use std::process::Command;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use rudolph::image::{self as img, ImageError};
 use rudolph::vae::{VaeError, Vqgan, VqganConfig, VqganLayout};
-
-fn fixtures() -> PathBuf {
-    let dir = std::env::var("RUDOLPH_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
-    assert!(
-        dir.is_dir(),
-        "fixture folder {} not found (set RUDOLPH_FIXTURES to the fixtures folder)",
-        dir.display()
-    );
-    dir
-}
-
-fn goldens(rel: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join(rel);
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
-fn json(rel: &str) -> serde_json::Value {
-    let path = fixtures().join(rel);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
 
 fn plain_ckpt() -> PathBuf {
     fixtures().join("vqgan_tiny/vqgan_tiny.ckpt")
@@ -46,14 +25,6 @@ fn dwt_ckpt() -> PathBuf {
 fn load(path: &Path) -> Vqgan {
     Vqgan::load(path, None, &Device::Cpu)
         .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
-}
-
-/// A fresh scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rudolph-vae-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn to_f32(t: &Tensor) -> Vec<f32> {
@@ -72,26 +43,6 @@ fn to_i64(t: &Tensor) -> Vec<i64> {
         .unwrap()
         .to_vec1()
         .unwrap()
-}
-
-/// `|got − want| ≤ atol + rtol·|want|` everywhere, with the same shape.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let (g, w) = (to_f32(got), to_f32(want));
-    let mut worst = (0f32, 0usize);
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let excess = (a - b).abs() - (atol + rtol * b.abs());
-        if excess > worst.0 || a.is_nan() {
-            worst = (excess.max(f32::MIN_POSITIVE), i);
-        }
-    }
-    assert!(
-        worst.0 <= 0.0,
-        "{what}: element {} is {} but the golden is {} (rtol {rtol}, atol {atol})",
-        worst.1,
-        g[worst.1],
-        w[worst.1]
-    );
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -268,7 +219,7 @@ fn encoder_matches_goldens() {
         5e-5,
     );
     let logits = &g["proj_logits"];
-    let atol = 1e-5 * max_abs(logits);
+    let atol = 1e-5 * max_abs(logits) as f64;
     assert_close(
         "proj_logits",
         &vae.proj_logits(images).unwrap(),

@@ -1,14 +1,14 @@
 //! Checkpoint reading: the fixture files, every dtype and layout torch can write, and errors.
 
-mod support;
+mod common;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use common::torch_writer::{Layout, Storage, TensorSpec, TorchFile, write_legacy, write_zip};
+use common::{fixture, manifest, scratch};
 use half::{bf16, f16};
 use rudolph::weights::{Checkpoint, Format, StoredDtype, WeightsError};
-use support::torch_writer::{Layout, Storage, TensorSpec, TorchFile, write_legacy, write_zip};
-use support::{fixture, manifest, scratch};
 
 const CPU: Device = Device::Cpu;
 
@@ -451,7 +451,7 @@ fn truncated_garbage_and_empty_files_give_clear_errors() {
 
 #[test]
 fn malformed_torch_archives_are_reported() {
-    use support::torch_writer::{data_pkl, write_zip_entries};
+    use common::torch_writer::{data_pkl, write_zip_entries};
     let dir = scratch("weights_malformed");
     let file = resaved(StoredDtype::F32, StoredDtype::Bool, Layout::StateDict);
 
@@ -690,7 +690,7 @@ fn convert_keeps_names_and_mask_types() {
 #[test]
 fn a_missing_fixture_folder_fails_loudly() {
     let bogus = std::ffi::OsString::from("/nonexistent/rudolph-fixtures");
-    let panic = std::panic::catch_unwind(|| support::fixtures_from(Some(bogus)))
+    let panic = std::panic::catch_unwind(|| common::fixtures_from(Some(bogus)))
         .expect_err("a missing folder must panic");
     let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
     assert_contains(&msg, &["/nonexistent/rudolph-fixtures", "RUDOLPH_FIXTURES"]);
@@ -698,7 +698,7 @@ fn a_missing_fixture_folder_fails_loudly() {
 
 #[test]
 fn compressed_zip_entries_are_read_into_memory() {
-    use support::torch_writer::{data_pkl, write_zip_entries};
+    use common::torch_writer::{data_pkl, write_zip_entries};
     let dir = scratch("weights_deflate");
     let mut file = resaved(StoredDtype::F32, StoredDtype::Bool, Layout::StateDict);
     let extra = add_layouts(&mut file);
@@ -794,7 +794,7 @@ fn splitmix(state: &mut u64) -> u64 {
 
 #[test]
 fn damaged_files_never_panic() {
-    use support::torch_writer::{data_pkl, write_zip_entries};
+    use common::torch_writer::{data_pkl, write_zip_entries};
     let dir = scratch("weights_fuzz");
     // Small files (the extra tensors only), so that every truncation length can be tried.
     let mut file = TorchFile {

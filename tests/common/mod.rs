@@ -1,14 +1,22 @@
 //! Shared helpers of the integration tests: where the fixtures are, reading goldens, comparing.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod torch_writer;
+
 use candle_core::{DType, Device, Tensor};
+use rudolph::weights::StoredDtype;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// The golden fixture folder: `$RUDOLPH_FIXTURES`, else `../shared/fixtures`. A missing folder
 /// fails the test: parity that was not checked must not look green.
 pub fn fixtures() -> PathBuf {
-    let dir = match std::env::var_os("RUDOLPH_FIXTURES") {
+    fixtures_from(std::env::var_os("RUDOLPH_FIXTURES"))
+}
+
+/// The fixture folder named by `value` (the `RUDOLPH_FIXTURES` variable), or the default.
+pub fn fixtures_from(value: Option<std::ffi::OsString>) -> PathBuf {
+    let dir = match value {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
     };
@@ -17,6 +25,15 @@ pub fn fixtures() -> PathBuf {
         "fixture folder {} is missing or incomplete (set RUDOLPH_FIXTURES to the golden fixtures)",
         dir.display()
     );
+    dir
+}
+
+/// A fresh empty folder under the target dir, named after the test binary and `name`.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-{name}", env!("CARGO_CRATE_NAME")));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch folder");
     dir
 }
 
@@ -137,4 +154,58 @@ pub fn tiny_model_with_bias(logit_bias: &serde_json::Value) -> rudolph::model::R
     let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &device);
     let masks = rudolph::model::Rudolph::masks_from(&cfg, &vb).unwrap();
     rudolph::model::Rudolph::new(&cfg, vb, masks).unwrap()
+}
+
+/// `manifest.json` entries of one file: (name, dtype, shape) in manifest order.
+pub fn manifest(file: &str) -> Vec<(String, StoredDtype, Vec<usize>)> {
+    let path = fixture("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("manifest.json is JSON");
+    let entries = json["files"][file]
+        .as_object()
+        .unwrap_or_else(|| panic!("manifest.json has no tensor list for {file}"));
+    // serde_json's map is sorted; the manifest lists tensors in state-dict order, so recover that
+    // order from where each key appears in this file's section of the text.
+    let section = text
+        .find(&format!("\"{file}\""))
+        .unwrap_or_else(|| panic!("{file} not found in manifest.json"));
+    let position = |name: &str| {
+        let key = serde_json::to_string(name).expect("name as JSON") + ":";
+        text[section..]
+            .find(&key)
+            .map(|p| p + section)
+            .unwrap_or(usize::MAX)
+    };
+    let mut entries: Vec<_> = entries.iter().collect();
+    entries.sort_by_key(|(name, _)| position(name));
+    entries
+        .into_iter()
+        .map(|(name, v)| {
+            let dtype = parse_dtype(v["dtype"].as_str().expect("dtype is a string"));
+            let shape = v["shape"]
+                .as_array()
+                .expect("shape is a list")
+                .iter()
+                .map(|d| d.as_u64().expect("dims are integers") as usize)
+                .collect();
+            (name.clone(), dtype, shape)
+        })
+        .collect()
+}
+
+pub fn parse_dtype(s: &str) -> StoredDtype {
+    match s {
+        "float64" => StoredDtype::F64,
+        "float32" => StoredDtype::F32,
+        "float16" => StoredDtype::F16,
+        "bfloat16" => StoredDtype::BF16,
+        "int64" => StoredDtype::I64,
+        "int32" => StoredDtype::I32,
+        "int16" => StoredDtype::I16,
+        "int8" => StoredDtype::I8,
+        "uint8" => StoredDtype::U8,
+        "bool" => StoredDtype::Bool,
+        other => panic!("unknown manifest dtype {other}"),
+    }
 }
