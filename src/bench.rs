@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     /// One full forward of `batch` full-length sequences.
@@ -21,6 +21,36 @@ pub enum Task {
     Caption,
     /// Perplexity of `images` (picture, text) pairs.
     Rerank,
+}
+
+impl Task {
+    pub const ALL: [Self; 4] = [Self::Forward, Self::Image, Self::Caption, Self::Rerank];
+
+    /// The name `FromStr` reads and `Display` writes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::Image => "image",
+            Self::Caption => "caption",
+            Self::Rerank => "rerank",
+        }
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown task '{s}' (forward, image, caption, rerank)"))
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

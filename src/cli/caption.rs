@@ -1,8 +1,8 @@
 //! `rudolph caption IMAGE`: draw captions, rank them against the picture, print the best.
 
-use super::common::{ModelArgs, OutputArgs, SampleArgs, picture_codes};
-use crate::pipelines::captions::{CaptionRank, generate_captions};
-use crate::pipelines::defaults;
+use super::common::{ModelArgs, OutputArgs, SampleArgs, choices, picture_codes};
+use rudolph::pipelines::captions::{CaptionRank, generate_captions};
+use rudolph::pipelines::defaults;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -16,7 +16,7 @@ pub struct CaptionArgs {
     pub captions: usize,
     /// Ranking: joint = p(caption | picture) by Bayes' rule through the text → image direction;
     /// text = the caption's perplexity given the picture (rc1; the default with --original).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choices(CaptionRank::ALL, CaptionRank::name, rank_help))]
     pub rank: Option<CaptionRank>,
     /// How many of the best to print.
     #[arg(long, default_value_t = 5)]
@@ -27,6 +27,19 @@ pub struct CaptionArgs {
     pub sample: SampleArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+fn rank_help(rank: CaptionRank) -> &'static str {
+    match rank {
+        CaptionRank::Joint => {
+            "By `p(caption | picture)` through Bayes' rule: the caption's NLL as the left text \
+             plus the picture's NLL after it ([`joint_nll`]). The text → image direction reads \
+             shapes far better than the captioning direction on the built-in model: `rudolph \
+             world eval` finds the best caption's shape right for 89 % of scenes, where ranking \
+             by `Text` (16 draws at top-k 32, top-p 0.6, the earlier defaults) found 63 %"
+        }
+        CaptionRank::Text => "By the perplexity of the caption given the picture, as rc1 did",
+    }
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<()> {

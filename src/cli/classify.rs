@@ -1,8 +1,8 @@
 //! `rudolph classify IMAGE --classes a,b,c`: zero-shot classification by perplexity.
 
 use super::common::{ModelArgs, OutputArgs, picture_codes};
-use crate::pipelines::Fidelity;
-use crate::pipelines::classify::classify;
+use rudolph::pipelines::Fidelity;
+use rudolph::pipelines::classify::classify;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]

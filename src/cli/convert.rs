@@ -37,7 +37,7 @@ pub struct ConvertArgs {
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    let summary = crate::weights::convert(
+    let summary = rudolph::weights::convert(
         &args.input,
         &args.output,
         args.dtype.map(DType::from),

@@ -1,7 +1,7 @@
 //! `rudolph rerank TEXT (--codes FILE | IMAGES...)`: perplexity of each candidate picture.
 
 use super::common::{ModelArgs, OutputArgs, picture_codes};
-use crate::pipelines::rerank::score_pairs;
+use rudolph::pipelines::rerank::score_pairs;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -97,9 +97,9 @@ pub fn run(args: RerankArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let text = crate::pipelines::images::encode_checked(
+    let text = rudolph::pipelines::images::encode_checked(
         &loaded.tokenizer,
-        &crate::tokenizer::lower_strip(&args.text),
+        &rudolph::tokenizer::lower_strip(&args.text),
         loaded.model.config().r_text_seq_length,
         "text",
     );

@@ -1,8 +1,8 @@
 //! `rudolph text [TEMPLATE]`: generate left texts, ranked by perplexity.
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs};
-use crate::pipelines::defaults;
-use crate::pipelines::texts::generate_texts;
+use rudolph::pipelines::defaults;
+use rudolph::pipelines::texts::generate_texts;
 
 #[derive(Debug, clap::Args)]
 pub struct TextArgs {

@@ -1,19 +1,19 @@
 //! `rudolph train`: fine-tune (or train from scratch) on a JSONL of pictures and texts.
 
-use crate::config::Config;
-use crate::folder::ModelSpec;
-use crate::model::masks::MaskVariant;
-use crate::model::{LayerMasks, Rudolph};
-use crate::tokenizer::TextTokenizer;
-use crate::train::checkpoint::{find_checkpoint, load_checkpoint};
-use crate::train::data::{CodesCache, Compose, load_dataset, synthetic};
-use crate::train::run::{RunSpec, run as run_loop};
-use crate::train::schedule::Schedule;
-use crate::train::{Freeze, TrainOptions, Trainer};
-use crate::vae::Vqgan;
-use crate::weights::Checkpoint;
 use anyhow::Context;
 use candle_core::{DType, Device};
+use rudolph::config::Config;
+use rudolph::folder::ModelSpec;
+use rudolph::model::masks::MaskVariant;
+use rudolph::model::{LayerMasks, Rudolph};
+use rudolph::tokenizer::TextTokenizer;
+use rudolph::train::checkpoint::{find_checkpoint, load_checkpoint};
+use rudolph::train::data::{CodesCache, Compose, load_dataset, synthetic};
+use rudolph::train::run::{RunSpec, run as run_loop};
+use rudolph::train::schedule::Schedule;
+use rudolph::train::{Freeze, TrainOptions, Trainer};
+use rudolph::vae::Vqgan;
+use rudolph::weights::Checkpoint;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -260,7 +260,7 @@ fn start(args: &TrainArgs, device: &Device) -> anyhow::Result<(Trainer, RunSpec,
                     weights.insert(name, t);
                 }
             }
-            let masks = crate::model::load::masks_from_checkpoint(&ckpt, device)?;
+            let masks = rudolph::model::load::masks_from_checkpoint(&ckpt, device)?;
             (
                 cfg,
                 Some(weights),

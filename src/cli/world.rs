@@ -1,10 +1,10 @@
 //! `rudolph world …`: the shapes world that the built-in model learns.
 
-use super::common::ModelArgs;
-use crate::pipelines::defaults;
-use crate::pipelines::images::ImageRank;
-use crate::world;
-use crate::world::eval::{EvalOptions, evaluate};
+use super::common::{ModelArgs, choices, image_rank_help};
+use rudolph::pipelines::defaults;
+use rudolph::pipelines::images::ImageRank;
+use rudolph::world;
+use rudolph::world::eval::{EvalOptions, evaluate};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -119,7 +119,7 @@ pub struct EvalArgs {
     pub guidance: Option<f32>,
     /// What the pictures are ranked by (as `rudolph image --rank`; default: the model folder's,
     /// else codes).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choices(ImageRank::ALL, ImageRank::name, image_rank_help))]
     pub rank: Option<ImageRank>,
     /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
     /// text_to_image_held_out.png).
@@ -141,10 +141,10 @@ pub fn write_scenes(
     let mut lines = std::io::BufWriter::new(
         std::fs::File::create(&jsonl).map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
     );
-    let bar = crate::progress::Progress::new(scenes.len() as u64, "scenes", progress);
+    let bar = rudolph::progress::Progress::new(scenes.len() as u64, "scenes", progress);
     for (i, scene) in scenes.iter().enumerate() {
         let name = format!("{i:06}.png");
-        crate::image::save_png(&world::render::render(scene), &out.join(&name))?;
+        rudolph::image::save_png(&world::render::render(scene), &out.join(&name))?;
         // Exactly the trainer's format; the caption states every attribute of the scene.
         let line = serde_json::json!({ "image": name, "text": scene.caption() });
         writeln!(lines, "{line}")?;
@@ -178,11 +178,11 @@ pub fn append_recoloured(
     );
     let stream = seed ^ 0x7ec0_10e5;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
-    let bar = crate::progress::Progress::new(m as u64, "recoloured", progress);
+    let bar = rudolph::progress::Progress::new(m as u64, "recoloured", progress);
     for (i, scene) in world::sample(m, stream, false).iter().enumerate() {
         let name = format!("recoloured-{i:06}.png");
         let colour = world::recipe::recolour(scene, &mut rng);
-        crate::image::save_png(&world::render::render_in(scene, colour), &out.join(&name))?;
+        rudolph::image::save_png(&world::render::render_in(scene, colour), &out.join(&name))?;
         let line = match prompted {
             true => serde_json::json!({ "image": name, "prompt": scene.colourless_caption() }),
             false => serde_json::json!({ "image": name }),
@@ -241,9 +241,9 @@ fn save_grid(pictures: &[image::RgbImage], path: &std::path::Path) -> anyhow::Re
     let device = candle_core::Device::Cpu;
     let tensors = pictures
         .iter()
-        .map(|p| crate::image::to_tensor(p, &device))
+        .map(|p| rudolph::image::to_tensor(p, &device))
         .collect::<Result<Vec<_>, _>>()?;
-    let grid = crate::image::grid(&candle_core::Tensor::stack(&tensors, 0)?, 10)?;
-    crate::image::save_png(&crate::image::to_rgb8(&grid)?, path)?;
+    let grid = rudolph::image::grid(&candle_core::Tensor::stack(&tensors, 0)?, 10)?;
+    rudolph::image::save_png(&rudolph::image::to_rgb8(&grid)?, path)?;
     Ok(())
 }

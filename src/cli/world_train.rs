@@ -1,20 +1,20 @@
 //! `rudolph world train`: the whole recipe of the built-in model, from nothing, in one
-//! resumable command (see [`crate::world::recipe`] for the folder layout). Run it again on the
+//! resumable command (see [`rudolph::world::recipe`] for the folder layout). Run it again on the
 //! same `--out` after an interruption and it continues where it stopped.
 
 use super::train::TrainArgs;
 use super::world::{append_recoloured, write_scenes};
-use crate::folder::GenerationConfig;
-use crate::tokenizer::TextTokenizer;
-use crate::train::Freeze;
-use crate::train::schedule::Schedule;
-use crate::world::recipe::{
+use anyhow::Context;
+use rudolph::folder::GenerationConfig;
+use rudolph::tokenizer::TextTokenizer;
+use rudolph::train::Freeze;
+use rudolph::train::schedule::Schedule;
+use rudolph::world::recipe::{
     ROUND_LRS, ROUND_PROMPTED, ROUND_RECOLOURED, RunDirs, VQGAN_GATE, VqganStage, WORLD_GUIDANCE,
     all_seen_captions, model_config, save_vqgan, train_vqgan, vqgan_gate,
 };
-use crate::world::sample;
-use crate::world::tokenizer::world_bpe;
-use anyhow::Context;
+use rudolph::world::sample;
+use rudolph::world::tokenizer::world_bpe;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -215,7 +215,7 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
     }
     let generation = GenerationConfig {
         guidance_scale: Some(args.guidance),
-        image_rank: Some(crate::world::recipe::WORLD_IMAGE_RANK),
+        image_rank: Some(rudolph::world::recipe::WORLD_IMAGE_RANK),
     };
     std::fs::write(
         dirs.model.join(GenerationConfig::FILE),

@@ -60,7 +60,7 @@ pub fn generate_caption_ids(
 }
 
 /// How [`generate_captions`] orders the distinct captions it drew.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptionRank {
     /// By `p(caption | picture)` through Bayes' rule: the caption's NLL as the left text plus
@@ -72,6 +72,34 @@ pub enum CaptionRank {
     Joint,
     /// By the perplexity of the caption given the picture, as rc1 did.
     Text,
+}
+
+impl CaptionRank {
+    pub const ALL: [Self; 2] = [Self::Joint, Self::Text];
+
+    /// The name `FromStr` reads and `Display` writes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Joint => "joint",
+            Self::Text => "text",
+        }
+    }
+}
+
+impl std::str::FromStr for CaptionRank {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown caption rank '{s}' (joint, text)"))
+    }
+}
+
+impl std::fmt::Display for CaptionRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A caption with its scores (lower is better).

@@ -134,17 +134,7 @@ pub struct RankedCodes {
 }
 
 /// What generated pictures are ranked by.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageRank {
     /// The text's perplexity given the sampled codes, as rc1's `self_reranking_by_text`.
@@ -161,6 +151,16 @@ pub enum ImageRank {
 }
 
 impl ImageRank {
+    pub const ALL: [Self; 2] = [Self::Codes, Self::Decoded];
+
+    /// The name `FromStr` reads and `Display` writes, as `generation_config.json` spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Codes => "codes",
+            Self::Decoded => "decoded",
+        }
+    }
+
     /// Orders `ranked` (as [`generate_images`] returns them, by codes) this way, best first.
     pub fn apply(
         self,
@@ -175,6 +175,22 @@ impl ImageRank {
             Self::Codes => Ok(ranked),
             Self::Decoded => rerank_decoded(model, tokenizer, vae, text, ranked, batch),
         }
+    }
+}
+
+impl std::str::FromStr for ImageRank {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown image rank '{s}' (codes, decoded)"))
+    }
+}
+
+impl std::fmt::Display for ImageRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
