@@ -87,6 +87,40 @@ impl ModelSpec {
     }
 }
 
+/// A [`ModelSpec`] opened: its files, the transformer's checkpoint and the configuration that
+/// reads it.
+pub struct OpenedModel {
+    pub files: ModelFiles,
+    pub checkpoint: Checkpoint,
+    pub config: Config,
+}
+
+impl ModelSpec {
+    /// Resolves the files and opens the weights, read with the given configuration (or the
+    /// folder's `config.json`), else with the preset their shapes match.
+    pub fn open(&self) -> Result<OpenedModel> {
+        let files = self.resolve()?;
+        let checkpoint = Checkpoint::open(&files.weights)?;
+        let config = match &files.config {
+            Some(c) => Config::from_name_or_path(c)?,
+            None => {
+                let preset = Rudolph::preset_of(&checkpoint).ok_or_else(|| {
+                    invalid(format!(
+                        "{}: no config.json beside it and its shapes match no preset; pass --config",
+                        files.weights.display()
+                    ))
+                })?;
+                Config::preset(preset)?
+            }
+        };
+        Ok(OpenedModel {
+            files,
+            checkpoint,
+            config,
+        })
+    }
+}
+
 /// A VQGAN checkpoint by its name: any `*.ckpt` (the original's), or `vqgan*.safetensors`.
 fn is_vqgan_file(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -183,25 +217,16 @@ impl Loaded {
     /// As [`Loaded::load`] in any [`Precision`]: a quantized model is quantized layer by layer
     /// as it is read, so the float weights are never all in memory.
     pub fn load_as(spec: &ModelSpec, device: &Device, precision: Precision) -> Result<Self> {
-        let files = spec.resolve()?;
-        let ckpt = Checkpoint::open(&files.weights)?;
-        let cfg = match &files.config {
-            Some(c) => Config::from_name_or_path(c)?,
-            None => {
-                let preset = Rudolph::preset_of(&ckpt).ok_or_else(|| {
-                    invalid(format!(
-                        "{}: no config.json beside it and its shapes match no preset; pass --config",
-                        files.weights.display()
-                    ))
-                })?;
-                Config::preset(preset)?
-            }
-        };
+        let OpenedModel {
+            files,
+            checkpoint,
+            config,
+        } = spec.open()?;
         let generation = match &spec.dir {
             Some(d) => GenerationConfig::read(d)?,
             None => GenerationConfig::default(),
         };
-        let (model, report) = Rudolph::from_checkpoint_as(&ckpt, &cfg, precision, device)?;
+        let (model, report) = Rudolph::from_checkpoint_as(&checkpoint, &config, precision, device)?;
         let tokenizer = TextTokenizer::load(&files.tokenizer)?;
         let vae = match &files.vae {
             Some(p) => Some(Vqgan::load(p, files.vae_config.as_deref(), device)?),

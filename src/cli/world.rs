@@ -3,9 +3,8 @@
 use super::common::{ModelArgs, choices, image_rank_help};
 use rudolph::pipelines::defaults;
 use rudolph::pipelines::images::ImageRank;
-use rudolph::world;
 use rudolph::world::eval::{EvalOptions, evaluate};
-use std::io::Write;
+use rudolph::world::{self, dataset};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Subcommand)]
@@ -71,13 +70,13 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let jsonl = write_scenes(
+    let jsonl = dataset::write_scenes(
         &world::sample(args.n, args.seed, args.held_out),
         &args.out,
         true,
     )?;
     if args.recoloured > 0 {
-        append_recoloured(args.recoloured, args.prompted, args.seed, &args.out, true)?;
+        dataset::append_recoloured(args.recoloured, args.prompted, args.seed, &args.out, true)?;
     }
     println!(
         "wrote {} scenes{} and {}",
@@ -128,71 +127,6 @@ pub struct EvalArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-/// Writes the pictures of `scenes` and a `data.jsonl` of their captions into `out` (created).
-pub fn write_scenes(
-    scenes: &[world::Scene],
-    out: &std::path::Path,
-    progress: bool,
-) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-    let jsonl = out.join("data.jsonl");
-    let mut lines = std::io::BufWriter::new(
-        std::fs::File::create(&jsonl).map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
-    );
-    let bar = rudolph::progress::Progress::new(scenes.len() as u64, "scenes", progress);
-    for (i, scene) in scenes.iter().enumerate() {
-        let name = format!("{i:06}.png");
-        rudolph::image::save_png(&world::render::render(scene), &out.join(&name))?;
-        // Exactly the trainer's format; the caption states every attribute of the scene.
-        let line = serde_json::json!({ "image": name, "text": scene.caption() });
-        writeln!(lines, "{line}")?;
-        bar.inc(1);
-    }
-    bar.finish();
-    lines.flush()?;
-    Ok(jsonl)
-}
-
-/// Appends `m` pictures of seen scenes (drawn from `seed`, apart from the captioned ones) with
-/// their shapes in colours off the palette ([`world::recipe::recolour`]) to the `data.jsonl` in
-/// `out`, as `recoloured-NNNNNN.png`: with no text (the model learns to draw every outline in
-/// many colours, as its unconditional branch) or, when `prompted`, each prompted by its caption
-/// without the colour ([`world::Scene::colourless_caption`]), so that the shape's word alone
-/// decides the outline.
-pub fn append_recoloured(
-    m: usize,
-    prompted: bool,
-    seed: u64,
-    out: &std::path::Path,
-    progress: bool,
-) -> anyhow::Result<()> {
-    use rand::SeedableRng;
-    let jsonl = out.join("data.jsonl");
-    let mut lines = std::io::BufWriter::new(
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&jsonl)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
-    );
-    let stream = seed ^ 0x7ec0_10e5;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
-    let bar = rudolph::progress::Progress::new(m as u64, "recoloured", progress);
-    for (i, scene) in world::sample(m, stream, false).iter().enumerate() {
-        let name = format!("recoloured-{i:06}.png");
-        let colour = world::recipe::recolour(scene, &mut rng);
-        rudolph::image::save_png(&world::render::render_in(scene, colour), &out.join(&name))?;
-        let line = match prompted {
-            true => serde_json::json!({ "image": name, "prompt": scene.colourless_caption() }),
-            false => serde_json::json!({ "image": name }),
-        };
-        writeln!(lines, "{line}")?;
-        bar.inc(1);
-    }
-    bar.finish();
-    lines.flush()?;
-    Ok(())
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {

@@ -44,6 +44,8 @@ pub struct Summary {
     pub last_loss: Option<f32>,
     pub last_val_loss: Option<f32>,
     pub peak_rss_bytes: u64,
+    /// The run folder, where the model was saved.
+    pub out: PathBuf,
 }
 
 /// One `log.jsonl` line: the step's losses (each part averaged over the samples that weight
@@ -166,6 +168,7 @@ pub fn run(
         last_loss: history.last().map(|l| l.loss),
         last_val_loss: last_val,
         peak_rss_bytes: crate::bench::peak_rss_bytes(),
+        out: out.to_path_buf(),
     })
 }
 
