@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::model::{Precision, Rudolph, masks};
 use crate::pipelines::{captions, images, rerank};
-use crate::progress::Progress;
+use crate::progress::Silent;
 use crate::sampling::SamplingParams;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -117,7 +117,6 @@ pub fn run(
     let codes: Vec<u32> = (0..n as u32)
         .map(|i| (i * 37) % cfg.image_vocab_size as u32)
         .collect();
-    let quiet = Progress::hidden();
     let work = |images: usize| -> anyhow::Result<usize> {
         Ok(match task {
             Task::Forward => {
@@ -133,7 +132,7 @@ pub fn run(
             }
             Task::Image => {
                 images::generate_image_codes(
-                    &model, &left, images, None, 1.0, batch, &params, 0, &quiet,
+                    &model, &left, images, None, 1.0, batch, &params, 0, &Silent,
                 )?;
                 images * n
             }
@@ -151,7 +150,7 @@ pub fn run(
                     batch,
                     &text_params,
                     0,
-                    &quiet,
+                    &Silent,
                 )?;
                 images * (r - 1)
             }

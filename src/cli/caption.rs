@@ -1,6 +1,6 @@
 //! `rudolph caption IMAGE`: draw captions, rank them against the picture, print the best.
 
-use super::common::{ModelArgs, OutputArgs, SampleArgs, choices, picture_codes};
+use super::common::{ModelArgs, OutputArgs, SampleArgs, choices, picture_codes, print_warnings};
 use rudolph::pipelines::captions::{CaptionRank, generate_captions};
 use rudolph::pipelines::defaults;
 use std::path::PathBuf;
@@ -51,7 +51,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
     });
     let loaded = args.model.load()?;
     let codes = picture_codes(&loaded, &args.image)?;
-    let mut captions = generate_captions(
+    let captions = generate_captions(
         &loaded.model,
         &loaded.tokenizer,
         &codes,
@@ -60,7 +60,8 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
         rank,
         &opts,
     )?;
-    captions.truncate(args.keep);
+    print_warnings(&captions.warnings);
+    let captions = &captions[..args.keep.min(captions.len())];
     if args.output.json {
         let doc = serde_json::json!({
             "image": args.image.display().to_string(), "seed": opts.seed, "rank": rank,
@@ -68,7 +69,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        for c in &captions {
+        for c in captions {
             println!("{:>10.2}  {}", c.score, c.text);
         }
     }

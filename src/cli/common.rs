@@ -5,7 +5,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use rudolph::folder::{Loaded, ModelSpec};
 use rudolph::model::Precision;
 use rudolph::pipelines::images::ImageRank;
-use rudolph::pipelines::{Fidelity, GenerateOptions};
+use rudolph::pipelines::{Fidelity, GenerateOptions, Warning};
 use rudolph::sampling::SamplingParams;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -152,7 +152,7 @@ impl SampleArgs {
                 Fidelity::Fixed
             },
             guidance: 1.0,
-            progress: !quiet,
+            progress: super::progress::progress(quiet),
         })
     }
 }
@@ -179,6 +179,13 @@ pub fn picture_codes(loaded: &Loaded, path: &Path) -> anyhow::Result<Vec<u32>> {
     let mut codes =
         rudolph::pipelines::images::picture_codes(&loaded.model, loaded.vae()?, &[img])?;
     Ok(codes.remove(0))
+}
+
+/// Tells the user what the library warned of, on stderr.
+pub fn print_warnings(warnings: &[Warning]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 /// Refuses to replace a file the user has not asked to overwrite.

@@ -1,6 +1,8 @@
 //! `rudolph image TEXT`: draw candidates, rerank them by the text, save the best as a PNG grid.
 
-use super::common::{ModelArgs, OutputArgs, SampleArgs, check_writable, choices, image_rank_help};
+use super::common::{
+    ModelArgs, OutputArgs, SampleArgs, check_writable, choices, image_rank_help, print_warnings,
+};
 use candle_core::Tensor;
 use rudolph::pipelines::defaults;
 use rudolph::pipelines::images::{Borders, ImageRank, generate_images, image_prompt};
@@ -135,6 +137,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         ranked,
         opts.batch_size,
     )?;
+    print_warnings(&ranked.warnings);
     let best: Vec<u32> = ranked[..keep]
         .iter()
         .flat_map(|r| r.codes.clone())

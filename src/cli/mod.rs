@@ -1,23 +1,23 @@
 //! The `rudolph` command line: one file per command, each a thin layer over the library.
 
-mod convert;
-mod vae;
-
-use clap::{Parser, Subcommand};
-
 mod bench;
 mod caption;
 mod classify;
 mod common;
+mod convert;
 mod image;
 mod inspect;
+mod progress;
 mod rerank;
 mod text;
 mod tokenize;
 mod tokenizer_train;
 mod train;
+mod vae;
 mod world;
 mod world_train;
+
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(

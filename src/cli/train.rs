@@ -1,5 +1,6 @@
 //! `rudolph train`: fine-tune (or train from scratch) on a JSONL of pictures and texts.
 
+use super::progress::progress;
 use anyhow::Context;
 use rudolph::folder::ModelSpec;
 use rudolph::train::Freeze;
@@ -107,10 +108,10 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let progress = !args.quiet;
+    let progress = progress(args.quiet);
     let summary = match &args.resume {
-        Some(path) => resume(path, args.out.as_deref(), progress)?,
-        None => job(&args)?.run(progress)?,
+        Some(path) => resume(path, args.out.as_deref(), progress.as_ref())?,
+        None => job(&args)?.run(progress.as_ref())?,
     };
     if !args.quiet {
         print_summary(&summary);

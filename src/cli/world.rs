@@ -1,6 +1,7 @@
 //! `rudolph world …`: the shapes world that the built-in model learns.
 
-use super::common::{ModelArgs, choices, image_rank_help};
+use super::common::{ModelArgs, choices, image_rank_help, print_warnings};
+use super::progress::progress;
 use rudolph::pipelines::defaults;
 use rudolph::pipelines::images::ImageRank;
 use rudolph::world::eval::{EvalOptions, evaluate};
@@ -70,13 +71,20 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
+    let progress = progress(false);
     let jsonl = dataset::write_scenes(
         &world::sample(args.n, args.seed, args.held_out),
         &args.out,
-        true,
+        progress.as_ref(),
     )?;
     if args.recoloured > 0 {
-        dataset::append_recoloured(args.recoloured, args.prompted, args.seed, &args.out, true)?;
+        dataset::append_recoloured(
+            args.recoloured,
+            args.prompted,
+            args.seed,
+            &args.out,
+            progress.as_ref(),
+        )?;
     }
     println!(
         "wrote {} scenes{} and {}",
@@ -145,9 +153,10 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         images: args.images,
         guidance: args.guidance,
         rank: args.rank,
-        progress: !args.quiet,
+        progress: progress(args.quiet),
     };
     let report = evaluate(&loaded, &opts)?;
+    print_warnings(&report.warnings);
     let mut written = Vec::new();
     if let Some(dir) = &args.out {
         for (name, pictures) in [

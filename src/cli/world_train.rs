@@ -2,6 +2,7 @@
 //! resumable command (see [`rudolph::world::recipe`] for the folder layout). Run it again on the
 //! same `--out` after an interruption and it continues where it stopped.
 
+use super::progress::progress;
 use super::train::print_summary;
 use rudolph::world::recipe::{
     Outcome, ROUND_LRS, ROUND_PROMPTED, ROUND_RECOLOURED, Recipe, Round, Stage, VQGAN_GATE,
@@ -111,7 +112,7 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
             stamp(&format!("transformer round {round} of {rounds}"));
         }
     };
-    match recipe.run(&args.out, !args.quiet, &mut report)? {
+    match recipe.run(&args.out, progress(args.quiet).as_ref(), &mut report)? {
         Outcome::Done(model) => {
             stamp(&format!("done: the model folder is {}", model.display()));
             Ok(())

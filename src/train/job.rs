@@ -12,6 +12,7 @@ use crate::error::{Error, Result, invalid};
 use crate::folder::{ModelSpec, OpenedModel};
 use crate::model::masks::MaskVariant;
 use crate::model::{LayerMasks, Rudolph};
+use crate::progress::ProgressSink;
 use crate::tokenizer::TextTokenizer;
 use crate::vae::Vqgan;
 use candle_core::{DType, Device, Tensor};
@@ -86,7 +87,7 @@ pub struct TrainJob {
 
 impl TrainJob {
     /// Trains from the start to the saved model, writing into `self.out` whatever it holds.
-    pub fn run(&self, progress: bool) -> Result<Summary> {
+    pub fn run(&self, progress: &dyn ProgressSink) -> Result<Summary> {
         self.validate()?;
         let device = Device::Cpu;
         let model = self.start_model(&device)?;
@@ -232,7 +233,11 @@ struct StartModel {
 /// Continues a run exactly, with the settings its checkpoint saved: `checkpoint` is a
 /// `checkpoint-<step>` folder, or a run folder (its latest checkpoint). `out` defaults to the
 /// folder the checkpoint is in.
-pub fn resume(checkpoint: &Path, out: Option<&Path>, progress: bool) -> Result<Summary> {
+pub fn resume(
+    checkpoint: &Path,
+    out: Option<&Path>,
+    progress: &dyn ProgressSink,
+) -> Result<Summary> {
     let device = Device::Cpu;
     let dir = find_checkpoint(checkpoint)?;
     let restored = load_checkpoint(&dir, &device)?;
@@ -261,7 +266,12 @@ pub fn resume(checkpoint: &Path, out: Option<&Path>, progress: bool) -> Result<S
 
 /// Reads the run's samples (pictures encoded once, their codes cached in `out`) and trains
 /// `trainer` to the end of the run.
-fn train(trainer: &mut Trainer, spec: &RunSpec, out: &Path, progress: bool) -> Result<Summary> {
+fn train(
+    trainer: &mut Trainer,
+    spec: &RunSpec,
+    out: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<Summary> {
     std::fs::create_dir_all(out).map_err(|source| Error::Io {
         path: out.to_path_buf(),
         source,

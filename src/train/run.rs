@@ -8,6 +8,7 @@ use super::trainer::{MicroBatch, StepLog, TrainOptions, Trainer};
 use crate::error::{Error, Result, invalid};
 use crate::model::LossWeights;
 use crate::model::masks::causal_mask;
+use crate::progress::ProgressSink;
 use crate::tokenizer::TextTokenizer;
 use candle_core::Tensor;
 use std::io::Write;
@@ -75,7 +76,7 @@ pub fn run(
     samples: &[Sample],
     tokenizer: &TextTokenizer,
     out: &Path,
-    progress: bool,
+    progress: &dyn ProgressSink,
 ) -> Result<Summary> {
     if spec.batch_size == 0 || spec.options.accumulate == 0 {
         return Err(invalid("--batch-size and --accumulate must be at least 1"));
@@ -108,8 +109,8 @@ pub fn run(
     let mask = causal_mask(1, cfg.total_seq_length(), &device)?;
     let per_step = (spec.batch_size * spec.options.accumulate) as u64;
     let total = spec.options.steps;
-    let bar = crate::progress::Progress::new(total, "training", progress);
-    bar.inc(trainer.step());
+    progress.start(total, "training");
+    progress.advance(trainer.step());
     let mut first_loss = None;
     let mut last_val = history.iter().rev().find_map(|l| l.val_loss);
     while trainer.step() < total {
@@ -130,8 +131,8 @@ pub fn run(
         }
         let step = trainer.train_step_weighted(&batches)?;
         first_loss.get_or_insert(step.loss);
-        bar.inc(1);
-        bar.set_message(format!("loss {:.4}", step.loss));
+        progress.advance(1);
+        progress.message(&format!("loss {:.4}", step.loss));
         let s = step.step;
         let mut line = log_line(&step);
         let eval_now = spec.eval_every > 0 && (s % spec.eval_every == 0 || s == total);
@@ -157,7 +158,7 @@ pub fn run(
             draw_loss_curve(&curve(&history), &out.join("loss.png"))?;
         }
     }
-    bar.finish();
+    progress.finish();
     save_model(trainer, out)?;
     draw_loss_curve(&curve(&history), &out.join("loss.png"))?;
     Ok(Summary {

@@ -3,25 +3,26 @@
 
 use super::{Scene, recipe, render, sample};
 use crate::error::{Error, Result};
+use crate::progress::ProgressSink;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Writes the pictures of `scenes` and a `data.jsonl` of their captions into `out` (created);
 /// returns the `data.jsonl`.
-pub fn write_scenes(scenes: &[Scene], out: &Path, progress: bool) -> Result<PathBuf> {
+pub fn write_scenes(scenes: &[Scene], out: &Path, progress: &dyn ProgressSink) -> Result<PathBuf> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let jsonl = out.join("data.jsonl");
     let mut lines = std::io::BufWriter::new(std::fs::File::create(&jsonl).map_err(io(&jsonl))?);
-    let bar = crate::progress::Progress::new(scenes.len() as u64, "scenes", progress);
+    progress.start(scenes.len() as u64, "scenes");
     for (i, scene) in scenes.iter().enumerate() {
         let name = format!("{i:06}.png");
         crate::image::save_png(&render::render(scene), &out.join(&name))?;
         // Exactly the trainer's format; the caption states every attribute of the scene.
         let line = serde_json::json!({ "image": name, "text": scene.caption() });
         writeln!(lines, "{line}").map_err(io(&jsonl))?;
-        bar.inc(1);
+        progress.advance(1);
     }
-    bar.finish();
+    progress.finish();
     lines.flush().map_err(io(&jsonl))?;
     Ok(jsonl)
 }
@@ -37,7 +38,7 @@ pub fn append_recoloured(
     prompted: bool,
     seed: u64,
     out: &Path,
-    progress: bool,
+    progress: &dyn ProgressSink,
 ) -> Result<()> {
     use rand::SeedableRng;
     let jsonl = out.join("data.jsonl");
@@ -48,7 +49,7 @@ pub fn append_recoloured(
     let mut lines = std::io::BufWriter::new(file);
     let stream = seed ^ 0x7ec0_10e5;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
-    let bar = crate::progress::Progress::new(m as u64, "recoloured", progress);
+    progress.start(m as u64, "recoloured");
     for (i, scene) in sample(m, stream, false).iter().enumerate() {
         let name = format!("recoloured-{i:06}.png");
         let colour = recipe::recolour(scene, &mut rng);
@@ -58,9 +59,9 @@ pub fn append_recoloured(
             false => serde_json::json!({ "image": name }),
         };
         writeln!(lines, "{line}").map_err(io(&jsonl))?;
-        bar.inc(1);
+        progress.advance(1);
     }
-    bar.finish();
+    progress.finish();
     lines.flush().map_err(io(&jsonl))?;
     Ok(())
 }

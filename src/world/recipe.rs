@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::{Error, Result, invalid};
 use crate::folder::{GenerationConfig, ModelSpec};
 use crate::pipelines::images::ImageRank;
+use crate::progress::ProgressSink;
 use crate::tokenizer::TextTokenizer;
 use crate::train::Freeze;
 use crate::train::data::Compose;
@@ -140,7 +141,7 @@ impl Recipe {
     pub fn run(
         &self,
         out: &Path,
-        progress: bool,
+        progress: &dyn ProgressSink,
         report: &mut dyn FnMut(Stage),
     ) -> Result<Outcome> {
         if self.rounds.is_empty() {
@@ -552,7 +553,7 @@ fn vqgan_scenes(stage: &VqganStage, step: u64) -> Vec<Scene> {
 /// Trains (or continues training) the VQGAN in `dir` up to `stage.train.steps` and returns the
 /// trained model. `dir` holds `weights.safetensors` (taming names, Gumbel layout),
 /// `moments.safetensors`, `state.json` and `log.jsonl`.
-pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqgan> {
+pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: &dyn ProgressSink) -> Result<Vqgan> {
     let device = Device::Cpu;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config = vqgan_config();
@@ -576,8 +577,8 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqg
         .open(&log_path)
         .map_err(io(&log_path))?;
     let total = stage.train.steps;
-    let bar = crate::progress::Progress::new(total, "VQGAN", progress);
-    bar.inc(trainer.step());
+    progress.start(total, "VQGAN");
+    progress.advance(trainer.step());
     while trainer.step() < total {
         let scenes = vqgan_scenes(stage, trainer.step());
         let colours = vqgan_colours(&scenes, trainer.step());
@@ -587,8 +588,8 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqg
             (images, weights) = crop_around_shapes(&images, &weights, &scenes, stage.crop)?;
         }
         let s = trainer.train_step(&images, &weights)?;
-        bar.inc(1);
-        bar.set_message(format!(
+        progress.advance(1);
+        progress.message(&format!(
             "loss {:.4} codes {}/{}",
             s.reconstruction, s.codes_used, config.n_embed
         ));
@@ -600,7 +601,7 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqg
             save_vqgan_checkpoint(&trainer, dir)?;
         }
     }
-    bar.finish();
+    progress.finish();
     Ok(trainer.model()?)
 }
 
