@@ -2,6 +2,7 @@
 //! from model construction, with the process's peak memory.
 
 use crate::config::Config;
+use crate::error::{Result, invalid};
 use crate::model::{Precision, Rudolph, masks};
 use crate::pipelines::{captions, images, rerank};
 use crate::progress::Silent;
@@ -78,7 +79,8 @@ pub struct BenchReport {
     pub warmup_seconds: f64,
 }
 
-/// Runs `task` on a randomly initialised `cfg` model.
+/// Runs `task` on a randomly initialised `cfg` model: `images` items (pictures, captions or
+/// reranked pairs), `batch` at a time.
 pub fn run(
     cfg: &Config,
     preset: &str,
@@ -87,11 +89,12 @@ pub fn run(
     batch: usize,
     precision: Precision,
     device: &Device,
-) -> anyhow::Result<BenchReport> {
-    anyhow::ensure!(
-        images > 0 && batch > 0,
-        "--images and --batch-size must be positive"
-    );
+) -> Result<BenchReport> {
+    if images == 0 || batch == 0 {
+        return Err(invalid(
+            "a benchmark needs at least one item and a batch of at least one",
+        ));
+    }
     let t0 = Instant::now();
     let model = Rudolph::random(cfg, 0, precision, device)?;
     let build_seconds = t0.elapsed().as_secs_f64();
@@ -117,7 +120,7 @@ pub fn run(
     let codes: Vec<u32> = (0..n as u32)
         .map(|i| (i * 37) % cfg.image_vocab_size as u32)
         .collect();
-    let work = |images: usize| -> anyhow::Result<usize> {
+    let work = |images: usize| -> Result<usize> {
         Ok(match task {
             Task::Forward => {
                 let ids: Vec<u32> = [left.clone(), codes.clone(), left.clone()].concat();

@@ -26,8 +26,8 @@ pub fn parse_device(name: &str) -> crate::Result<Device> {
     })?;
     cuda(ordinal).map_err(|e| {
         crate::error::invalid(format!(
-            "device {name}: {e} (build with `cargo build --release --features cuda` on a machine \
-             with the CUDA toolkit)"
+            "device {name}: {e} (GPUs need a build with the `cuda` feature, on a machine with the \
+             CUDA toolkit)"
         ))
     })
 }

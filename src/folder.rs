@@ -56,14 +56,14 @@ impl ModelSpec {
             None => find(&["model.safetensors", "pytorch_model.bin"]).ok_or_else(|| {
                 invalid(format!(
                     "no weights: {} holds neither model.safetensors nor pytorch_model.bin",
-                    dir.map_or("(no --model folder)".into(), |d| d.display().to_string())
+                    dir.map_or("(no model folder)".into(), |d| d.display().to_string())
                 ))
             })?,
         };
         let tokenizer = match &self.tokenizer {
             Some(p) => p.clone(),
             None => find(&["bpe.model"]).ok_or_else(|| {
-                invalid("no tokenizer: the model folder has no bpe.model (pass --tokenizer PATH)")
+                invalid("no tokenizer: the model folder has no bpe.model, and none was named")
             })?,
         };
         let vae = match &self.vae {
@@ -106,7 +106,7 @@ impl ModelSpec {
             None => {
                 let preset = Rudolph::preset_of(&checkpoint).ok_or_else(|| {
                     invalid(format!(
-                        "{}: no config.json beside it and its shapes match no preset; pass --config",
+                        "{}: no config.json beside it and its shapes match no preset; name its configuration",
                         files.weights.display()
                     ))
                 })?;
@@ -143,7 +143,7 @@ fn find_vqgan(dir: &Path) -> Result<Option<PathBuf>> {
         0 => Ok(None),
         1 => Ok(found.pop()),
         _ => Err(invalid(format!(
-            "{} holds several VQGAN checkpoints ({}); choose one with --vae",
+            "{} holds several VQGAN checkpoints ({}); name the one to use",
             dir.display(),
             found
                 .iter()
@@ -257,9 +257,7 @@ impl Loaded {
     /// The VQGAN, or an error saying the task needs one.
     pub fn vae(&self) -> Result<&Vqgan> {
         self.vae.as_ref().ok_or_else(|| {
-            invalid(
-                "this task needs the VQGAN: put its .ckpt in the model folder or pass --vae PATH",
-            )
+            invalid("this task needs the VQGAN: put its .ckpt in the model folder or name it")
         })
     }
 }

@@ -185,7 +185,7 @@ pub fn load_dataset(
             _ => {
                 let vae = vae.ok_or_else(|| {
                     invalid(format!(
-                        "{}:{}: a picture needs the VQGAN: pass --vae PATH or a model folder with one",
+                        "{}:{}: a picture needs the VQGAN: name it, or start from a model folder with one",
                         file.display(),
                         p.line
                     ))

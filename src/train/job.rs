@@ -110,7 +110,7 @@ impl TrainJob {
         };
         if !(0.0..1.0).contains(&options.dropout) {
             return Err(invalid(format!(
-                "--dropout must be in [0, 1), got {}",
+                "dropout must be in [0, 1), got {}",
                 options.dropout
             )));
         }
@@ -142,29 +142,26 @@ impl TrainJob {
         let checks = [
             (
                 (0.0..1.0).contains(&self.val_fraction),
-                format!(
-                    "--val-fraction must be in [0, 1), got {}",
-                    self.val_fraction
-                ),
+                format!("val_fraction must be in [0, 1), got {}", self.val_fraction),
             ),
             (
                 (0.0..=1.0).contains(&self.compose.i2t_fraction),
                 format!(
-                    "--i2t-fraction must be in [0, 1], got {}",
+                    "i2t_fraction must be in [0, 1], got {}",
                     self.compose.i2t_fraction
                 ),
             ),
             (
                 (0.0..1.0).contains(&self.compose.bpe_dropout),
                 format!(
-                    "--bpe-dropout must be in [0, 1), got {}",
+                    "bpe_dropout must be in [0, 1), got {}",
                     self.compose.bpe_dropout
                 ),
             ),
-            (self.steps > 0, "--steps must be at least 1".to_string()),
+            (self.steps > 0, "steps must be at least 1".to_string()),
             (
                 w.iter().all(|x| *x >= 0.0) && w.iter().sum::<f64>() > 0.0,
-                format!("--loss-weights {w:?}: weights must be non-negative and not all zero"),
+                format!("loss_weights {w:?}: weights must be non-negative and not all zero"),
             ),
         ];
         match checks.into_iter().find(|(ok, _)| !ok) {
@@ -295,7 +292,11 @@ fn train(
             cache.save(&cache_path)?;
             samples
         }
-        (None, None) => return Err(invalid("no training data: pass --data PATH")),
+        (None, None) => {
+            return Err(invalid(
+                "the run names no training data (neither a data file nor synthetic samples)",
+            ));
+        }
     };
     run(trainer, spec, &samples, &tokenizer, out, progress)
 }

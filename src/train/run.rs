@@ -79,7 +79,7 @@ pub fn run(
     progress: &dyn ProgressSink,
 ) -> Result<Summary> {
     if spec.batch_size == 0 || spec.options.accumulate == 0 {
-        return Err(invalid("--batch-size and --accumulate must be at least 1"));
+        return Err(invalid("batch_size and accumulate must be at least 1"));
     }
     let seed = spec.options.seed;
     let (train, val) = split(samples.len(), spec.val_fraction, seed);

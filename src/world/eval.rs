@@ -534,7 +534,7 @@ pub fn scene_codes(loaded: &Loaded, scenes: &[Scene], batch: usize) -> Result<Ve
 
 fn world_vae(loaded: &Loaded) -> Result<&crate::vae::Vqgan> {
     loaded.vae.as_ref().ok_or_else(|| {
-        invalid("world eval needs a VQGAN: put its .ckpt in the model folder or pass --vae PATH")
+        invalid("world eval needs a VQGAN: put its .ckpt in the model folder or name it")
     })
 }
 

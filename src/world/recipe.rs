@@ -145,13 +145,13 @@ impl Recipe {
         report: &mut dyn FnMut(Stage),
     ) -> Result<Outcome> {
         if self.rounds.is_empty() {
-            return Err(invalid("--lr needs at least one value (one per round)"));
+            return Err(invalid("the recipe needs at least one round"));
         }
         if !self.rounds.iter().all(|r| r.lr.is_finite() && r.lr > 0.0) {
-            return Err(invalid("--lr values must be positive numbers"));
+            return Err(invalid("each round's lr must be a positive number"));
         }
         if !self.guidance.is_finite() {
-            return Err(invalid("--guidance must be a finite number"));
+            return Err(invalid("the recipe's guidance must be a finite number"));
         }
         let dirs = RunDirs::new(out);
 
