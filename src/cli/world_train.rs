@@ -74,11 +74,11 @@ pub fn run(args: WorldTrainArgs) -> anyhow::Result<()> {
         scenes: args.scenes,
         steps: args.steps,
         batch_size: args.batch_size,
-        rounds: (0..rounds)
-            .map(|i| Round {
-                lr: args.lr[i],
-                recoloured: args.recoloured[i],
-                prompted: args.prompted[i],
+        rounds: (args.lr.iter().zip(&args.recoloured).zip(&args.prompted))
+            .map(|((&lr, &recoloured), &prompted)| Round {
+                lr,
+                recoloured,
+                prompted,
             })
             .collect(),
         i2t_fraction: args.i2t_fraction,

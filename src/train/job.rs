@@ -86,7 +86,8 @@ pub struct TrainJob {
 }
 
 impl TrainJob {
-    /// Trains from the start to the saved model, writing into `self.out` whatever it holds.
+    /// Trains from the start to the saved model in `self.out`, whatever that folder already
+    /// holds (refusing a non-empty one is the caller's choice).
     pub fn run(&self, progress: &dyn ProgressSink) -> Result<Summary> {
         self.validate()?;
         let device = Device::Cpu;
