@@ -2,15 +2,16 @@
 //! from model construction, with the process's peak memory.
 
 use crate::config::Config;
+use crate::error::{Result, invalid};
 use crate::model::{Precision, Rudolph, masks};
 use crate::pipelines::{captions, images, rerank};
-use crate::progress::Progress;
+use crate::progress::Silent;
 use crate::sampling::SamplingParams;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     /// One full forward of `batch` full-length sequences.
@@ -21,6 +22,36 @@ pub enum Task {
     Caption,
     /// Perplexity of `images` (picture, text) pairs.
     Rerank,
+}
+
+impl Task {
+    pub const ALL: [Self; 4] = [Self::Forward, Self::Image, Self::Caption, Self::Rerank];
+
+    /// The name `FromStr` reads and `Display` writes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::Image => "image",
+            Self::Caption => "caption",
+            Self::Rerank => "rerank",
+        }
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown task '{s}' (forward, image, caption, rerank)"))
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,7 +79,8 @@ pub struct BenchReport {
     pub warmup_seconds: f64,
 }
 
-/// Runs `task` on a randomly initialised `cfg` model.
+/// Runs `task` on a randomly initialised `cfg` model: `images` items (pictures, captions or
+/// reranked pairs), `batch` at a time.
 pub fn run(
     cfg: &Config,
     preset: &str,
@@ -57,11 +89,12 @@ pub fn run(
     batch: usize,
     precision: Precision,
     device: &Device,
-) -> anyhow::Result<BenchReport> {
-    anyhow::ensure!(
-        images > 0 && batch > 0,
-        "--images and --batch-size must be positive"
-    );
+) -> Result<BenchReport> {
+    if images == 0 || batch == 0 {
+        return Err(invalid(
+            "a benchmark needs at least one item and a batch of at least one",
+        ));
+    }
     let t0 = Instant::now();
     let model = Rudolph::random(cfg, 0, precision, device)?;
     let build_seconds = t0.elapsed().as_secs_f64();
@@ -87,8 +120,7 @@ pub fn run(
     let codes: Vec<u32> = (0..n as u32)
         .map(|i| (i * 37) % cfg.image_vocab_size as u32)
         .collect();
-    let quiet = Progress::hidden();
-    let work = |images: usize| -> anyhow::Result<usize> {
+    let work = |images: usize| -> Result<usize> {
         Ok(match task {
             Task::Forward => {
                 let ids: Vec<u32> = [left.clone(), codes.clone(), left.clone()].concat();
@@ -103,7 +135,7 @@ pub fn run(
             }
             Task::Image => {
                 images::generate_image_codes(
-                    &model, &left, images, None, 1.0, batch, &params, 0, &quiet,
+                    &model, &left, images, None, 1.0, batch, &params, 0, &Silent,
                 )?;
                 images * n
             }
@@ -121,7 +153,7 @@ pub fn run(
                     batch,
                     &text_params,
                     0,
-                    &quiet,
+                    &Silent,
                 )?;
                 images * (r - 1)
             }

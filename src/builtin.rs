@@ -21,7 +21,7 @@ pub fn dir() -> Result<PathBuf> {
         Ok(dir)
     } else {
         Err(invalid(format!(
-            "the built-in model is not at {} (set {ENV} to its folder, or pass --model DIR)",
+            "the built-in model is not at {} (set {ENV} to its folder, or use another model folder)",
             dir.display()
         )))
     }

@@ -11,6 +11,27 @@
 
 use candle_core::{Device, Result};
 
+/// The device a name stands for: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+pub fn parse_device(name: &str) -> crate::Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => Some(0),
+        Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse().ok()),
+        None => None,
+    }
+    .ok_or_else(|| {
+        crate::error::invalid(format!("device '{name}': expected cpu, cuda or cuda:N"))
+    })?;
+    cuda(ordinal).map_err(|e| {
+        crate::error::invalid(format!(
+            "device {name}: {e} (GPUs need a build with the `cuda` feature, on a machine with the \
+             CUDA toolkit)"
+        ))
+    })
+}
+
 /// GPU `ordinal`, with one stream shared by every thread (see the module doc).
 #[cfg(feature = "cuda")]
 pub fn cuda(ordinal: usize) -> Result<Device> {

@@ -56,14 +56,14 @@ impl ModelSpec {
             None => find(&["model.safetensors", "pytorch_model.bin"]).ok_or_else(|| {
                 invalid(format!(
                     "no weights: {} holds neither model.safetensors nor pytorch_model.bin",
-                    dir.map_or("(no --model folder)".into(), |d| d.display().to_string())
+                    dir.map_or("(no model folder)".into(), |d| d.display().to_string())
                 ))
             })?,
         };
         let tokenizer = match &self.tokenizer {
             Some(p) => p.clone(),
             None => find(&["bpe.model"]).ok_or_else(|| {
-                invalid("no tokenizer: the model folder has no bpe.model (pass --tokenizer PATH)")
+                invalid("no tokenizer: the model folder has no bpe.model, and none was named")
             })?,
         };
         let vae = match &self.vae {
@@ -83,6 +83,40 @@ impl ModelSpec {
             tokenizer,
             vae,
             vae_config: self.vae_config.clone(),
+        })
+    }
+}
+
+/// A [`ModelSpec`] opened: its files, the transformer's checkpoint and the configuration that
+/// reads it.
+pub struct OpenedModel {
+    pub files: ModelFiles,
+    pub checkpoint: Checkpoint,
+    pub config: Config,
+}
+
+impl ModelSpec {
+    /// Resolves the files and opens the weights, read with the given configuration (or the
+    /// folder's `config.json`), else with the preset their shapes match.
+    pub fn open(&self) -> Result<OpenedModel> {
+        let files = self.resolve()?;
+        let checkpoint = Checkpoint::open(&files.weights)?;
+        let config = match &files.config {
+            Some(c) => Config::from_name_or_path(c)?,
+            None => {
+                let preset = Rudolph::preset_of(&checkpoint).ok_or_else(|| {
+                    invalid(format!(
+                        "{}: no config.json beside it and its shapes match no preset; name its configuration",
+                        files.weights.display()
+                    ))
+                })?;
+                Config::preset(preset)?
+            }
+        };
+        Ok(OpenedModel {
+            files,
+            checkpoint,
+            config,
         })
     }
 }
@@ -109,7 +143,7 @@ fn find_vqgan(dir: &Path) -> Result<Option<PathBuf>> {
         0 => Ok(None),
         1 => Ok(found.pop()),
         _ => Err(invalid(format!(
-            "{} holds several VQGAN checkpoints ({}); choose one with --vae",
+            "{} holds several VQGAN checkpoints ({}); name the one to use",
             dir.display(),
             found
                 .iter()
@@ -183,25 +217,16 @@ impl Loaded {
     /// As [`Loaded::load`] in any [`Precision`]: a quantized model is quantized layer by layer
     /// as it is read, so the float weights are never all in memory.
     pub fn load_as(spec: &ModelSpec, device: &Device, precision: Precision) -> Result<Self> {
-        let files = spec.resolve()?;
-        let ckpt = Checkpoint::open(&files.weights)?;
-        let cfg = match &files.config {
-            Some(c) => Config::from_name_or_path(c)?,
-            None => {
-                let preset = Rudolph::preset_of(&ckpt).ok_or_else(|| {
-                    invalid(format!(
-                        "{}: no config.json beside it and its shapes match no preset; pass --config",
-                        files.weights.display()
-                    ))
-                })?;
-                Config::preset(preset)?
-            }
-        };
+        let OpenedModel {
+            files,
+            checkpoint,
+            config,
+        } = spec.open()?;
         let generation = match &spec.dir {
             Some(d) => GenerationConfig::read(d)?,
             None => GenerationConfig::default(),
         };
-        let (model, report) = Rudolph::from_checkpoint_as(&ckpt, &cfg, precision, device)?;
+        let (model, report) = Rudolph::from_checkpoint_as(&checkpoint, &config, precision, device)?;
         let tokenizer = TextTokenizer::load(&files.tokenizer)?;
         let vae = match &files.vae {
             Some(p) => Some(Vqgan::load(p, files.vae_config.as_deref(), device)?),
@@ -232,9 +257,7 @@ impl Loaded {
     /// The VQGAN, or an error saying the task needs one.
     pub fn vae(&self) -> Result<&Vqgan> {
         self.vae.as_ref().ok_or_else(|| {
-            invalid(
-                "this task needs the VQGAN: put its .ckpt in the model folder or pass --vae PATH",
-            )
+            invalid("this task needs the VQGAN: put its .ckpt in the model folder or name it")
         })
     }
 }

@@ -37,7 +37,6 @@
 pub mod atomic_file;
 pub mod bench;
 pub mod builtin;
-pub mod cli;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -1,5 +1,7 @@
 use clap::Parser;
 
+mod cli;
+
 /// mimalloc instead of the system allocator: the tensor library allocates and frees large
 /// buffers at every step, and glibc's malloc hands them back to the kernel and faults them in
 /// again each time (page clearing showed up as a large share of training and decoding time).
@@ -24,11 +26,27 @@ fn main() {
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
     }
-    let cli = rudolph::cli::Cli::parse();
-    if let Err(err) = rudolph::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    // SAFETY: nothing has started a thread yet.
+    let threads = unsafe { set_threads(cli.threads()) };
+    if let Err(err) = threads.and_then(|()| cli::run(cli)) {
         eprintln!("error: {}", describe(&err));
         std::process::exit(1);
     }
+}
+
+/// Sizes the pools of tensor work: candle's CPU kernels and rayon's global pool both read
+/// `RAYON_NUM_THREADS`.
+///
+/// # Safety
+///
+/// No other thread may exist: writing the environment races with any thread reading it.
+unsafe fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let Some(n) = threads else { return Ok(()) };
+    anyhow::ensure!(n > 0, "--threads must be at least 1");
+    // SAFETY: the caller guarantees that this is the only thread.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    Ok(())
 }
 
 /// The error and its causes, leaving out a cause whose text the message before it already

@@ -1,51 +1,32 @@
-//! Progress bars for long work: shown on stderr (rate and ETA) when it is a terminal and the
-//! caller did not ask for quiet; invisible otherwise.
+//! Progress of long work (generation, training, encoding a dataset), reported to whatever the
+//! caller shows it with: the library only counts, and the command line draws the bars.
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
+use std::sync::Arc;
 
-#[derive(Debug, Clone)]
-pub struct Progress {
-    bar: ProgressBar,
+/// Hears the progress of long work: one task at a time is started, advanced and finished.
+/// Every method does nothing unless an implementation says otherwise.
+pub trait ProgressSink: Send + Sync {
+    /// A task of `total` steps, called `what`, begins.
+    fn start(&self, _total: u64, _what: &str) {}
+
+    /// `steps` more steps of the task are done.
+    fn advance(&self, _steps: u64) {}
+
+    /// The task's latest state in a few words (the loss of a training step), which a display
+    /// may show in place of its name.
+    fn message(&self, _text: &str) {}
+
+    /// The task is over.
+    fn finish(&self) {}
 }
 
-impl Progress {
-    /// A bar of `len` steps labelled `what`, visible only if `visible` and stderr is a terminal.
-    pub fn new(len: u64, what: &str, visible: bool) -> Self {
-        let bar = if visible && std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_message(what.to_string());
-        Self { bar }
-    }
+/// Reports nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
 
-    /// A bar that never draws.
-    pub fn hidden() -> Self {
-        Self {
-            bar: ProgressBar::hidden(),
-        }
-    }
+impl ProgressSink for Silent {}
 
-    pub fn inc(&self, steps: u64) {
-        self.bar.inc(steps);
-    }
-
-    /// Replaces the label (e.g. with the latest loss).
-    pub fn set_message(&self, msg: String) {
-        self.bar.set_message(msg);
-    }
-
-    pub fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
+/// A shared [`Silent`] sink, the default of the option structs.
+pub fn silent() -> Arc<dyn ProgressSink> {
+    Arc::new(Silent)
 }

@@ -53,7 +53,6 @@ fn draws_a_big_red_star_on_the_left(loaded: &Loaded) {
     for seed in 1..=5 {
         let mut opts = GenerateOptions::new(defaults::IMAGE);
         opts.seed = seed;
-        opts.progress = false;
         let ranked = generate_images(
             &loaded.model,
             &loaded.tokenizer,
@@ -69,7 +68,7 @@ fn draws_a_big_red_star_on_the_left(loaded: &Loaded) {
             &loaded.tokenizer,
             vae,
             "большая красная звезда слева на белом фоне",
-            ranked,
+            ranked.items,
             8,
         )
         .unwrap();
@@ -188,7 +187,6 @@ fn ranks_by_the_picture_as_it_is_shown() {
     let text = "маленький синий круг снизу на чёрном фоне";
     let mut opts = GenerateOptions::new(defaults::IMAGE);
     opts.seed = 7;
-    opts.progress = false;
     let by_codes = generate_images(&loaded.model, &loaded.tokenizer, text, 6, None, &opts).unwrap();
     assert!(by_codes.iter().all(|r| r.ppl_decoded.is_none()));
     let by_picture = rerank_decoded(
@@ -196,7 +194,7 @@ fn ranks_by_the_picture_as_it_is_shown() {
         &loaded.tokenizer,
         vae,
         text,
-        by_codes.clone(),
+        by_codes.to_vec(),
         4,
     )
     .unwrap();
@@ -209,7 +207,7 @@ fn ranks_by_the_picture_as_it_is_shown() {
     assert_eq!(before, after, "the same candidates, reordered");
 
     let n = cfg.image_seq_length();
-    let right = rudolph::pipelines::images::encode_checked(
+    let (right, _) = rudolph::pipelines::images::encode_checked(
         &loaded.tokenizer,
         text,
         cfg.r_text_seq_length,
@@ -237,7 +235,7 @@ fn ranks_by_the_picture_as_it_is_shown() {
             "ppl_decoded {got} against {want}"
         );
     }
-    let mut short = by_codes;
+    let mut short = by_codes.items;
     short[0].codes.pop();
     let err = rerank_decoded(&loaded.model, &loaded.tokenizer, vae, text, short, 4).unwrap_err();
     assert!(
@@ -296,7 +294,10 @@ fn a_slot_at_the_end_is_the_plain_template() {
     )
     .unwrap();
     assert_eq!(plain, slot);
-    assert_eq!(plain.1, loaded.tokenizer.bpe().encode("большая").len());
+    assert_eq!(
+        plain.template_tokens,
+        loaded.tokenizer.bpe().encode("большая").len()
+    );
     let inside = class_texts(
         &loaded.tokenizer,
         &classes,
@@ -305,9 +306,9 @@ fn a_slot_at_the_end_is_the_plain_template() {
         Fidelity::Fixed,
     )
     .unwrap();
-    assert_eq!(inside.1, plain.1);
+    assert_eq!(inside.template_tokens, plain.template_tokens);
     assert_eq!(
-        inside.0[0],
+        inside.texts[0],
         loaded
             .tokenizer
             .encode_text("большая красная звезда слева", r)
@@ -328,8 +329,11 @@ fn a_slot_at_the_end_is_the_plain_template() {
     // BOS, the first r − 2 template tokens and the class's first token, and scores that token.
     let plain_long = class_texts(&loaded.tokenizer, &classes, &long, r, Fidelity::Fixed);
     assert!(plain_long.unwrap_err().to_string().contains("no room"));
-    let (texts, ts) =
-        class_texts(&loaded.tokenizer, &classes, &long, r, Fidelity::Original).unwrap();
+    let classify::ClassTexts {
+        texts,
+        template_tokens: ts,
+        ..
+    } = class_texts(&loaded.tokenizer, &classes, &long, r, Fidelity::Original).unwrap();
     assert_eq!(ts, r - 2);
     let template_ids = loaded.tokenizer.bpe().encode(long.trim());
     for (text, class) in texts.iter().zip(&classes) {

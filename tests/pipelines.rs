@@ -8,7 +8,7 @@ use rudolph::pipelines::images::{ImagePrompt, generate_image_codes};
 use rudolph::pipelines::rerank::{joint_nll, score_pairs, score_texts_by_image_rc1};
 use rudolph::pipelines::texts::{self, SpecialIds, generate_text_ids};
 use rudolph::pipelines::{Fidelity, GenerateOptions, captions, classify};
-use rudolph::progress::Progress;
+use rudolph::progress::Silent;
 use rudolph::sampling::SamplingParams;
 use serde_json::Value;
 
@@ -76,7 +76,7 @@ fn generate_codebooks_matches_with_and_without_cache() {
             bs,
             &params(args),
             0,
-            &Progress::hidden(),
+            &Silent,
         )
         .unwrap();
         assert_eq!(got, rows(&c["result"]), "{name}");
@@ -107,7 +107,7 @@ fn image_prompts_are_continued_exactly() {
             bs,
             &params(args),
             0,
-            &Progress::hidden(),
+            &Silent,
         )
         .unwrap();
         assert_eq!(got, rows(&c["result"]), "{name}");
@@ -172,7 +172,7 @@ fn generate_texts_without_template_matches() {
         &params(args),
         0,
         SpecialIds::OriginalTexts,
-        &Progress::hidden(),
+        &Silent,
     )
     .unwrap();
     let want: Vec<u32> = c["sampled_tokens"]["appended"]
@@ -200,7 +200,7 @@ fn options(args: &Value, fidelity: Fidelity) -> GenerateOptions {
         batch_size: args["bs"].as_u64().unwrap() as usize,
         fidelity,
         guidance: 1.0,
-        progress: false,
+        progress: rudolph::progress::silent(),
     }
 }
 
@@ -277,7 +277,7 @@ fn the_text_end_fix_keeps_the_whole_text() {
     let template = args["template"].as_str().unwrap();
     let count = args["texts_num"].as_u64().unwrap() as usize;
     let l = tiny_config().l_text_seq_length;
-    let prefix = texts::template_prefix(
+    let (prefix, _) = texts::template_prefix(
         &tok.encode_text(&rudolph::tokenizer::lower_strip(template), l),
         l,
         "template",
@@ -353,8 +353,8 @@ fn the_text_end_fix_keeps_the_whole_text() {
         want_original,
         "the recorded rows cut as the original cuts"
     );
-    assert_eq!(sorted_texts(original.unwrap()), want_original);
-    assert_eq!(sorted_texts(fixed.unwrap()), texts_cut_at(&first_eos));
+    assert_eq!(sorted_texts(original.unwrap().items), want_original);
+    assert_eq!(sorted_texts(fixed.unwrap().items), texts_cut_at(&first_eos));
 }
 
 #[test]
@@ -618,7 +618,7 @@ fn image_prompts_from_the_picture_match() {
             args["bs"].as_u64().unwrap() as usize,
             &params(args),
             0,
-            &Progress::hidden(),
+            &Silent,
         )
         .unwrap();
         assert_eq!(got, rows(&c["result"]), "{name}");
@@ -650,26 +650,13 @@ fn sampling_is_reproducible_and_independent_of_the_batch_size() {
         top_p: 0.95,
         temperature: 1.3,
     };
-    let run = |batch| {
-        generate_image_codes(
-            &model,
-            &left,
-            3,
-            None,
-            1.0,
-            batch,
-            &p,
-            42,
-            &Progress::hidden(),
-        )
-        .unwrap()
-    };
+    let run =
+        |batch| generate_image_codes(&model, &left, 3, None, 1.0, batch, &p, 42, &Silent).unwrap();
     let one = run(1);
     assert_eq!(one, run(3));
     assert_eq!(one, run(2));
     assert_ne!(one[0], one[1], "different items draw differently");
-    let other =
-        generate_image_codes(&model, &left, 3, None, 1.0, 3, &p, 43, &Progress::hidden()).unwrap();
+    let other = generate_image_codes(&model, &left, 3, None, 1.0, 3, &p, 43, &Silent).unwrap();
     assert_ne!(one, other);
 }
 
@@ -691,18 +678,8 @@ fn guidance_mixes_the_conditional_and_unconditional_logits() {
         temperature: 1.0,
     };
     let generate = |scale: f32, steps: usize| {
-        let all = generate_image_codes(
-            &model,
-            &left,
-            2,
-            None,
-            scale,
-            2,
-            &greedy,
-            0,
-            &Progress::hidden(),
-        )
-        .unwrap();
+        let all =
+            generate_image_codes(&model, &left, 2, None, scale, 2, &greedy, 0, &Silent).unwrap();
         assert_eq!(all[0], all[1], "greedy rows agree");
         all[0][..steps].to_vec()
     };

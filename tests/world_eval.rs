@@ -167,7 +167,7 @@ fn evaluate_scores_a_random_world_model() {
         images: 2,
         guidance: None,
         rank: None,
-        progress: false,
+        progress: rudolph::progress::silent(),
     };
     let report = evaluate(&loaded, &opts).unwrap();
     check_report(&report, 3);
@@ -186,7 +186,7 @@ fn evaluate_scores_a_random_world_model() {
     let greedy = EvalOptions {
         captions: 0,
         images: 1,
-        ..opts
+        ..opts.clone()
     };
     let g = evaluate(&loaded, &greedy).unwrap();
     check_report(&g, 3);

@@ -1,14 +1,15 @@
 //! `rudolph bench`: time a task on a preset with random weights.
 
-use crate::bench::{self, Task};
-use crate::config::Config;
+use super::common::choices;
+use rudolph::bench::{self, Task};
+use rudolph::config::Config;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Configuration preset (or config.json) to build with random weights.
     #[arg(long, default_value = "350m")]
     pub preset: String,
-    #[arg(long, value_enum, default_value = "image")]
+    #[arg(long, value_parser = choices(Task::ALL, Task::name, task_help), default_value = "image")]
     pub task: Task,
     /// Pictures (or captions, or reranked pairs) to produce.
     #[arg(long, default_value_t = 8)]
@@ -31,10 +32,18 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Some(n) = args.threads {
-        super::set_threads(n)?;
+fn task_help(task: Task) -> &'static str {
+    match task {
+        Task::Forward => "One full forward of `batch` full-length sequences",
+        Task::Image => {
+            "Text → image codes for `images` pictures, `batch` at a time, with the KV cache"
+        }
+        Task::Caption => "Captions of one picture, `images` of them, `batch` at a time",
+        Task::Rerank => "Perplexity of `images` (picture, text) pairs",
     }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cfg = Config::from_name_or_path(&args.preset)?;
     let report = bench::run(
         &cfg,

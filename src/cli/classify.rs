@@ -1,8 +1,8 @@
 //! `rudolph classify IMAGE --classes a,b,c`: zero-shot classification by perplexity.
 
-use super::common::{ModelArgs, OutputArgs, picture_codes};
-use crate::pipelines::Fidelity;
-use crate::pipelines::classify::classify;
+use super::common::{ModelArgs, OutputArgs, picture_codes, print_warnings};
+use rudolph::pipelines::Fidelity;
+use rudolph::pipelines::classify::classify;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +54,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
         },
     )
     .map_err(|e| anyhow::anyhow!("{e} (--original computes what the original computes)"))?;
+    print_warnings(&result.warnings);
     if args.output.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {

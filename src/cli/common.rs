@@ -1,11 +1,47 @@
 //! Flags shared by the task commands: where the model is, how to sample, how to report.
 
-use crate::folder::{Loaded, ModelSpec};
-use crate::model::Precision;
-use crate::pipelines::{Fidelity, GenerateOptions};
-use crate::sampling::SamplingParams;
 use candle_core::Device;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use rudolph::folder::{Loaded, ModelSpec};
+use rudolph::model::Precision;
+use rudolph::pipelines::images::ImageRank;
+use rudolph::pipelines::{Fidelity, GenerateOptions, Warning};
+use rudolph::sampling::SamplingParams;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The value parser of a flag that takes one of a library enum's values by name (`FromStr`
+/// reads what `name` writes), listed in the help with what each means.
+pub fn choices<T, const N: usize>(
+    all: [T; N],
+    name: fn(T) -> &'static str,
+    help: fn(T) -> &'static str,
+) -> impl TypedValueParser<Value = T>
+where
+    T: FromStr + Copy + Send + Sync + 'static,
+    T::Err: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let values = all.map(|v| PossibleValue::new(name(v)).help(help(v)));
+    PossibleValuesParser::new(values).try_map(|name| name.parse::<T>())
+}
+
+/// What each `--rank` of pictures means (`rudolph image`, `world eval`).
+pub fn image_rank_help(rank: ImageRank) -> &'static str {
+    match rank {
+        ImageRank::Codes => {
+            "The text's perplexity given the sampled codes, as rc1's `self_reranking_by_text`"
+        }
+        ImageRank::Decoded => {
+            "The text's perplexity given the codes of the picture as it will be shown: decoded, \
+             saved to 8 bits and encoded again ([`rerank_decoded`]). Sampled codes can be \
+             sequences the VQGAN's encoder never produces, which the model was never trained to \
+             read; the round trip gives it codes like those of its training pictures. On the \
+             built-in model (`rudolph world eval`, scene seed 0, guidance 1.5) it keeps the asked \
+             shape for 95 % of seen captions against 90 % by codes, and the asked colour for 81 % \
+             of held-out ones against 74 %"
+        }
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -37,26 +73,9 @@ pub struct ModelArgs {
     pub dtype: String,
 }
 
-/// `cpu`, `cuda` or `cuda:N`.
+/// The `--device` flag: `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ordinal = match name.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("--device '{name}': expected cpu, cuda or cuda:N")
-                    })?,
-                None => anyhow::bail!("--device '{name}': expected cpu, cuda or cuda:N"),
-            };
-            crate::device::cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!("--device {name}: {e} (build with `cargo build --release --features cuda` on a machine with the CUDA toolkit)")
-            })
-        }
-    }
+    rudolph::device::parse_device(name).map_err(|e| anyhow::anyhow!("{e} (--device)"))
 }
 
 pub fn parse_precision(name: &str) -> anyhow::Result<Precision> {
@@ -70,7 +89,7 @@ impl ModelArgs {
         let dir = match &self.model {
             Some(d) => Some(d.clone()),
             None if self.tokenizer.is_none() || self.config.is_none() => {
-                Some(crate::builtin::dir()?)
+                Some(rudolph::builtin::dir()?)
             }
             None => None,
         };
@@ -133,7 +152,7 @@ impl SampleArgs {
                 Fidelity::Fixed
             },
             guidance: 1.0,
-            progress: !quiet,
+            progress: super::progress::progress(quiet),
         })
     }
 }
@@ -156,9 +175,17 @@ fn clock_seed() -> u64 {
 
 /// Reads a picture and turns it into the model's codes (pre-processing as the pipelines do).
 pub fn picture_codes(loaded: &Loaded, path: &Path) -> anyhow::Result<Vec<u32>> {
-    let img = crate::image::load_image(path)?;
-    let mut codes = crate::pipelines::images::picture_codes(&loaded.model, loaded.vae()?, &[img])?;
+    let img = rudolph::image::load_image(path)?;
+    let mut codes =
+        rudolph::pipelines::images::picture_codes(&loaded.model, loaded.vae()?, &[img])?;
     Ok(codes.remove(0))
+}
+
+/// Tells the user what the library warned of, on stderr.
+pub fn print_warnings(warnings: &[Warning]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 /// Refuses to replace a file the user has not asked to overwrite.

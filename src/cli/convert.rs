@@ -1,8 +1,8 @@
 //! `rudolph convert`: rewrite any checkpoint the library reads as safetensors.
 
-use std::path::PathBuf;
-
 use candle_core::DType;
+use rudolph::weights::WeightsError;
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FloatDtype {
@@ -37,12 +37,16 @@ pub struct ConvertArgs {
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    let summary = crate::weights::convert(
+    let summary = rudolph::weights::convert(
         &args.input,
         &args.output,
         args.dtype.map(DType::from),
         args.force,
-    )?;
+    )
+    .map_err(|e| match e {
+        WeightsError::Exists { .. } => anyhow::anyhow!("{e} (pass --force to overwrite it)"),
+        e => e.into(),
+    })?;
     println!(
         "wrote {} tensors ({} bytes of data) to {}",
         summary.tensors,

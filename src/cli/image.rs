@@ -1,9 +1,11 @@
 //! `rudolph image TEXT`: draw candidates, rerank them by the text, save the best as a PNG grid.
 
-use super::common::{ModelArgs, OutputArgs, SampleArgs, check_writable};
-use crate::pipelines::defaults;
-use crate::pipelines::images::{Borders, ImageRank, generate_images, image_prompt};
+use super::common::{
+    ModelArgs, OutputArgs, SampleArgs, check_writable, choices, image_rank_help, print_warnings,
+};
 use candle_core::Tensor;
+use rudolph::pipelines::defaults;
+use rudolph::pipelines::images::{Borders, ImageRank, generate_images, image_prompt};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -46,7 +48,7 @@ pub struct ImageArgs {
     /// Rank candidates by the text given their sampled codes (`codes`, as the original) or
     /// given the codes of the decoded picture encoded again (`decoded`). Default: the model
     /// folder's `generation_config.json` (the built-in model's says decoded), else codes.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choices(ImageRank::ALL, ImageRank::name, image_rank_help))]
     pub rank: Option<ImageRank>,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -106,8 +108,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let prompt = match &args.prompt_image {
         Some(p) => {
             let size = loaded.model.config().image_size();
-            let img = crate::image::load_image(p)?;
-            let pixels = crate::image::preprocess(&img, size as u32, vae.device())?;
+            let img = rudolph::image::load_image(p)?;
+            let pixels = rudolph::image::preprocess(&img, size as u32, vae.device())?;
             Some(image_prompt(vae, &pixels, borders, args.crop_first)?)
         }
         None => {
@@ -135,6 +137,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         ranked,
         opts.batch_size,
     )?;
+    print_warnings(&ranked.warnings);
     let best: Vec<u32> = ranked[..keep]
         .iter()
         .flat_map(|r| r.codes.clone())
@@ -142,13 +145,13 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let n = loaded.model.config().image_seq_length();
     let codes = Tensor::from_vec(best, (keep, n), vae.device())?;
     let pictures = vae.decode_codes(&codes)?;
-    let grid = crate::image::grid(&pictures, args.nrow)?;
-    crate::image::save_png(&crate::image::to_rgb8(&grid)?, &args.output)?;
+    let grid = rudolph::image::grid(&pictures, args.nrow)?;
+    rudolph::image::save_png(&rudolph::image::to_rgb8(&grid)?, &args.output)?;
     let mut files = Vec::new();
     if args.save_each {
         for i in 0..keep {
             let path = numbered(&args.output, i + 1);
-            crate::image::save_png(&crate::image::to_rgb8(&pictures.get(i)?)?, &path)?;
+            rudolph::image::save_png(&rudolph::image::to_rgb8(&pictures.get(i)?)?, &path)?;
             files.push(path.display().to_string());
         }
     }

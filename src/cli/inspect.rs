@@ -1,10 +1,10 @@
 //! `rudolph inspect PATH`: what a checkpoint file or model folder holds.
 
-use crate::config::Config;
-use crate::model::Rudolph;
-use crate::model::load::LoadReport;
-use crate::weights::Checkpoint;
 use candle_core::Device;
+use rudolph::config::Config;
+use rudolph::model::Rudolph;
+use rudolph::model::load::LoadReport;
+use rudolph::weights::Checkpoint;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -56,7 +56,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     };
     // Only the masks and shapes are needed: load the buffers, not the whole model.
     ckpt.check(&Rudolph::tensor_shapes(&cfg))?;
-    let masks = crate::model::load::masks_from_checkpoint(&ckpt, &Device::Cpu)?;
+    let masks = rudolph::model::load::masks_from_checkpoint(&ckpt, &Device::Cpu)?;
     let report = LoadReport::of(&ckpt, &cfg, &masks)?;
     let matching = cfg.matching_preset();
     if args.json {

@@ -1,25 +1,23 @@
 //! The `rudolph` command line: one file per command, each a thin layer over the library.
 
-mod convert;
-mod vae;
-
-use clap::{Parser, Subcommand};
-
 mod bench;
 mod caption;
 mod classify;
 mod common;
+mod convert;
 mod image;
 mod inspect;
+mod progress;
 mod rerank;
 mod text;
 mod tokenize;
 mod tokenizer_train;
 mod train;
+mod vae;
 mod world;
 mod world_train;
 
-pub use common::parse_device;
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -74,10 +72,21 @@ pub struct ConfigArgs {
     pub name: String,
 }
 
+impl Cli {
+    /// Worker threads asked for tensor work (`bench --threads`), which `main` sets before any
+    /// thread starts.
+    pub fn threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Bench(args) => args.threads,
+            _ => None,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Config(args) => {
-            let cfg = crate::config::Config::from_name_or_path(&args.name)?;
+            let cfg = rudolph::config::Config::from_name_or_path(&args.name)?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             Ok(())
         }
@@ -99,11 +108,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Sets the number of worker threads for tensor work; must run before any tensor work.
-pub fn set_threads(n: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(n > 0, "--threads must be at least 1");
-    // candle's CPU kernels read RAYON_NUM_THREADS; the global pool is built from it too.
-    // SAFETY: called at start-up, before any other thread exists.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    Ok(())
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

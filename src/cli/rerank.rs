@@ -1,7 +1,7 @@
 //! `rudolph rerank TEXT (--codes FILE | IMAGES...)`: perplexity of each candidate picture.
 
-use super::common::{ModelArgs, OutputArgs, picture_codes};
-use crate::pipelines::rerank::score_pairs;
+use super::common::{ModelArgs, OutputArgs, picture_codes, print_warnings};
+use rudolph::pipelines::rerank::score_pairs;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -97,12 +97,13 @@ pub fn run(args: RerankArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let text = crate::pipelines::images::encode_checked(
+    let (text, warning) = rudolph::pipelines::images::encode_checked(
         &loaded.tokenizer,
-        &crate::tokenizer::lower_strip(&args.text),
+        &rudolph::tokenizer::lower_strip(&args.text),
         loaded.model.config().r_text_seq_length,
         "text",
     );
+    print_warnings(warning.as_slice());
     let pairs: Vec<(&[u32], &[u32])> = grids
         .iter()
         .map(|g| (g.as_slice(), text.as_slice()))

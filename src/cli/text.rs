@@ -1,8 +1,8 @@
 //! `rudolph text [TEMPLATE]`: generate left texts, ranked by perplexity.
 
-use super::common::{ModelArgs, OutputArgs, SampleArgs};
-use crate::pipelines::defaults;
-use crate::pipelines::texts::generate_texts;
+use super::common::{ModelArgs, OutputArgs, SampleArgs, print_warnings};
+use rudolph::pipelines::defaults;
+use rudolph::pipelines::texts::generate_texts;
 
 #[derive(Debug, clap::Args)]
 pub struct TextArgs {
@@ -30,9 +30,11 @@ pub fn run(args: TextArgs) -> anyhow::Result<()> {
         args.texts,
         &opts,
     )?;
+    print_warnings(&texts.warnings);
     if args.output.json {
-        let doc =
-            serde_json::json!({ "template": args.template, "seed": opts.seed, "texts": texts });
+        let doc = serde_json::json!({
+            "template": args.template, "seed": opts.seed, "texts": texts.items,
+        });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for t in &texts {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 
-use crate::tokenizer::{TextTokenizer, lower_strip};
+use rudolph::tokenizer::{TextTokenizer, lower_strip};
 
 #[derive(Debug, clap::Args)]
 pub struct TokenizeArgs {

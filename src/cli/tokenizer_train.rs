@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::tokenizer::{TrainOptions, lower_strip, train_bpe};
+use rudolph::tokenizer::{TrainOptions, lower_strip, train_bpe};
 
 #[derive(Debug, clap::Args)]
 pub struct TokenizerArgs {

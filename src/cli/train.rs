@@ -1,21 +1,14 @@
 //! `rudolph train`: fine-tune (or train from scratch) on a JSONL of pictures and texts.
 
-use crate::config::Config;
-use crate::folder::ModelSpec;
-use crate::model::masks::MaskVariant;
-use crate::model::{LayerMasks, Rudolph};
-use crate::tokenizer::TextTokenizer;
-use crate::train::checkpoint::{find_checkpoint, load_checkpoint};
-use crate::train::data::{CodesCache, Compose, load_dataset, synthetic};
-use crate::train::run::{RunSpec, run as run_loop};
-use crate::train::schedule::Schedule;
-use crate::train::{Freeze, TrainOptions, Trainer};
-use crate::vae::Vqgan;
-use crate::weights::Checkpoint;
+use super::progress::progress;
 use anyhow::Context;
-use candle_core::{DType, Device};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use rudolph::folder::ModelSpec;
+use rudolph::train::Freeze;
+use rudolph::train::data::Compose;
+use rudolph::train::job::{Data, Start, TrainJob, resume};
+use rudolph::train::run::Summary;
+use rudolph::train::schedule::Schedule;
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -115,92 +108,37 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let device = Device::Cpu;
-    let (mut trainer, spec, out) = match &args.resume {
-        Some(path) => resume(&args, path, &device)?,
-        None => start(&args, &device)?,
+    let progress = progress(args.quiet);
+    let summary = match &args.resume {
+        Some(path) => resume(path, args.out.as_deref(), progress.as_ref())?,
+        None => job(&args)?.run(progress.as_ref())?,
     };
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let tokenizer = TextTokenizer::load(&spec.tokenizer)?;
-    let cache_path = out.join("codes-cache.json");
-    let samples = match (spec.synthetic, &spec.data) {
-        (Some(n), _) => synthetic(trainer.config(), n, spec.options.seed),
-        (None, Some(data)) => {
-            let vae = match &spec.vae {
-                Some(p) => Some(Vqgan::load(p, spec.vae_config.as_deref(), &device)?),
-                None => None,
-            };
-            let vae_id = spec.vae.as_ref().map_or(String::new(), |p| vae_identity(p));
-            let mut cache = CodesCache::open(&cache_path, &vae_id)?;
-            let samples = load_dataset(
-                data,
-                vae.as_ref(),
-                trainer.config(),
-                &mut cache,
-                !args.quiet,
-            )?;
-            cache.save(&cache_path)?;
-            samples
-        }
-        (None, None) => anyhow::bail!("no training data: pass --data PATH"),
-    };
-    let summary = run_loop(&mut trainer, &spec, &samples, &tokenizer, &out, !args.quiet)?;
     if !args.quiet {
-        eprintln!(
-            "trained to step {} on {} samples ({} held out): loss {} → {}; peak memory {:.2} GiB; saved in {}",
-            summary.steps,
-            summary.train_samples,
-            summary.val_samples,
-            fmt_loss(summary.first_loss),
-            fmt_loss(summary.last_loss),
-            summary.peak_rss_bytes as f64 / (1u64 << 30) as f64,
-            out.display()
-        );
+        print_summary(&summary);
     }
     Ok(())
+}
+
+/// The one line a finished run reports on stderr.
+pub fn print_summary(summary: &Summary) {
+    eprintln!(
+        "trained to step {} on {} samples ({} held out): loss {} → {}; peak memory {:.2} GiB; saved in {}",
+        summary.steps,
+        summary.train_samples,
+        summary.val_samples,
+        fmt_loss(summary.first_loss),
+        fmt_loss(summary.last_loss),
+        summary.peak_rss_bytes as f64 / (1u64 << 30) as f64,
+        summary.out.display()
+    );
 }
 
 fn fmt_loss(l: Option<f32>) -> String {
     l.map_or("-".into(), |l| format!("{l:.4}"))
 }
 
-/// The VQGAN file's identity for the codes cache: path, size and modification time.
-fn vae_identity(path: &Path) -> String {
-    let meta = std::fs::metadata(path).ok();
-    let mtime = meta
-        .as_ref()
-        .and_then(|m| m.modified().ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{}|{}|{mtime}",
-        absolute(path).display(),
-        meta.map_or(0, |m| m.len())
-    )
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-fn parse_weights(s: &str) -> anyhow::Result<[f64; 3]> {
-    let parts: Vec<f64> = s
-        .split(',')
-        .map(|p| p.trim().parse::<f64>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--loss-weights '{s}': expected three numbers LT,IMG,RT"))?;
-    let w: [f64; 3] = parts
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("--loss-weights '{s}': expected three numbers LT,IMG,RT"))?;
-    anyhow::ensure!(
-        w.iter().all(|x| *x >= 0.0) && w.iter().sum::<f64>() > 0.0,
-        "--loss-weights '{s}': weights must be non-negative and not all zero"
-    );
-    Ok(w)
-}
-
-/// A fresh run: model from a folder or a config, settings from the flags.
-fn start(args: &TrainArgs, device: &Device) -> anyhow::Result<(Trainer, RunSpec, PathBuf)> {
+/// A fresh run from the flags.
+fn job(args: &TrainArgs) -> anyhow::Result<TrainJob> {
     let out = args
         .out
         .clone()
@@ -211,114 +149,48 @@ fn start(args: &TrainArgs, device: &Device) -> anyhow::Result<(Trainer, RunSpec,
             out.display()
         );
     }
-    anyhow::ensure!(
-        args.data.is_some() != args.synthetic.is_some(),
-        "pass --data PATH (a JSONL file or a folder with one)"
-    );
-    anyhow::ensure!(
-        (0.0..1.0).contains(&args.val_fraction),
-        "--val-fraction must be in [0, 1), got {}",
-        args.val_fraction
-    );
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.i2t_fraction),
-        "--i2t-fraction must be in [0, 1], got {}",
-        args.i2t_fraction
-    );
-    anyhow::ensure!(
-        (0.0..1.0).contains(&args.bpe_dropout),
-        "--bpe-dropout must be in [0, 1), got {}",
-        args.bpe_dropout
-    );
-    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
-    let (cfg, weights, masks, tokenizer, vae, vae_config) = match &args.model {
-        Some(dir) => {
-            let files = ModelSpec {
-                dir: Some(dir.clone()),
-                config: args.config.clone(),
-                weights: None,
-                tokenizer: args.tokenizer.clone(),
-                vae: args.vae.clone(),
-                vae_config: args.vae_config.clone(),
-            }
-            .resolve()?;
-            let ckpt = Checkpoint::open(&files.weights)?;
-            let cfg = match &files.config {
-                Some(c) => Config::from_name_or_path(c)?,
-                None => Config::preset(Rudolph::preset_of(&ckpt).with_context(|| {
-                    format!(
-                        "{}: no config.json beside it and its shapes match no preset; pass --config",
-                        files.weights.display()
-                    )
-                })?)?,
-            };
-            ckpt.check(&Rudolph::tensor_shapes(&cfg))?;
-            let mut weights = HashMap::new();
-            for (name, _) in Rudolph::tensor_shapes(&cfg) {
-                if !name.ends_with("_mask") {
-                    let t = ckpt.load(&name, DType::F32, device)?;
-                    weights.insert(name, t);
-                }
-            }
-            let masks = crate::model::load::masks_from_checkpoint(&ckpt, device)?;
-            (
-                cfg,
-                Some(weights),
-                masks,
-                files.tokenizer,
-                files.vae,
-                files.vae_config,
-            )
-        }
-        None => {
-            let name = args
-                .config
-                .as_deref()
-                .context("pass --model DIR to fine-tune, or --config PRESET|config.json to train from scratch")?;
-            let cfg = Config::from_name_or_path(name)?;
-            let tokenizer = args
+    let data = match (&args.data, args.synthetic) {
+        (Some(path), None) => Data::Jsonl(path.clone()),
+        (None, Some(n)) => Data::Synthetic(n),
+        _ => anyhow::bail!("pass --data PATH (a JSONL file or a folder with one)"),
+    };
+    let start = match (&args.model, &args.config) {
+        (Some(dir), _) => Start::Folder(ModelSpec {
+            dir: Some(dir.clone()),
+            config: args.config.clone(),
+            weights: None,
+            tokenizer: args.tokenizer.clone(),
+            vae: args.vae.clone(),
+            vae_config: args.vae_config.clone(),
+        }),
+        (None, Some(config)) => Start::Scratch {
+            config: config.clone(),
+            tokenizer: args
                 .tokenizer
                 .clone()
-                .context("training from scratch needs --tokenizer PATH (a bpe.model)")?;
-            let masks = LayerMasks::build(&cfg, MaskVariant::Rc1, device)?;
-            (
-                cfg,
-                None,
-                masks,
-                tokenizer,
-                args.vae.clone(),
-                args.vae_config.clone(),
-            )
-        }
+                .context("training from scratch needs --tokenizer PATH (a bpe.model)")?,
+            vae: args.vae.clone(),
+            vae_config: args.vae_config.clone(),
+        },
+        (None, None) => anyhow::bail!(
+            "pass --model DIR to fine-tune, or --config PRESET|config.json to train from scratch"
+        ),
     };
-    let options = TrainOptions {
+    Ok(TrainJob {
+        start,
+        data,
+        out,
         steps: args.steps,
+        batch_size: args.batch_size,
+        accumulate: args.accumulate,
         lr: args.lr,
         schedule: args.schedule,
         warmup: args.warmup,
-        accumulate: args.accumulate,
         clip_norm: (args.clip > 0.0).then_some(args.clip),
-        loss_weights: parse_weights(&args.loss_weights)?,
-        corrected_labels: args.corrected_labels,
         weight_decay: args.weight_decay,
+        loss_weights: parse_weights(&args.loss_weights)?,
         freeze: args.freeze.clone(),
-        dropout: args.dropout.unwrap_or(cfg.embedding_dropout_prob as f32),
-        seed: args.seed,
-        ..TrainOptions::default()
-    };
-    anyhow::ensure!(
-        (0.0..1.0).contains(&options.dropout),
-        "--dropout must be in [0, 1), got {}",
-        options.dropout
-    );
-    let spec = RunSpec {
-        data: args.data.as_deref().map(absolute),
-        synthetic: args.synthetic,
-        tokenizer: absolute(&tokenizer),
-        vae: vae.as_deref().map(absolute),
-        vae_config: vae_config.as_deref().map(absolute),
-        batch_size: args.batch_size,
-        options: options.clone(),
+        dropout: args.dropout,
         compose: Compose {
             i2t_fraction: args.i2t_fraction,
             bpe_dropout: args.bpe_dropout,
@@ -327,38 +199,18 @@ fn start(args: &TrainArgs, device: &Device) -> anyhow::Result<(Trainer, RunSpec,
         eval_every: args.eval_every,
         save_every: args.save_every,
         log_every: args.log_every,
-    };
-    let trainer = Trainer::new(&cfg, weights, masks, options, device)?;
-    Ok((trainer, spec, out))
+        seed: args.seed,
+        corrected_labels: args.corrected_labels,
+    })
 }
 
-/// A resumed run: everything from the checkpoint; `--out` defaults to the folder above it.
-fn resume(
-    args: &TrainArgs,
-    path: &Path,
-    device: &Device,
-) -> anyhow::Result<(Trainer, RunSpec, PathBuf)> {
-    let dir = find_checkpoint(path)?;
-    let restored = load_checkpoint(&dir, device)?;
-    let out = match &args.out {
-        Some(o) => o.clone(),
-        None => dir
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(".")),
-    };
-    let spec = restored.state.run.clone();
-    let mut trainer = Trainer::new(
-        &restored.config,
-        Some(restored.weights),
-        restored.masks,
-        spec.options.clone(),
-        device,
-    )?;
-    trainer.restore(
-        restored.state.step,
-        &restored.moments,
-        restored.state.dropout_position()?,
-    )?;
-    Ok((trainer, spec, out))
+fn parse_weights(s: &str) -> anyhow::Result<[f64; 3]> {
+    let parts: Vec<f64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--loss-weights '{s}': expected three numbers LT,IMG,RT"))?;
+    parts
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("--loss-weights '{s}': expected three numbers LT,IMG,RT"))
 }

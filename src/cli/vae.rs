@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 
-use crate::image as img;
-use crate::vae::Vqgan;
+use rudolph::image as img;
+use rudolph::vae::Vqgan;
 
 #[derive(Debug, clap::Args)]
 pub struct EncodeImageArgs {
@@ -56,7 +56,7 @@ fn load_vae(path: Option<&Path>, config: Option<&Path>) -> anyhow::Result<Vqgan>
     let path = match path {
         Some(p) => p,
         None => {
-            builtin = crate::builtin::dir()?.join("vqgan.safetensors");
+            builtin = rudolph::builtin::dir()?.join("vqgan.safetensors");
             &builtin
         }
     };

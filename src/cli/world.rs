@@ -1,11 +1,11 @@
 //! `rudolph world …`: the shapes world that the built-in model learns.
 
-use super::common::ModelArgs;
-use crate::pipelines::defaults;
-use crate::pipelines::images::ImageRank;
-use crate::world;
-use crate::world::eval::{EvalOptions, evaluate};
-use std::io::Write;
+use super::common::{ModelArgs, choices, image_rank_help, print_warnings};
+use super::progress::progress;
+use rudolph::pipelines::defaults;
+use rudolph::pipelines::images::ImageRank;
+use rudolph::world::eval::{EvalOptions, evaluate};
+use rudolph::world::{self, dataset};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Subcommand)]
@@ -71,13 +71,20 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let jsonl = write_scenes(
+    let progress = progress(false);
+    let jsonl = dataset::write_scenes(
         &world::sample(args.n, args.seed, args.held_out),
         &args.out,
-        true,
+        progress.as_ref(),
     )?;
     if args.recoloured > 0 {
-        append_recoloured(args.recoloured, args.prompted, args.seed, &args.out, true)?;
+        dataset::append_recoloured(
+            args.recoloured,
+            args.prompted,
+            args.seed,
+            &args.out,
+            progress.as_ref(),
+        )?;
     }
     println!(
         "wrote {} scenes{} and {}",
@@ -119,7 +126,7 @@ pub struct EvalArgs {
     pub guidance: Option<f32>,
     /// What the pictures are ranked by (as `rudolph image --rank`; default: the model folder's,
     /// else codes).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choices(ImageRank::ALL, ImageRank::name, image_rank_help))]
     pub rank: Option<ImageRank>,
     /// Also save the generated pictures as PNG grids in DIR (text_to_image_seen.png,
     /// text_to_image_held_out.png).
@@ -128,71 +135,6 @@ pub struct EvalArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-/// Writes the pictures of `scenes` and a `data.jsonl` of their captions into `out` (created).
-pub fn write_scenes(
-    scenes: &[world::Scene],
-    out: &std::path::Path,
-    progress: bool,
-) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-    let jsonl = out.join("data.jsonl");
-    let mut lines = std::io::BufWriter::new(
-        std::fs::File::create(&jsonl).map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
-    );
-    let bar = crate::progress::Progress::new(scenes.len() as u64, "scenes", progress);
-    for (i, scene) in scenes.iter().enumerate() {
-        let name = format!("{i:06}.png");
-        crate::image::save_png(&world::render::render(scene), &out.join(&name))?;
-        // Exactly the trainer's format; the caption states every attribute of the scene.
-        let line = serde_json::json!({ "image": name, "text": scene.caption() });
-        writeln!(lines, "{line}")?;
-        bar.inc(1);
-    }
-    bar.finish();
-    lines.flush()?;
-    Ok(jsonl)
-}
-
-/// Appends `m` pictures of seen scenes (drawn from `seed`, apart from the captioned ones) with
-/// their shapes in colours off the palette ([`world::recipe::recolour`]) to the `data.jsonl` in
-/// `out`, as `recoloured-NNNNNN.png`: with no text (the model learns to draw every outline in
-/// many colours, as its unconditional branch) or, when `prompted`, each prompted by its caption
-/// without the colour ([`world::Scene::colourless_caption`]), so that the shape's word alone
-/// decides the outline.
-pub fn append_recoloured(
-    m: usize,
-    prompted: bool,
-    seed: u64,
-    out: &std::path::Path,
-    progress: bool,
-) -> anyhow::Result<()> {
-    use rand::SeedableRng;
-    let jsonl = out.join("data.jsonl");
-    let mut lines = std::io::BufWriter::new(
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&jsonl)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", jsonl.display()))?,
-    );
-    let stream = seed ^ 0x7ec0_10e5;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
-    let bar = crate::progress::Progress::new(m as u64, "recoloured", progress);
-    for (i, scene) in world::sample(m, stream, false).iter().enumerate() {
-        let name = format!("recoloured-{i:06}.png");
-        let colour = world::recipe::recolour(scene, &mut rng);
-        crate::image::save_png(&world::render::render_in(scene, colour), &out.join(&name))?;
-        let line = match prompted {
-            true => serde_json::json!({ "image": name, "prompt": scene.colourless_caption() }),
-            false => serde_json::json!({ "image": name }),
-        };
-        writeln!(lines, "{line}")?;
-        bar.inc(1);
-    }
-    bar.finish();
-    lines.flush()?;
-    Ok(())
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
@@ -211,9 +153,10 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         images: args.images,
         guidance: args.guidance,
         rank: args.rank,
-        progress: !args.quiet,
+        progress: progress(args.quiet),
     };
     let report = evaluate(&loaded, &opts)?;
+    print_warnings(&report.warnings);
     let mut written = Vec::new();
     if let Some(dir) = &args.out {
         for (name, pictures) in [
@@ -241,9 +184,9 @@ fn save_grid(pictures: &[image::RgbImage], path: &std::path::Path) -> anyhow::Re
     let device = candle_core::Device::Cpu;
     let tensors = pictures
         .iter()
-        .map(|p| crate::image::to_tensor(p, &device))
+        .map(|p| rudolph::image::to_tensor(p, &device))
         .collect::<Result<Vec<_>, _>>()?;
-    let grid = crate::image::grid(&candle_core::Tensor::stack(&tensors, 0)?, 10)?;
-    crate::image::save_png(&crate::image::to_rgb8(&grid)?, path)?;
+    let grid = rudolph::image::grid(&candle_core::Tensor::stack(&tensors, 0)?, 10)?;
+    rudolph::image::save_png(&rudolph::image::to_rgb8(&grid)?, path)?;
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! Image → text in the right-text segment (rc1 `generate_captions`).
 
-use super::GenerateOptions;
 use super::generate::{Plan, generate};
 use super::rerank::{joint_nll, score_pairs};
 use super::texts::{SpecialIds, decode_unique, special_to_eos, template_prefix};
+use super::{GenerateOptions, Ranked};
 use crate::model::{Rudolph, masks};
-use crate::progress::Progress;
+use crate::progress::ProgressSink;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{TextTokenizer, lower_strip};
 use candle_core::Result;
@@ -21,7 +21,7 @@ pub fn generate_caption_ids(
     batch: usize,
     params: &SamplingParams,
     seed: u64,
-    progress: &Progress,
+    progress: &dyn ProgressSink,
 ) -> Result<Vec<Vec<u32>>> {
     let cfg = model.config();
     let (l, n, r) = (
@@ -60,7 +60,7 @@ pub fn generate_caption_ids(
 }
 
 /// How [`generate_captions`] orders the distinct captions it drew.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptionRank {
     /// By `p(caption | picture)` through Bayes' rule: the caption's NLL as the left text plus
@@ -72,6 +72,34 @@ pub enum CaptionRank {
     Joint,
     /// By the perplexity of the caption given the picture, as rc1 did.
     Text,
+}
+
+impl CaptionRank {
+    pub const ALL: [Self; 2] = [Self::Joint, Self::Text];
+
+    /// The name `FromStr` reads and `Display` writes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Joint => "joint",
+            Self::Text => "text",
+        }
+    }
+}
+
+impl std::str::FromStr for CaptionRank {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown caption rank '{s}' (joint, text)"))
+    }
+}
+
+impl std::fmt::Display for CaptionRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A caption with its scores (lower is better).
@@ -95,16 +123,13 @@ pub fn generate_captions(
     count: usize,
     rank: CaptionRank,
     opts: &GenerateOptions,
-) -> crate::Result<Vec<Caption>> {
+) -> crate::Result<Ranked<Caption>> {
     let cfg = model.config();
     let (l, r) = (cfg.l_text_seq_length, cfg.r_text_seq_length);
     let encoded = tokenizer.encode_text(&lower_strip(template), r);
-    let prefix = template_prefix(&encoded, r, "template");
-    let progress = Progress::new(
-        ((r - prefix.len()) * count) as u64,
-        "captions",
-        opts.progress,
-    );
+    let (prefix, warning) = template_prefix(&encoded, r, "template");
+    opts.progress
+        .start(((r - prefix.len()) * count) as u64, "captions");
     let rows = generate_caption_ids(
         model,
         codes,
@@ -113,9 +138,9 @@ pub fn generate_captions(
         opts.batch_size,
         &opts.params,
         opts.seed,
-        &progress,
+        opts.progress.as_ref(),
     )?;
-    progress.finish();
+    opts.progress.finish();
     let texts = decode_unique(tokenizer, &rows, opts.fidelity.text_end())?;
     let encode = |len: usize| -> Vec<Vec<u32>> {
         texts
@@ -143,5 +168,8 @@ pub fn generate_captions(
         })
         .collect();
     out.sort_by(|a, b| a.score.total_cmp(&b.score));
-    Ok(out)
+    Ok(Ranked {
+        items: out,
+        warnings: warning.into_iter().collect(),
+    })
 }

@@ -6,8 +6,8 @@
 //! (the built-in one always goes on with a position and a background) otherwise judges each class
 //! by how likely the text is to stop there, not by the picture.
 
-use super::Fidelity;
 use super::rerank::score_pairs;
+use super::{Fidelity, Warning};
 use crate::error::invalid;
 use crate::model::Rudolph;
 use crate::tokenizer::{TextTokenizer, lower_strip};
@@ -28,13 +28,27 @@ pub struct Classification {
     pub label: usize,
     /// In the order the classes were given.
     pub scores: Vec<ClassScore>,
+    /// Class names cut to fit the text slots.
+    #[serde(skip)]
+    pub warnings: Vec<Warning>,
+}
+
+/// The right texts of the classes, ready to score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassTexts {
+    /// Each class's right-text ids, in the order the classes were given.
+    pub texts: Vec<Vec<u32>>,
+    /// Template tokens before the class (the scoring starts after them).
+    pub template_tokens: usize,
+    /// Class names cut to fit the text slots.
+    pub warnings: Vec<Warning>,
 }
 
 /// Where the class goes in a template: after all of it, or in place of its one `{}`.
 const SLOT: &str = "{}";
 
 /// The right-text ids of each class in the template, and the number of template tokens before
-/// the class (the scoring starts after them).
+/// the class. A class that does not fit is cut, with a warning.
 ///
 /// A template that leaves no room for BOS, a whole class token and EOS is refused, unless
 /// `fidelity` is the original's: rc1 then keeps at most `r − 2` template tokens and scores
@@ -46,7 +60,7 @@ pub fn class_texts(
     template: &str,
     r: usize,
     fidelity: Fidelity,
-) -> crate::Result<(Vec<Vec<u32>>, usize)> {
+) -> crate::Result<ClassTexts> {
     if classes.is_empty() {
         return Err(invalid("the class list is empty"));
     }
@@ -56,6 +70,7 @@ pub fn class_texts(
         )));
     }
     let mut out = Vec::with_capacity(classes.len());
+    let mut warnings = Vec::new();
     let ts = match template.split_once(SLOT) {
         None => {
             let ts = match (template_tokens(tokenizer, template, r), fidelity) {
@@ -71,7 +86,7 @@ pub fn class_texts(
             for class in classes {
                 let name = class_name(class)?;
                 let c = tokenizer.encode_text(&format!(" {name}"), r);
-                warn_if_truncated(tokenizer, class, &name, ts, r);
+                warnings.extend(truncation(tokenizer, class, &name, ts, r));
                 // Same ids as encoding `template + ' ' + class`: YTTM encodes word by word.
                 out.push(if ts > 0 {
                     [&template_encoded[..ts + 1], &c[1..r - ts]].concat()
@@ -94,13 +109,17 @@ pub fn class_texts(
                          before it (with «{class}» the text «{text}» splits differently)"
                     )));
                 }
-                warn_if_truncated(tokenizer, class, &text, 0, r);
+                warnings.extend(truncation(tokenizer, class, &text, 0, r));
                 out.push(tokenizer.encode_text(&text, r));
             }
             ts
         }
     };
-    Ok((out, ts))
+    Ok(ClassTexts {
+        texts: out,
+        template_tokens: ts,
+        warnings,
+    })
 }
 
 /// Template BPE tokens (its encoding without BOS and EOS), checked to leave room for a class.
@@ -132,12 +151,17 @@ fn class_name(class: &str) -> crate::Result<String> {
     Ok(name)
 }
 
-fn warn_if_truncated(tokenizer: &TextTokenizer, class: &str, text: &str, before: usize, r: usize) {
-    if tokenizer.bpe().encode(text).len() + before + 2 > r {
-        eprintln!(
-            "warning: class «{class}» does not fit the text slots with the template; it was truncated"
-        );
-    }
+/// The warning for `class` if its `text`, after `before` template tokens, does not fit `r` slots.
+fn truncation(
+    tokenizer: &TextTokenizer,
+    class: &str,
+    text: &str,
+    before: usize,
+    r: usize,
+) -> Option<Warning> {
+    (tokenizer.bpe().encode(text).len() + before + 2 > r).then(|| Warning::ClassTruncated {
+        class: class.to_string(),
+    })
 }
 
 /// Classifies a picture (`N` codes) among `classes`; `fidelity` as [`class_texts`].
@@ -151,9 +175,13 @@ pub fn classify(
     fidelity: Fidelity,
 ) -> crate::Result<Classification> {
     let r = model.config().r_text_seq_length;
-    let (texts, ts) = class_texts(tokenizer, classes, template, r, fidelity)?;
+    let ClassTexts {
+        texts,
+        template_tokens,
+        warnings,
+    } = class_texts(tokenizer, classes, template, r, fidelity)?;
     let pairs: Vec<(&[u32], &[u32])> = texts.iter().map(|t| (codes, t.as_slice())).collect();
-    let scores = score_pairs(model, &pairs, ts + 1, batch)?;
+    let scores = score_pairs(model, &pairs, template_tokens + 1, batch)?;
     let mut label = 0;
     for (i, s) in scores.iter().enumerate() {
         if s.ppl_text < scores[label].ppl_text {
@@ -172,5 +200,6 @@ pub fn classify(
                 ppl_image: s.ppl_image,
             })
             .collect(),
+        warnings,
     })
 }

@@ -7,7 +7,7 @@
 //! unconditional ones: `u + scale · (c − u)`. Both rows then receive the drawn token.
 
 use crate::model::Rudolph;
-use crate::progress::Progress;
+use crate::progress::ProgressSink;
 use crate::sampling::{Sampler, SamplingParams};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -38,7 +38,8 @@ pub struct Guidance<'a> {
 }
 
 /// Generates `count` items and returns each item's generated tokens (`plan.steps.len()` each).
-/// Item `i` draws from stream `(seed, i)`, so results do not depend on `batch`.
+/// Item `i` draws from stream `(seed, i)`, so results do not depend on `batch`. Each sampled
+/// step advances `progress` by the items it drew.
 pub fn generate(
     model: &Rudolph,
     plan: &Plan,
@@ -46,7 +47,7 @@ pub fn generate(
     batch: usize,
     params: &SamplingParams,
     seed: u64,
-    progress: &Progress,
+    progress: &dyn ProgressSink,
 ) -> Result<Vec<Vec<u32>>> {
     params.validate().map_err(candle_core::Error::msg)?;
     if batch == 0 {
@@ -118,7 +119,7 @@ pub fn generate(
             for (p, row) in pending.iter_mut().zip(generated.iter().cycle()) {
                 *p = vec![*row.last().expect("a token was just drawn")];
             }
-            progress.inc(rows as u64);
+            progress.advance(rows as u64);
         }
         results.extend(generated);
     }

@@ -1,12 +1,12 @@
 //! Text → image codes (rc1 `generate_codebooks`), optionally continuing a picture's borders
 //! (ruDALL-E `ImagePrompts`).
 
-use super::GenerateOptions;
 use super::generate::{Guidance, Plan, generate};
 use super::rerank::score_pairs;
+use super::{GenerateOptions, Ranked, Warning};
 use crate::error::invalid;
 use crate::model::{Rudolph, masks};
-use crate::progress::Progress;
+use crate::progress::ProgressSink;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{TextTokenizer, lower_strip};
 use crate::vae::Vqgan;
@@ -69,7 +69,7 @@ pub fn generate_image_codes(
     batch: usize,
     params: &SamplingParams,
     seed: u64,
-    progress: &Progress,
+    progress: &dyn ProgressSink,
 ) -> Result<Vec<Vec<u32>>> {
     let cfg = model.config();
     let (l, n) = (cfg.l_text_seq_length, cfg.image_seq_length());
@@ -134,17 +134,7 @@ pub struct RankedCodes {
 }
 
 /// What generated pictures are ranked by.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageRank {
     /// The text's perplexity given the sampled codes, as rc1's `self_reranking_by_text`.
@@ -161,20 +151,52 @@ pub enum ImageRank {
 }
 
 impl ImageRank {
-    /// Orders `ranked` (as [`generate_images`] returns them, by codes) this way, best first.
+    pub const ALL: [Self; 2] = [Self::Codes, Self::Decoded];
+
+    /// The name `FromStr` reads and `Display` writes, as `generation_config.json` spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Codes => "codes",
+            Self::Decoded => "decoded",
+        }
+    }
+
+    /// Orders `ranked` (as [`generate_images`] returns them, by codes) this way, best first,
+    /// keeping its warnings.
     pub fn apply(
         self,
         model: &Rudolph,
         tokenizer: &TextTokenizer,
         vae: &Vqgan,
         text: &str,
-        ranked: Vec<RankedCodes>,
+        ranked: Ranked<RankedCodes>,
         batch: usize,
-    ) -> crate::Result<Vec<RankedCodes>> {
+    ) -> crate::Result<Ranked<RankedCodes>> {
         match self {
             Self::Codes => Ok(ranked),
-            Self::Decoded => rerank_decoded(model, tokenizer, vae, text, ranked, batch),
+            Self::Decoded => {
+                let mut reranked =
+                    rerank_decoded(model, tokenizer, vae, text, ranked.items, batch)?;
+                reranked.warnings.splice(0..0, ranked.warnings);
+                Ok(reranked)
+            }
         }
+    }
+}
+
+impl std::str::FromStr for ImageRank {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown image rank '{s}' (codes, decoded)"))
+    }
+}
+
+impl std::fmt::Display for ImageRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -187,15 +209,12 @@ pub fn generate_images(
     count: usize,
     prompt: Option<&ImagePrompt>,
     opts: &GenerateOptions,
-) -> crate::Result<Vec<RankedCodes>> {
+) -> crate::Result<Ranked<RankedCodes>> {
     let cfg = model.config();
     let text = lower_strip(text);
-    let left = encode_checked(tokenizer, &text, cfg.l_text_seq_length, "text");
-    let progress = Progress::new(
-        (count * cfg.image_seq_length()) as u64,
-        "images",
-        opts.progress,
-    );
+    let (left, warning) = encode_checked(tokenizer, &text, cfg.l_text_seq_length, "text");
+    opts.progress
+        .start((count * cfg.image_seq_length()) as u64, "images");
     let codes = generate_image_codes(
         model,
         &left,
@@ -205,10 +224,12 @@ pub fn generate_images(
         opts.batch_size,
         &opts.params,
         opts.seed,
-        &progress,
+        opts.progress.as_ref(),
     )?;
-    progress.finish();
-    rank_codes(model, tokenizer, &text, codes, opts.batch_size)
+    opts.progress.finish();
+    let mut ranked = rank_codes(model, tokenizer, &text, codes, opts.batch_size)?;
+    ranked.warnings.splice(0..0, warning);
+    Ok(ranked)
 }
 
 /// Scores code grids by `text` (rc1 `self_reranking_by_text`) and sorts them best first.
@@ -218,8 +239,8 @@ pub fn rank_codes(
     text: &str,
     codes: Vec<Vec<u32>>,
     batch: usize,
-) -> crate::Result<Vec<RankedCodes>> {
-    let right = encode_checked(
+) -> crate::Result<Ranked<RankedCodes>> {
+    let (right, warning) = encode_checked(
         tokenizer,
         &lower_strip(text),
         model.config().r_text_seq_length,
@@ -241,7 +262,10 @@ pub fn rank_codes(
         })
         .collect();
     out.sort_by(|a, b| a.ppl_text.total_cmp(&b.ppl_text));
-    Ok(out)
+    Ok(Ranked {
+        items: out,
+        warnings: warning.into_iter().collect(),
+    })
 }
 
 /// Scores each picture by `text` given its codes after a round trip through `vae` (decoded,
@@ -255,10 +279,11 @@ pub fn rerank_decoded(
     text: &str,
     mut ranked: Vec<RankedCodes>,
     batch: usize,
-) -> crate::Result<Vec<RankedCodes>> {
+) -> crate::Result<Ranked<RankedCodes>> {
     let cfg = model.config();
     let n = cfg.image_seq_length();
-    let right = encode_checked(tokenizer, &lower_strip(text), cfg.r_text_seq_length, "text");
+    let (right, warning) =
+        encode_checked(tokenizer, &lower_strip(text), cfg.r_text_seq_length, "text");
     for chunk in ranked.chunks_mut(batch.max(1)) {
         let mut flat = Vec::with_capacity(chunk.len() * n);
         for r in chunk.iter() {
@@ -287,7 +312,10 @@ pub fn rerank_decoded(
         let key = |r: &RankedCodes| r.ppl_decoded.unwrap_or(f32::INFINITY);
         key(a).total_cmp(&key(b))
     });
-    Ok(ranked)
+    Ok(Ranked {
+        items: ranked,
+        warnings: warning.into_iter().collect(),
+    })
 }
 
 /// The codes of `pictures`, pre-processed as every pipeline does (centre crop, resize to the
@@ -317,15 +345,21 @@ pub fn picture_codes(
 }
 
 /// `encode_text` with a warning when the text does not fit its slots (it is truncated, and the
-/// original then loses the EOS too).
-pub fn encode_checked(tokenizer: &TextTokenizer, text: &str, slots: usize, what: &str) -> Vec<u32> {
+/// original then loses the EOS too); `what` names the text in the warning.
+pub fn encode_checked(
+    tokenizer: &TextTokenizer,
+    text: &str,
+    slots: usize,
+    what: &str,
+) -> (Vec<u32>, Option<Warning>) {
     let ids = tokenizer.encode_text(text, slots);
-    if tokenizer.bpe().encode(text).len() + 2 > slots {
-        eprintln!(
-            "warning: the {what} «{text}» needs more than the {slots} text slots; it was truncated"
-        );
-    }
-    ids
+    let warning =
+        (tokenizer.bpe().encode(text).len() + 2 > slots).then(|| Warning::TextTruncated {
+            what: what.to_string(),
+            text: text.to_string(),
+            slots,
+        });
+    (ids, warning)
 }
 
 /// ruDALL-E `ImagePrompts`: the codes of a picture's borders, to be kept while the interior is

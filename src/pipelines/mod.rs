@@ -10,7 +10,9 @@ pub mod perplexity;
 pub mod rerank;
 pub mod texts;
 
+use crate::progress::{ProgressSink, silent};
 use crate::sampling::SamplingParams;
+use std::sync::Arc;
 
 /// How closely to follow the original where it is plainly wrong (SPEC §9, fixtures quirk 9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,8 +71,76 @@ pub mod defaults {
     pub const CAPTIONS: usize = 48;
 }
 
+/// Something the caller should tell whoever asked: the results stand, but their input was not
+/// used whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    /// A template filled every text slot, and was cut so that at least one token is generated.
+    TemplateTruncated { what: String, slots: usize },
+    /// A text needs more than its slots, and was cut (the original then loses its EOS too).
+    TextTruncated {
+        what: String,
+        text: String,
+        slots: usize,
+    },
+    /// A class name does not fit the text slots after the template, and was cut.
+    ClassTruncated { class: String },
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TemplateTruncated { what, slots } => {
+                write!(
+                    f,
+                    "the {what} does not fit the {slots} text slots; it was truncated"
+                )
+            }
+            Self::TextTruncated { what, text, slots } => write!(
+                f,
+                "the {what} «{text}» needs more than the {slots} text slots; it was truncated"
+            ),
+            Self::ClassTruncated { class } => write!(
+                f,
+                "class «{class}» does not fit the text slots with the template; it was truncated"
+            ),
+        }
+    }
+}
+
+/// A pipeline's results, best first, with the warnings met making them. It reads as the slice
+/// of its items.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked<T> {
+    pub items: Vec<T>,
+    pub warnings: Vec<Warning>,
+}
+
+impl<T> std::ops::Deref for Ranked<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.items
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Ranked<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.iter()
+    }
+}
+
+impl<T> IntoIterator for Ranked<T> {
+    type Item = T;
+    type IntoIter = std::vec::IntoIter<T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter()
+    }
+}
+
 /// Settings shared by the generators.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GenerateOptions {
     pub params: SamplingParams,
     pub seed: u64,
@@ -79,12 +149,13 @@ pub struct GenerateOptions {
     /// Classifier-free guidance scale for pictures (1: none; see
     /// [`images::generate_image_codes`]).
     pub guidance: f32,
-    /// Show a progress bar on stderr (only when it is a terminal).
-    pub progress: bool,
+    /// Hears each generated token (silent by default).
+    pub progress: Arc<dyn ProgressSink>,
 }
 
 impl GenerateOptions {
-    /// Sampling as the original's defaults for a task, seed 0, batch 8, fixed behaviour.
+    /// Sampling as the original's defaults for a task, seed 0, batch 8, fixed behaviour, no
+    /// progress reports.
     pub fn new(params: SamplingParams) -> Self {
         Self {
             params,
@@ -92,7 +163,19 @@ impl GenerateOptions {
             batch_size: 8,
             fidelity: Fidelity::Fixed,
             guidance: 1.0,
-            progress: false,
+            progress: silent(),
         }
+    }
+}
+
+impl std::fmt::Debug for GenerateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateOptions")
+            .field("params", &self.params)
+            .field("seed", &self.seed)
+            .field("batch_size", &self.batch_size)
+            .field("fidelity", &self.fidelity)
+            .field("guidance", &self.guidance)
+            .finish_non_exhaustive()
     }
 }

@@ -1,10 +1,10 @@
 //! Text generation in the left-text segment (rc1 `generate_texts`), ranked by perplexity.
 
-use super::GenerateOptions;
 use super::generate::{Plan, generate};
 use super::perplexity::{ce_to_ppl, token_cross_entropy};
+use super::{GenerateOptions, Ranked, Warning};
 use crate::model::{Rudolph, masks};
-use crate::progress::Progress;
+use crate::progress::ProgressSink;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{TextTokenizer, lower_strip, python_strip};
 use candle_core::{Result, Tensor};
@@ -64,7 +64,7 @@ pub fn generate_text_ids(
     params: &SamplingParams,
     seed: u64,
     rule: SpecialIds,
-    progress: &Progress,
+    progress: &dyn ProgressSink,
 ) -> Result<Vec<Vec<u32>>> {
     let cfg = model.config();
     let l = cfg.l_text_seq_length;
@@ -122,18 +122,19 @@ pub struct GeneratedText {
 
 /// rc1 `generate_texts`: `count` left texts continuing `template`, deduplicated (first
 /// occurrence order) and sorted by perplexity. `fidelity` picks the original's text-end and
-/// special-id rules or the fixed ones.
+/// special-id rules or the fixed ones. A template that fills the slots is cut, with a warning.
 pub fn generate_texts(
     model: &Rudolph,
     tokenizer: &TextTokenizer,
     template: &str,
     count: usize,
     opts: &GenerateOptions,
-) -> crate::Result<Vec<GeneratedText>> {
+) -> crate::Result<Ranked<GeneratedText>> {
     let l = model.config().l_text_seq_length;
     let encoded = tokenizer.encode_text(&lower_strip(template), l);
-    let prefix = template_prefix(&encoded, l, "template");
-    let progress = Progress::new(((l - prefix.len()) * count) as u64, "texts", opts.progress);
+    let (prefix, warning) = template_prefix(&encoded, l, "template");
+    opts.progress
+        .start(((l - prefix.len()) * count) as u64, "texts");
     let rows = generate_text_ids(
         model,
         &prefix,
@@ -142,9 +143,9 @@ pub fn generate_texts(
         &opts.params,
         opts.seed,
         opts.fidelity.special_ids(),
-        &progress,
+        opts.progress.as_ref(),
     )?;
-    progress.finish();
+    opts.progress.finish();
     let texts = decode_unique(tokenizer, &rows, opts.fidelity.text_end())?;
     // As the original, each text is re-encoded from its decoded string before scoring.
     let encoded: Vec<Vec<u32>> = texts
@@ -158,20 +159,26 @@ pub fn generate_texts(
         .map(|(text, ppl)| GeneratedText { text, ppl })
         .collect();
     out.sort_by(|a, b| a.ppl.total_cmp(&b.ppl));
-    Ok(out)
+    Ok(Ranked {
+        items: out,
+        warnings: warning.into_iter().collect(),
+    })
 }
 
 /// `[BOS, template…]` from an `encode_text` row: everything before its EOS (the original's
 /// `count(≠0) − 1`). A template that fills the slots loses its EOS; it is cut so that at least
-/// one token is still generated.
-pub fn template_prefix(encoded: &[u32], slots: usize, what: &str) -> Vec<u32> {
+/// one token is still generated, and the warning says so (`what` names the template).
+pub fn template_prefix(encoded: &[u32], slots: usize, what: &str) -> (Vec<u32>, Option<Warning>) {
     let nonzero = encoded.iter().filter(|&&t| t != 0).count();
-    let mut len = nonzero.saturating_sub(1).max(1);
+    let len = nonzero.saturating_sub(1).max(1);
     if len >= slots {
-        eprintln!("warning: the {what} does not fit the {slots} text slots; it was truncated");
-        len = slots - 1;
+        let warning = Warning::TemplateTruncated {
+            what: what.to_string(),
+            slots,
+        };
+        return (encoded[..slots - 1].to_vec(), Some(warning));
     }
-    encoded[..len].to_vec()
+    (encoded[..len].to_vec(), None)
 }
 
 /// Cuts each row at its end, decodes it, strips it and keeps the non-empty texts once each, in

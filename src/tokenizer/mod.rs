@@ -58,6 +58,6 @@ pub enum TokenizerError {
         source: std::io::Error,
     },
     /// Saving would replace an existing model file.
-    #[error("{} already exists; refusing to overwrite it (use --force to replace it)", .0.display())]
+    #[error("{} already exists; refusing to overwrite it", .0.display())]
     Exists(PathBuf),
 }

@@ -5,6 +5,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
+use crate::progress::ProgressSink;
 use crate::tokenizer::{TextTokenizer, lower_strip};
 use crate::vae::Vqgan;
 use rand::{Rng, SeedableRng};
@@ -106,7 +107,7 @@ pub fn load_dataset(
     vae: Option<&Vqgan>,
     cfg: &Config,
     cache: &mut CodesCache,
-    progress: bool,
+    progress: &dyn ProgressSink,
 ) -> Result<Vec<Sample>> {
     let file = jsonl_path(path)?;
     let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
@@ -176,7 +177,7 @@ pub fn load_dataset(
     if samples.is_empty() {
         return Err(invalid(format!("{} holds no samples", file.display())));
     }
-    let bar = crate::progress::Progress::new(pending.len() as u64, "encoding", progress);
+    progress.start(pending.len() as u64, "encoding");
     for (slot, p) in pending {
         let key = CodesCache::key(&p.path)?;
         let codes = match cache.codes.get(&key) {
@@ -184,7 +185,7 @@ pub fn load_dataset(
             _ => {
                 let vae = vae.ok_or_else(|| {
                     invalid(format!(
-                        "{}:{}: a picture needs the VQGAN: pass --vae PATH or a model folder with one",
+                        "{}:{}: a picture needs the VQGAN: name it, or start from a model folder with one",
                         file.display(),
                         p.line
                     ))
@@ -220,9 +221,9 @@ pub fn load_dataset(
                 prompt: None,
             },
         });
-        bar.inc(1);
+        progress.advance(1);
     }
-    bar.finish();
+    progress.finish();
     Ok(samples.into_iter().flatten().collect())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod job;
 pub mod optim;
 pub mod plot;
 pub mod run;

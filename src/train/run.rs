@@ -8,6 +8,7 @@ use super::trainer::{MicroBatch, StepLog, TrainOptions, Trainer};
 use crate::error::{Error, Result, invalid};
 use crate::model::LossWeights;
 use crate::model::masks::causal_mask;
+use crate::progress::ProgressSink;
 use crate::tokenizer::TextTokenizer;
 use candle_core::Tensor;
 use std::io::Write;
@@ -44,6 +45,8 @@ pub struct Summary {
     pub last_loss: Option<f32>,
     pub last_val_loss: Option<f32>,
     pub peak_rss_bytes: u64,
+    /// The run folder, where the model was saved.
+    pub out: PathBuf,
 }
 
 /// One `log.jsonl` line: the step's losses (each part averaged over the samples that weight
@@ -73,10 +76,10 @@ pub fn run(
     samples: &[Sample],
     tokenizer: &TextTokenizer,
     out: &Path,
-    progress: bool,
+    progress: &dyn ProgressSink,
 ) -> Result<Summary> {
     if spec.batch_size == 0 || spec.options.accumulate == 0 {
-        return Err(invalid("--batch-size and --accumulate must be at least 1"));
+        return Err(invalid("batch_size and accumulate must be at least 1"));
     }
     let seed = spec.options.seed;
     let (train, val) = split(samples.len(), spec.val_fraction, seed);
@@ -106,8 +109,8 @@ pub fn run(
     let mask = causal_mask(1, cfg.total_seq_length(), &device)?;
     let per_step = (spec.batch_size * spec.options.accumulate) as u64;
     let total = spec.options.steps;
-    let bar = crate::progress::Progress::new(total, "training", progress);
-    bar.inc(trainer.step());
+    progress.start(total, "training");
+    progress.advance(trainer.step());
     let mut first_loss = None;
     let mut last_val = history.iter().rev().find_map(|l| l.val_loss);
     while trainer.step() < total {
@@ -128,8 +131,8 @@ pub fn run(
         }
         let step = trainer.train_step_weighted(&batches)?;
         first_loss.get_or_insert(step.loss);
-        bar.inc(1);
-        bar.set_message(format!("loss {:.4}", step.loss));
+        progress.advance(1);
+        progress.message(&format!("loss {:.4}", step.loss));
         let s = step.step;
         let mut line = log_line(&step);
         let eval_now = spec.eval_every > 0 && (s % spec.eval_every == 0 || s == total);
@@ -155,7 +158,7 @@ pub fn run(
             draw_loss_curve(&curve(&history), &out.join("loss.png"))?;
         }
     }
-    bar.finish();
+    progress.finish();
     save_model(trainer, out)?;
     draw_loss_curve(&curve(&history), &out.join("loss.png"))?;
     Ok(Summary {
@@ -166,6 +169,7 @@ pub fn run(
         last_loss: history.last().map(|l| l.loss),
         last_val_loss: last_val,
         peak_rss_bytes: crate::bench::peak_rss_bytes(),
+        out: out.to_path_buf(),
     })
 }
 

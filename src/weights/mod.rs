@@ -186,7 +186,7 @@ pub enum WeightsError {
         name: String,
         detail: String,
     },
-    #[error("{path}: already exists (pass --force to overwrite it)")]
+    #[error("{path}: already exists")]
     Exists { path: PathBuf },
 }
 

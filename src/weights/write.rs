@@ -193,7 +193,7 @@ pub fn convert(
                 return Err(WeightsError::Save {
                     path: output.to_path_buf(),
                     name: String::new(),
-                    detail: format!("--dtype must be a float type, not {d:?}"),
+                    detail: format!("the target dtype must be a float type, not {d:?}"),
                 });
             }
         },

@@ -10,23 +10,24 @@ use crate::error::{Result, invalid};
 use crate::folder::Loaded;
 use crate::pipelines::captions::CaptionRank;
 use crate::pipelines::captions::generate_captions;
-use crate::pipelines::classify::class_texts;
+use crate::pipelines::classify::{ClassTexts, class_texts};
 use crate::pipelines::images::{ImageRank, generate_images, picture_codes};
 use crate::pipelines::rerank::score_pairs;
 use crate::pipelines::texts::{SpecialIds, TextEnd, cut_text, generate_text_ids, template_prefix};
-use crate::pipelines::{Fidelity, GenerateOptions, defaults};
-use crate::progress::Progress;
+use crate::pipelines::{Fidelity, GenerateOptions, Warning, defaults};
+use crate::progress::{ProgressSink, silent};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{lower_strip, python_strip};
 use candle_core::Tensor;
 use image::RgbImage;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Candidates per retrieval question: the true caption and this many minus one others.
 pub const RETRIEVAL_CANDIDATES: usize = 10;
 
 /// What to evaluate.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EvalOptions {
     /// Scenes per task.
     pub n: usize,
@@ -45,8 +46,8 @@ pub struct EvalOptions {
     pub guidance: Option<f32>,
     /// What the pictures are ranked by (`rudolph image --rank`); `None`: the model folder's.
     pub rank: Option<ImageRank>,
-    /// Progress bars on stderr.
-    pub progress: bool,
+    /// Hears each task's scenes as they are scored (silent by default).
+    pub progress: Arc<dyn ProgressSink>,
 }
 
 impl Default for EvalOptions {
@@ -59,8 +60,22 @@ impl Default for EvalOptions {
             images: defaults::IMAGES,
             guidance: None,
             rank: None,
-            progress: false,
+            progress: silent(),
         }
+    }
+}
+
+impl std::fmt::Debug for EvalOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvalOptions")
+            .field("n", &self.n)
+            .field("seed", &self.seed)
+            .field("batch_size", &self.batch_size)
+            .field("captions", &self.captions)
+            .field("images", &self.images)
+            .field("guidance", &self.guidance)
+            .field("rank", &self.rank)
+            .finish_non_exhaustive()
     }
 }
 
@@ -309,6 +324,9 @@ pub struct EvalReport {
     pub pictures_seen: Vec<RgbImage>,
     #[serde(skip)]
     pub pictures_held_out: Vec<RgbImage>,
+    /// What the pipelines warned of (texts cut to fit their slots), in the order they did.
+    #[serde(skip)]
+    pub warnings: Vec<Warning>,
 }
 
 impl EvalReport {
@@ -483,7 +501,7 @@ fn options(params: SamplingParams, seed: u64, batch: usize) -> GenerateOptions {
         batch_size: batch,
         fidelity: Fidelity::Fixed,
         guidance: 1.0,
-        progress: false,
+        progress: silent(),
     }
 }
 
@@ -507,7 +525,7 @@ pub fn scene_codes(loaded: &Loaded, scenes: &[Scene], batch: usize) -> Result<Ve
 
 fn world_vae(loaded: &Loaded) -> Result<&crate::vae::Vqgan> {
     loaded.vae.as_ref().ok_or_else(|| {
-        invalid("world eval needs a VQGAN: put its .ckpt in the model folder or pass --vae PATH")
+        invalid("world eval needs a VQGAN: put its .ckpt in the model folder or name it")
     })
 }
 
@@ -520,8 +538,9 @@ fn caption_scenes(
     opts: &EvalOptions,
     task: u64,
     what: &str,
+    warnings: &mut Vec<Warning>,
 ) -> Result<AttributeReport> {
-    let progress = Progress::new(scenes.len() as u64, what, opts.progress);
+    opts.progress.start(scenes.len() as u64, what);
     let (params, count) = match opts.captions {
         0 => (GREEDY, 1),
         n => (defaults::CAPTION, n),
@@ -539,11 +558,12 @@ fn caption_scenes(
             CaptionRank::Joint,
             &sampling,
         )?;
+        warnings.extend_from_slice(&captions.warnings);
         let text = captions.first().map(|c| c.text.as_str()).unwrap_or("");
         tally.add_caption(scene, text, (opts.captions > 0).then_some(seed));
-        progress.inc(1);
+        opts.progress.advance(1);
     }
-    progress.finish();
+    opts.progress.finish();
     Ok(tally.report(AttributeTargets::CAPTIONING_SEEN, true))
 }
 
@@ -555,10 +575,11 @@ fn draw_scenes(
     opts: &EvalOptions,
     task: u64,
     what: &str,
+    warnings: &mut Vec<Warning>,
 ) -> Result<(Tally, Vec<RgbImage>)> {
     let vae = world_vae(loaded)?;
     let n_codes = loaded.model.config().image_seq_length();
-    let progress = Progress::new(scenes.len() as u64, what, opts.progress);
+    opts.progress.start(scenes.len() as u64, what);
     let mut tally = Tally::default();
     let mut pictures = Vec::with_capacity(scenes.len());
     let batch = opts.batch_size.max(1);
@@ -589,12 +610,13 @@ fn draw_scenes(
                 ranked,
                 opts.batch_size,
             )?;
+            warnings.extend_from_slice(&ranked.warnings);
             let best = ranked
                 .into_iter()
                 .next()
                 .ok_or_else(|| invalid("image generation returned no picture"))?;
             codes.extend(best.codes);
-            progress.inc(1);
+            opts.progress.advance(1);
         }
         let decoded = vae.decode_codes(&Tensor::from_vec(
             codes,
@@ -611,7 +633,7 @@ fn draw_scenes(
             pictures.push(picture);
         }
     }
-    progress.finish();
+    opts.progress.finish();
     Ok((tally, pictures))
 }
 
@@ -653,7 +675,7 @@ fn retrieval(
     opts: &EvalOptions,
 ) -> Result<Metric> {
     let r = loaded.model.config().r_text_seq_length;
-    let progress = Progress::new(scenes.len() as u64, "retrieval", opts.progress);
+    opts.progress.start(scenes.len() as u64, "retrieval");
     let mut correct = 0;
     for (i, (scene, c)) in scenes.iter().zip(codes).enumerate() {
         let truth = scene.caption();
@@ -672,9 +694,9 @@ fn retrieval(
         let scores = score_pairs(&loaded.model, &pairs, 1, opts.batch_size)?;
         let ppl: Vec<f32> = scores.iter().map(|s| s.ppl_text).collect();
         correct += strict_best(&ppl, at) as usize;
-        progress.inc(1);
+        opts.progress.advance(1);
     }
-    progress.finish();
+    opts.progress.finish();
     Ok(Metric::new(correct, scenes.len(), Some(RETRIEVAL_TARGET)))
 }
 
@@ -685,11 +707,16 @@ fn class_ppls(
     codes: &[u32],
     items: &[(String, String)],
     batch: usize,
+    warnings: &mut Vec<Warning>,
 ) -> Result<Vec<f32>> {
     let r = loaded.model.config().r_text_seq_length;
     let mut out = Vec::with_capacity(items.len());
     for (template, class) in items {
-        let (texts, ts) = class_texts(
+        let ClassTexts {
+            texts,
+            template_tokens,
+            warnings: cut,
+        } = class_texts(
             &loaded.tokenizer,
             std::slice::from_ref(class),
             template,
@@ -697,7 +724,8 @@ fn class_ppls(
             Fidelity::Fixed,
         )?;
         let pairs: Vec<(&[u32], &[u32])> = texts.iter().map(|t| (codes, t.as_slice())).collect();
-        out.push(score_pairs(&loaded.model, &pairs, ts + 1, batch)?[0].ppl_text);
+        out.push(score_pairs(&loaded.model, &pairs, template_tokens + 1, batch)?[0].ppl_text);
+        warnings.extend(cut);
     }
     Ok(out)
 }
@@ -708,8 +736,9 @@ fn zero_shot(
     scenes: &[Scene],
     codes: &[Vec<u32>],
     opts: &EvalOptions,
+    warnings: &mut Vec<Warning>,
 ) -> Result<ZeroShotReport> {
-    let progress = Progress::new(scenes.len() as u64, "zero-shot", opts.progress);
+    opts.progress.start(scenes.len() as u64, "zero-shot");
     let (mut shape_ok, mut colour_ok) = (0, 0);
     for (scene, c) in scenes.iter().zip(codes) {
         let shapes: Vec<(String, String)> = Shape::ALL
@@ -723,7 +752,10 @@ fn zero_shot(
             .iter()
             .position(|&s| s == scene.shape)
             .expect("listed");
-        shape_ok += strict_best(&class_ppls(loaded, c, &shapes, opts.batch_size)?, truth) as usize;
+        shape_ok += strict_best(
+            &class_ppls(loaded, c, &shapes, opts.batch_size, warnings)?,
+            truth,
+        ) as usize;
         let g: Gender = scene.shape.gender();
         let colours: Vec<(String, String)> = Colour::ALL
             .iter()
@@ -741,11 +773,13 @@ fn zero_shot(
             .iter()
             .position(|&k| k == scene.colour)
             .expect("listed");
-        colour_ok +=
-            strict_best(&class_ppls(loaded, c, &colours, opts.batch_size)?, truth) as usize;
-        progress.inc(1);
+        colour_ok += strict_best(
+            &class_ppls(loaded, c, &colours, opts.batch_size, warnings)?,
+            truth,
+        ) as usize;
+        opts.progress.advance(1);
     }
-    progress.finish();
+    opts.progress.finish();
     Ok(ZeroShotReport {
         method: ZERO_SHOT_METHOD,
         shape: Metric::new(shape_ok, scenes.len(), None),
@@ -755,11 +789,17 @@ fn zero_shot(
 
 /// `n` left texts from an empty prompt, sampled as `rudolph text` does (every one kept, no
 /// merging of duplicates), and the share that parse as grammatical world captions.
-fn generated_texts(loaded: &Loaded, opts: &EvalOptions) -> Result<TextsReport> {
+fn generated_texts(
+    loaded: &Loaded,
+    opts: &EvalOptions,
+    warnings: &mut Vec<Warning>,
+) -> Result<TextsReport> {
     let model = &loaded.model;
     let l = model.config().l_text_seq_length;
-    let prefix = template_prefix(&loaded.tokenizer.encode_text("", l), l, "template");
-    let progress = Progress::new(((l - prefix.len()) * opts.n) as u64, "texts", opts.progress);
+    let (prefix, cut) = template_prefix(&loaded.tokenizer.encode_text("", l), l, "template");
+    warnings.extend(cut);
+    opts.progress
+        .start(((l - prefix.len()) * opts.n) as u64, "texts");
     let rows = generate_text_ids(
         model,
         &prefix,
@@ -768,9 +808,9 @@ fn generated_texts(loaded: &Loaded, opts: &EvalOptions) -> Result<TextsReport> {
         &defaults::TEXT,
         item_seed(opts.seed, 6, 0),
         SpecialIds::AllPositionTokens,
-        &progress,
+        opts.progress.as_ref(),
     )?;
-    progress.finish();
+    opts.progress.finish();
     let mut texts = Vec::with_capacity(rows.len());
     for row in &rows {
         let text = loaded
@@ -805,17 +845,26 @@ pub fn evaluate(loaded: &Loaded, opts: &EvalOptions) -> Result<EvalReport> {
     let seen_codes = scene_codes(loaded, &seen, opts.batch_size)?;
     let held_codes = scene_codes(loaded, &held, opts.batch_size)?;
 
-    let captioning_seen = caption_scenes(loaded, &seen, &seen_codes, opts, 3, "captions")?;
-    let mut captioning_held_out =
-        caption_scenes(loaded, &held, &held_codes, opts, 4, "captions (held-out)")?;
+    let mut warnings = Vec::new();
+    let w = &mut warnings;
+    let captioning_seen = caption_scenes(loaded, &seen, &seen_codes, opts, 3, "captions", w)?;
+    let mut captioning_held_out = caption_scenes(
+        loaded,
+        &held,
+        &held_codes,
+        opts,
+        4,
+        "captions (held-out)",
+        w,
+    )?;
     retarget(&mut captioning_held_out, AttributeTargets::HELD_OUT);
-    let (t, pictures_seen) = draw_scenes(loaded, &seen, opts, 1, "images")?;
+    let (t, pictures_seen) = draw_scenes(loaded, &seen, opts, 1, "images", w)?;
     let text_to_image_seen = t.report(AttributeTargets::TEXT_TO_IMAGE_SEEN, false);
-    let (t, pictures_held_out) = draw_scenes(loaded, &held, opts, 2, "images (held-out)")?;
+    let (t, pictures_held_out) = draw_scenes(loaded, &held, opts, 2, "images (held-out)", w)?;
     let text_to_image_held_out = t.report(AttributeTargets::HELD_OUT, false);
     let retrieval = retrieval(loaded, &seen, &seen_codes, opts)?;
-    let zero_shot = zero_shot(loaded, &seen, &seen_codes, opts)?;
-    let generated_texts = generated_texts(loaded, opts)?;
+    let zero_shot = zero_shot(loaded, &seen, &seen_codes, opts, w)?;
+    let generated_texts = generated_texts(loaded, opts, w)?;
 
     let mut report = EvalReport {
         n: opts.n,
@@ -835,6 +884,7 @@ pub fn evaluate(loaded: &Loaded, opts: &EvalOptions) -> Result<EvalReport> {
         targets_total: 0,
         pictures_seen,
         pictures_held_out,
+        warnings,
     };
     report.count_targets();
     Ok(report)

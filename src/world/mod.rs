@@ -2,6 +2,7 @@
 //! background, with a Russian caption for every picture. It is what the built-in model learns,
 //! and it is fixed so that anyone can check a model against it.
 
+pub mod dataset;
 pub mod eval;
 pub mod read;
 pub mod recipe;

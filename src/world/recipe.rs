@@ -11,12 +11,22 @@
 //!                    vqgan.safetensors, vqgan.config.yml, generation_config.json
 //! ```
 
+use super::dataset::{append_recoloured, write_scenes};
 use super::read::{Attributes, colour_name, dist2, read_picture};
 use super::render::{SIDE, render_in};
+use super::tokenizer::world_bpe;
 use super::{HELD_OUT, Scene, sample};
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
+use crate::folder::{GenerationConfig, ModelSpec};
 use crate::pipelines::images::ImageRank;
+use crate::progress::ProgressSink;
+use crate::tokenizer::TextTokenizer;
+use crate::train::Freeze;
+use crate::train::data::Compose;
+use crate::train::job::{Data, Start, TrainJob, resume};
+use crate::train::run::Summary;
+use crate::train::schedule::Schedule;
 use crate::vae::train::{VqTrainOptions, VqTrainer};
 use crate::vae::{DdConfig, Vqgan, VqganConfig};
 use crate::weights::{Checkpoint, save_safetensors};
@@ -61,6 +71,259 @@ pub const ROUND_RECOLOURED: [usize; 10] = [0, 0, 0, 3000, 6000, 6000, 6000, 6000
 pub const ROUND_PROMPTED: [bool; 10] = [
     false, false, false, false, false, false, true, false, true, false,
 ];
+
+/// One round of the transformer: fresh scenes, trained from the previous round's weights with a
+/// cosine cycle of its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Round {
+    /// Peak learning rate (see [`ROUND_LRS`]).
+    pub lr: f64,
+    /// Recoloured pictures without captions added to the round's scenes (see
+    /// [`ROUND_RECOLOURED`]).
+    pub recoloured: usize,
+    /// Whether the recoloured pictures are prompted by their captions without the colour (see
+    /// [`ROUND_PROMPTED`]).
+    pub prompted: bool,
+}
+
+/// The settings of a recipe run (`rudolph world train`).
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// VQGAN optimizer steps (see [`VqganStage`]).
+    pub vqgan_steps: u64,
+    /// Captioned scenes drawn for each transformer round (seen colour+shape pairs only).
+    pub scenes: usize,
+    /// Transformer optimizer steps per round.
+    pub steps: u64,
+    pub batch_size: usize,
+    pub rounds: Vec<Round>,
+    /// Fraction of picture samples trained image → text, with the left text blanked.
+    pub i2t_fraction: f64,
+    /// Classifier-free guidance scale the model folder sets for its pictures.
+    pub guidance: f32,
+    /// Train the transformer even if the VQGAN misses [`VQGAN_GATE`].
+    pub ignore_gate: bool,
+}
+
+/// A stage of a recipe run done.
+#[derive(Debug)]
+pub enum Stage<'a> {
+    /// The VQGAN is trained, and its reconstructions read back this well.
+    Vqgan(&'a VqganGate),
+    /// The tokenizer is ready: `vocab` ids; the longest caption takes `longest` of the `slots`
+    /// text slots with BOS and EOS.
+    Tokenizer {
+        vocab: usize,
+        longest: usize,
+        slots: usize,
+    },
+    /// Transformer round `round` (from 1) of `rounds` has trained (a round an earlier run
+    /// finished is not reported).
+    Round {
+        round: usize,
+        rounds: usize,
+        summary: &'a Summary,
+    },
+}
+
+/// How a recipe run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The model folder is complete.
+    Done(PathBuf),
+    /// The VQGAN misses [`VQGAN_GATE`], and the transformer was not trained.
+    GateMissed(VqganGate),
+}
+
+impl Recipe {
+    /// Runs the recipe in `out`, or continues it where an earlier run stopped, reporting each
+    /// stage as it is done.
+    pub fn run(
+        &self,
+        out: &Path,
+        progress: &dyn ProgressSink,
+        report: &mut dyn FnMut(Stage),
+    ) -> Result<Outcome> {
+        if self.rounds.is_empty() {
+            return Err(invalid("the recipe needs at least one round"));
+        }
+        if !self.rounds.iter().all(|r| r.lr.is_finite() && r.lr > 0.0) {
+            return Err(invalid("each round's lr must be a positive number"));
+        }
+        if !self.guidance.is_finite() {
+            return Err(invalid("the recipe's guidance must be a finite number"));
+        }
+        let dirs = RunDirs::new(out);
+
+        // 1. The VQGAN, gated on reading its reconstructions back.
+        let mut stage = VqganStage::default();
+        stage.train.steps = self.vqgan_steps;
+        let vae = train_vqgan(&dirs.vqgan, &stage, progress)?;
+        let gate = vqgan_gate(&vae, 200, 7)?;
+        let gate_path = dirs.vqgan.join("gate.json");
+        let json = serde_json::to_string_pretty(&gate).map_err(|e| invalid(e.to_string()))?;
+        std::fs::write(&gate_path, json).map_err(io(&gate_path))?;
+        report(Stage::Vqgan(&gate));
+        if !gate.passes() && !self.ignore_gate {
+            return Ok(Outcome::GateMissed(gate));
+        }
+        std::fs::create_dir_all(&dirs.model).map_err(io(&dirs.model))?;
+        save_vqgan(&vae, &dirs.vqgan.join("weights.safetensors"), &dirs.model)?;
+
+        // 2. The tokenizer, from the captions' grammar: adjectives as stem + ending, so that
+        // every held-out caption is spelled with pieces the seen ones use (see
+        // world::tokenizer).
+        let bpe_path = dirs.model.join("bpe.model");
+        if !bpe_path.is_file() {
+            world_bpe().save(&bpe_path, false)?;
+        }
+        let tokenizer = TextTokenizer::load(&bpe_path)?;
+        let cfg = model_config(tokenizer.bpe().vocab_size());
+        let longest = all_seen_captions()
+            .iter()
+            .map(|c| tokenizer.bpe().encode(c).len() + 2)
+            .max()
+            .unwrap_or(0);
+        if longest > cfg.l_text_seq_length {
+            return Err(invalid(format!(
+                "the longest caption needs {longest} tokens with BOS and EOS, more than the {} \
+                 text slots",
+                cfg.l_text_seq_length
+            )));
+        }
+        let cfg_path = out.join("model-config.json");
+        let json = serde_json::to_string_pretty(&cfg).map_err(|e| invalid(e.to_string()))?;
+        std::fs::write(&cfg_path, json).map_err(io(&cfg_path))?;
+        report(Stage::Tokenizer {
+            vocab: tokenizer.bpe().vocab_size(),
+            longest,
+            slots: cfg.l_text_seq_length,
+        });
+
+        // 3–4. The transformer, in rounds: each round draws fresh scenes (6000 scenes are seen
+        // a dozen times in one round, and the image loss starts to overfit them) and continues
+        // from the previous round's weights with a fresh cosine cycle at its own peak learning
+        // rate; the last rounds add pictures without captions whose shapes are in colours off
+        // the palette, so that the model draws every outline in many colours; in a prompted
+        // round they follow their colourless caption, so that the words for an outline call it
+        // up in any colour.
+        let rounds = self.rounds.len();
+        let vqgan = dirs.model.join("vqgan.safetensors");
+        let vqgan_config = dirs.model.join("vqgan.config.yml");
+        for (round, settings) in (1..=rounds).zip(&self.rounds) {
+            let (data, run_dir) = dirs.round(round);
+            let jsonl = data.join("data.jsonl");
+            if !jsonl.is_file() {
+                // Written aside and renamed, so that an interrupted write is not taken for data.
+                let partial = data.with_extension("partial");
+                let _ = std::fs::remove_dir_all(&partial);
+                write_scenes(
+                    &sample(self.scenes, round as u64, false),
+                    &partial,
+                    progress,
+                )?;
+                if settings.recoloured > 0 {
+                    append_recoloured(
+                        settings.recoloured,
+                        settings.prompted,
+                        round as u64,
+                        &partial,
+                        progress,
+                    )?;
+                }
+                let _ = std::fs::remove_dir_all(&data);
+                std::fs::rename(&partial, &data).map_err(io(&partial))?;
+            }
+            if run_dir.join("model.safetensors").is_file() {
+                continue;
+            }
+            let summary = match latest_checkpoint(&run_dir) {
+                Some(checkpoint) => resume(&checkpoint, Some(&run_dir), progress)?,
+                None => {
+                    let start = match round {
+                        1 => Start::Scratch {
+                            config: cfg_path.display().to_string(),
+                            tokenizer: bpe_path.clone(),
+                            vae: Some(vqgan.clone()),
+                            vae_config: Some(vqgan_config.clone()),
+                        },
+                        _ => Start::Folder(ModelSpec {
+                            dir: Some(dirs.round(round - 1).1),
+                            config: None,
+                            weights: None,
+                            tokenizer: Some(bpe_path.clone()),
+                            vae: Some(vqgan.clone()),
+                            vae_config: Some(vqgan_config.clone()),
+                        }),
+                    };
+                    let job = TrainJob {
+                        start,
+                        data: Data::Jsonl(jsonl),
+                        out: run_dir.clone(),
+                        steps: self.steps,
+                        batch_size: self.batch_size,
+                        accumulate: 1,
+                        lr: settings.lr,
+                        schedule: Schedule::Cosine,
+                        warmup: 100,
+                        clip_norm: Some(1.0),
+                        weight_decay: 0.01,
+                        loss_weights: [1.0, 2.0, 1.0],
+                        freeze: Freeze::Nothing,
+                        dropout: Some(0.0),
+                        compose: Compose {
+                            i2t_fraction: self.i2t_fraction,
+                            bpe_dropout: 0.0,
+                        },
+                        val_fraction: 0.02,
+                        eval_every: 250,
+                        save_every: 250,
+                        log_every: 10,
+                        seed: round as u64 - 1,
+                        corrected_labels: true,
+                    };
+                    job.run(progress)?
+                }
+            };
+            report(Stage::Round {
+                round,
+                rounds,
+                summary: &summary,
+            });
+        }
+        let (_, last) = dirs.round(rounds);
+        for name in ["model.safetensors", "config.json"] {
+            let from = last.join(name);
+            std::fs::copy(&from, dirs.model.join(name)).map_err(io(&from))?;
+        }
+        let generation = GenerationConfig {
+            guidance_scale: Some(self.guidance),
+            image_rank: Some(WORLD_IMAGE_RANK),
+        };
+        let path = dirs.model.join(GenerationConfig::FILE);
+        let json = serde_json::to_string_pretty(&generation).map_err(|e| invalid(e.to_string()))?;
+        std::fs::write(&path, json).map_err(io(&path))?;
+        Ok(Outcome::Done(dirs.model))
+    }
+}
+
+/// The newest `checkpoint-<step>` of a training run folder, if any.
+fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let step: u64 = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p)
+}
 
 /// Codes per picture side: 64 px pictures, f = 8.
 pub const CODES_PER_SIDE: usize = 8;
@@ -290,7 +553,7 @@ fn vqgan_scenes(stage: &VqganStage, step: u64) -> Vec<Scene> {
 /// Trains (or continues training) the VQGAN in `dir` up to `stage.train.steps` and returns the
 /// trained model. `dir` holds `weights.safetensors` (taming names, Gumbel layout),
 /// `moments.safetensors`, `state.json` and `log.jsonl`.
-pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqgan> {
+pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: &dyn ProgressSink) -> Result<Vqgan> {
     let device = Device::Cpu;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config = vqgan_config();
@@ -314,8 +577,8 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqg
         .open(&log_path)
         .map_err(io(&log_path))?;
     let total = stage.train.steps;
-    let bar = crate::progress::Progress::new(total, "VQGAN", progress);
-    bar.inc(trainer.step());
+    progress.start(total, "VQGAN");
+    progress.advance(trainer.step());
     while trainer.step() < total {
         let scenes = vqgan_scenes(stage, trainer.step());
         let colours = vqgan_colours(&scenes, trainer.step());
@@ -325,8 +588,8 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqg
             (images, weights) = crop_around_shapes(&images, &weights, &scenes, stage.crop)?;
         }
         let s = trainer.train_step(&images, &weights)?;
-        bar.inc(1);
-        bar.set_message(format!(
+        progress.advance(1);
+        progress.message(&format!(
             "loss {:.4} codes {}/{}",
             s.reconstruction, s.codes_used, config.n_embed
         ));
@@ -338,7 +601,7 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: bool) -> Result<Vqg
             save_vqgan_checkpoint(&trainer, dir)?;
         }
     }
-    bar.finish();
+    progress.finish();
     Ok(trainer.model()?)
 }
 

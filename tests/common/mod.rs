@@ -42,7 +42,8 @@ pub fn scratch(name: &str) -> PathBuf {
 /// suites run unchanged on a GPU this way.
 pub fn device() -> Device {
     let name = std::env::var("RUDOLPH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    rudolph::cli::parse_device(&name).unwrap_or_else(|e| panic!("RUDOLPH_TEST_DEVICE={name}: {e}"))
+    rudolph::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("RUDOLPH_TEST_DEVICE={name}: {e}"))
 }
 
 pub fn fixture(rel: &str) -> PathBuf {

@@ -1,0 +1,74 @@
+//! Training data drawn from the world, in the format `rudolph train` reads: pictures beside a
+//! `data.jsonl` with one line per picture.
+
+use super::{Scene, recipe, render, sample};
+use crate::error::{Error, Result};
+use crate::progress::ProgressSink;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Writes the pictures of `scenes` and a `data.jsonl` of their captions into `out` (created);
+/// returns the `data.jsonl`.
+pub fn write_scenes(scenes: &[Scene], out: &Path, progress: &dyn ProgressSink) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let jsonl = out.join("data.jsonl");
+    let mut lines = std::io::BufWriter::new(std::fs::File::create(&jsonl).map_err(io(&jsonl))?);
+    progress.start(scenes.len() as u64, "scenes");
+    for (i, scene) in scenes.iter().enumerate() {
+        let name = format!("{i:06}.png");
+        crate::image::save_png(&render::render(scene), &out.join(&name))?;
+        // Exactly the trainer's format; the caption states every attribute of the scene.
+        let line = serde_json::json!({ "image": name, "text": scene.caption() });
+        writeln!(lines, "{line}").map_err(io(&jsonl))?;
+        progress.advance(1);
+    }
+    progress.finish();
+    lines.flush().map_err(io(&jsonl))?;
+    Ok(jsonl)
+}
+
+/// Appends `m` pictures of seen scenes (drawn from `seed`, apart from the captioned ones) with
+/// their shapes in colours off the palette ([`recipe::recolour`]) to the `data.jsonl` in `out`,
+/// as `recoloured-NNNNNN.png`: with no text (the model learns to draw every outline in many
+/// colours, as its unconditional branch) or, when `prompted`, each prompted by its caption
+/// without the colour ([`Scene::colourless_caption`]), so that the shape's word alone decides
+/// the outline.
+pub fn append_recoloured(
+    m: usize,
+    prompted: bool,
+    seed: u64,
+    out: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<()> {
+    use rand::SeedableRng;
+    let jsonl = out.join("data.jsonl");
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&jsonl)
+        .map_err(io(&jsonl))?;
+    let mut lines = std::io::BufWriter::new(file);
+    let stream = seed ^ 0x7ec0_10e5;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
+    progress.start(m as u64, "recoloured");
+    for (i, scene) in sample(m, stream, false).iter().enumerate() {
+        let name = format!("recoloured-{i:06}.png");
+        let colour = recipe::recolour(scene, &mut rng);
+        crate::image::save_png(&render::render_in(scene, colour), &out.join(&name))?;
+        let line = match prompted {
+            true => serde_json::json!({ "image": name, "prompt": scene.colourless_caption() }),
+            false => serde_json::json!({ "image": name }),
+        };
+        writeln!(lines, "{line}").map_err(io(&jsonl))?;
+        progress.advance(1);
+    }
+    progress.finish();
+    lines.flush().map_err(io(&jsonl))?;
+    Ok(())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
