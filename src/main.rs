@@ -27,6 +27,9 @@ fn main() {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
     }
     let cli = cli::Cli::parse();
+    if let Some(problem) = rudolph::kernels::Cpu::setting_problem() {
+        eprintln!("warning: {problem}");
+    }
     // SAFETY: nothing has started a thread yet.
     let threads = unsafe { set_threads(cli.threads()) };
     if let Err(err) = threads.and_then(|()| cli::run(cli)) {

@@ -19,9 +19,9 @@ pub struct BenchArgs {
     /// Worker threads for tensor work (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Weight precision: f32 (default), f16, bf16, f16w, bf16w, q8, q4k or amx (bf16 products
-    /// on Intel AMX tiles, else AVX-512 BF16, else AVX2). On a GPU, f16 or bf16 compute in that dtype
-    /// throughout.
+    /// Weight precision: f32 (default), f16, bf16, f16w, bf16w, q8, q4k or packed-bf16 (alias
+    /// amx: bf16 products on Intel AMX tiles, else AVX-512 BF16, else AVX2). On a GPU, f16 or
+    /// bf16 compute in that dtype throughout.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// cpu, or cuda[:N] (needs a build with `--features cuda`).

@@ -45,30 +45,15 @@ pub fn image_rank_help(rank: ImageRank) -> &'static str {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// Model folder holding the original files (config.json, pytorch_model.bin or
-    /// model.safetensors, bpe.model, the VQGAN *.ckpt). Default: the built-in shapes-world
-    /// model.
-    #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
-    /// A preset (350m, 350m-v2, 1.3b, 2.7b, 2.7b-fbc2) or config.json, overriding the folder's.
-    #[arg(long)]
-    pub config: Option<String>,
-    /// The YouTokenToMe bpe.model, overriding the folder's.
-    #[arg(long, value_name = "PATH")]
-    pub tokenizer: Option<PathBuf>,
-    /// The VQGAN checkpoint, overriding the folder's.
-    #[arg(long, value_name = "PATH")]
-    pub vae: Option<PathBuf>,
-    /// The VQGAN's .config.yml (default: the one beside the checkpoint, else the real config).
-    #[arg(long, value_name = "YML")]
-    pub vae_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub folder: FolderArgs,
     /// Where to compute: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Weight precision: f32 (exact, the default), f16 or bf16; f16w or bf16w store the linear
-    /// weights in 16 bits; q8 or q4k quantize them (about 4× or 7× fewer bytes); amx runs the
-    /// linear products in bf16 on Intel AMX tiles, else with AVX-512 BF16 (AMD Zen 4), else AVX2
-    /// (see the README for each one's quality cost).
+    /// weights in 16 bits; q8 or q4k quantize them (about 4× or 7× fewer bytes); packed-bf16
+    /// (alias amx) runs the linear products in bf16 on Intel AMX tiles, else with AVX-512 BF16
+    /// (AMD Zen 4), else AVX2 (see docs/performance.md for each one's quality cost).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -83,24 +68,53 @@ pub fn parse_precision(name: &str) -> anyhow::Result<Precision> {
         .map_err(|e| anyhow::anyhow!("--dtype {e}"))
 }
 
-impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<Loaded> {
-        // Without a folder (and without the pieces that replace one) the built-in model runs.
-        let dir = match &self.model {
-            Some(d) => Some(d.clone()),
-            None if self.tokenizer.is_none() || self.config.is_none() => {
-                Some(rudolph::builtin::dir()?)
-            }
-            None => None,
-        };
-        let spec = ModelSpec {
+/// A model folder and the files that replace its pieces (the task commands and `train`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FolderArgs {
+    /// Model folder holding the original files (config.json, pytorch_model.bin or
+    /// model.safetensors, bpe.model, the VQGAN *.ckpt). The task commands use the built-in
+    /// shapes-world model without one; `train` fine-tunes the folder's model.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// A preset (350m, 350m-v2, 1.3b, 2.7b, 2.7b-fbc2) or config.json, overriding the folder's
+    /// (`train` without a folder trains this configuration from scratch).
+    #[arg(long)]
+    pub config: Option<String>,
+    /// The YouTokenToMe bpe.model, overriding the folder's.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+    /// The VQGAN checkpoint, overriding the folder's.
+    #[arg(long, value_name = "PATH")]
+    pub vae: Option<PathBuf>,
+    /// The VQGAN's .config.yml (default: the one beside the checkpoint, else the real config).
+    #[arg(long, value_name = "YML")]
+    pub vae_config: Option<PathBuf>,
+}
+
+impl FolderArgs {
+    /// The files of `dir` with this command line's replacements.
+    pub fn spec(&self, dir: Option<PathBuf>) -> ModelSpec {
+        ModelSpec {
             dir,
             config: self.config.clone(),
             weights: None,
             tokenizer: self.tokenizer.clone(),
             vae: self.vae.clone(),
             vae_config: self.vae_config.clone(),
+        }
+    }
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Loaded> {
+        // Without a folder (and without the pieces that replace one) the built-in model runs.
+        let f = &self.folder;
+        let dir = match &f.model {
+            Some(d) => Some(d.clone()),
+            None if f.tokenizer.is_none() || f.config.is_none() => Some(rudolph::builtin::dir()?),
+            None => None,
         };
+        let spec = f.spec(dir);
         let device = parse_device(&self.device)?;
         let precision = parse_precision(&self.dtype)?;
         Ok(Loaded::load_as(&spec, &device, precision)?)

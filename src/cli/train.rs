@@ -1,8 +1,8 @@
 //! `rudolph train`: fine-tune (or train from scratch) on a JSONL of pictures and texts.
 
+use super::common::FolderArgs;
 use super::progress::progress;
 use anyhow::Context;
-use rudolph::folder::ModelSpec;
 use rudolph::train::Freeze;
 use rudolph::train::data::Compose;
 use rudolph::train::job::{Data, Start, TrainJob, resume};
@@ -18,20 +18,8 @@ pub struct TrainArgs {
     /// train the picture after the prompt, which is not itself trained.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
-    /// Start from this model folder (config.json, pytorch_model.bin or model.safetensors,
-    /// bpe.model, the VQGAN *.ckpt).
-    #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
-    /// Train from scratch with this preset or config.json (or override the folder's config).
-    #[arg(long)]
-    pub config: Option<String>,
-    #[arg(long, value_name = "PATH")]
-    pub tokenizer: Option<PathBuf>,
-    /// The VQGAN checkpoint that encodes the pictures.
-    #[arg(long, value_name = "PATH")]
-    pub vae: Option<PathBuf>,
-    #[arg(long, value_name = "YML")]
-    pub vae_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub folder: FolderArgs,
     /// Output folder: model.safetensors, config.json, log.jsonl, loss.png, checkpoint-<step>/.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -154,23 +142,17 @@ fn job(args: &TrainArgs) -> anyhow::Result<TrainJob> {
         (None, Some(n)) => Data::Synthetic(n),
         _ => anyhow::bail!("pass --data PATH (a JSONL file or a folder with one)"),
     };
-    let start = match (&args.model, &args.config) {
-        (Some(dir), _) => Start::Folder(ModelSpec {
-            dir: Some(dir.clone()),
-            config: args.config.clone(),
-            weights: None,
-            tokenizer: args.tokenizer.clone(),
-            vae: args.vae.clone(),
-            vae_config: args.vae_config.clone(),
-        }),
+    let f = &args.folder;
+    let start = match (&f.model, &f.config) {
+        (Some(dir), _) => Start::Folder(f.spec(Some(dir.clone()))),
         (None, Some(config)) => Start::Scratch {
             config: config.clone(),
-            tokenizer: args
+            tokenizer: f
                 .tokenizer
                 .clone()
                 .context("training from scratch needs --tokenizer PATH (a bpe.model)")?,
-            vae: args.vae.clone(),
-            vae_config: args.vae_config.clone(),
+            vae: f.vae.clone(),
+            vae_config: f.vae_config.clone(),
         },
         (None, None) => anyhow::bail!(
             "pass --model DIR to fine-tune, or --config PRESET|config.json to train from scratch"

@@ -15,7 +15,7 @@ pub enum WorldCommand {
     /// Train the built-in model from nothing: VQGAN, tokenizer, RuDOLPH (resumable).
     Train(super::world_train::WorldTrainArgs),
     /// Score a model on the world: captioning, text → image (seen and held-out pairs),
-    /// retrieval, zero-shot classification and generated texts, against issue 7's targets.
+    /// retrieval, zero-shot classification and generated texts, against the world's targets.
     Eval(EvalArgs),
 }
 

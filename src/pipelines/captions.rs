@@ -113,8 +113,8 @@ pub struct Caption {
 }
 
 /// Picture codes → up to `count` distinct captions continuing `template`, best first by
-/// `rank`. (rc1 ranked by degenerate fully masked rows, SPEC §9 #4; both scores here depend on
-/// the caption.)
+/// `rank`. (rc1 ranked by degenerate fully masked rows, whose scores do not depend on the
+/// caption; both scores here do.)
 pub fn generate_captions(
     model: &Rudolph,
     tokenizer: &TextTokenizer,

@@ -1,4 +1,4 @@
-//! The tasks of the original library (SPEC §7), each in its own file. Every pipeline has an
+//! The tasks of the original library, each in its own file. Every pipeline has an
 //! id-level core (tokens in, tokens/scores out), which the parity tests check against the
 //! goldens, and a text/picture-level function on top.
 
@@ -14,7 +14,7 @@ use crate::progress::{ProgressSink, silent};
 use crate::sampling::SamplingParams;
 use std::sync::Arc;
 
-/// How closely to follow the original where it is plainly wrong (SPEC §9, fixtures quirk 9).
+/// How closely to follow the original where it is plainly wrong (see `docs/fidelity.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fidelity {
     /// Texts end at their first EOS; every left-text position token sampled becomes EOS.

@@ -1,4 +1,4 @@
-//! Scoring a model on the shapes world (issue 7): captioning and text → image on seen and
+//! Scoring a model on the shapes world against its targets: captioning and text → image on seen and
 //! held-out colour+shape pairs, zero-shot retrieval and classification by perplexity, and the
 //! grammaticality of generated texts. Everything goes through the library pipelines; pictures
 //! are read back with [`read_picture`] and captions with [`parse_caption`].
@@ -79,7 +79,7 @@ impl std::fmt::Debug for EvalOptions {
     }
 }
 
-/// One rate with its counts and, where issue 7 sets one, its target.
+/// One rate with its counts and, where the world sets one, its target.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Metric {
     pub correct: usize,
