@@ -1,6 +1,6 @@
 //! Image → text in the right-text segment (rc1 `generate_captions`).
 
-use super::generate::{Plan, generate};
+use super::generate::{TextPlan, generate_text};
 use super::rerank::{joint_nll, score_pairs};
 use super::texts::{SpecialIds, decode_unique, special_to_eos, template_prefix};
 use super::{GenerateOptions, Ranked};
@@ -44,19 +44,14 @@ pub fn generate_caption_ids(
     // The original passes an all-ones pad mask: left columns zeroed, no rows cut.
     let mask = masks::i2t_mask(cfg, &[vec![1; r]], model.device())?;
     let post = special_to_eos(cfg.left_position_token(0), SpecialIds::AllPositionTokens);
-    let plan = Plan {
-        prefix: &start,
-        steps: vec![None; r - prefix.len()],
-        classes: 0..cfg.text_vocab(),
-        post: &post,
+    let plan = TextPlan {
+        start: &start,
+        template: prefix,
+        slots: r,
         mask: &mask,
-        guidance: None,
+        post: &post,
     };
-    let rows = generate(model, &plan, count, batch, params, seed, progress)?;
-    Ok(rows
-        .into_iter()
-        .map(|generated| [prefix, &generated].concat())
-        .collect())
+    generate_text(model, &plan, count, batch, params, seed, progress)
 }
 
 /// How [`generate_captions`] orders the distinct captions it drew.

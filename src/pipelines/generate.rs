@@ -37,6 +37,42 @@ pub struct Guidance<'a> {
     pub scale: f32,
 }
 
+/// A text segment to sample: its `template` tokens are the end of `start`, and it is drawn on
+/// until it fills `slots` text positions, under `mask`, from the text vocabulary, with `post`
+/// replacing special ids.
+pub struct TextPlan<'a> {
+    pub start: &'a [u32],
+    pub template: &'a [u32],
+    pub slots: usize,
+    pub mask: &'a Tensor,
+    pub post: &'a (dyn Fn(u32) -> u32 + Sync),
+}
+
+/// `count` texts sampled by `plan`, each `template` followed by what was drawn (`slots` ids).
+pub fn generate_text(
+    model: &Rudolph,
+    plan: &TextPlan,
+    count: usize,
+    batch: usize,
+    params: &SamplingParams,
+    seed: u64,
+    progress: &dyn ProgressSink,
+) -> Result<Vec<Vec<u32>>> {
+    let steps = Plan {
+        prefix: plan.start,
+        steps: vec![None; plan.slots - plan.template.len()],
+        classes: 0..model.config().text_vocab(),
+        post: plan.post,
+        mask: plan.mask,
+        guidance: None,
+    };
+    let rows = generate(model, &steps, count, batch, params, seed, progress)?;
+    Ok(rows
+        .into_iter()
+        .map(|generated| [plan.template, &generated].concat())
+        .collect())
+}
+
 /// Generates `count` items and returns each item's generated tokens (`plan.steps.len()` each).
 /// Item `i` draws from stream `(seed, i)`, so results do not depend on `batch`. Each sampled
 /// step advances `progress` by the items it drew.

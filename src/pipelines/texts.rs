@@ -1,6 +1,6 @@
 //! Text generation in the left-text segment (rc1 `generate_texts`), ranked by perplexity.
 
-use super::generate::{Plan, generate};
+use super::generate::{TextPlan, generate_text};
 use super::perplexity::{ce_to_ppl, token_cross_entropy};
 use super::{GenerateOptions, Ranked, Warning};
 use crate::model::{Rudolph, masks};
@@ -76,19 +76,14 @@ pub fn generate_text_ids(
     }
     let mask = masks::t2t_mask(cfg, 1, model.device())?;
     let post = special_to_eos(cfg.left_position_token(0), rule);
-    let plan = Plan {
-        prefix,
-        steps: vec![None; l - prefix.len()],
-        classes: 0..cfg.text_vocab(),
-        post: &post,
+    let plan = TextPlan {
+        start: prefix,
+        template: prefix,
+        slots: l,
         mask: &mask,
-        guidance: None,
+        post: &post,
     };
-    let rows = generate(model, &plan, count, batch, params, seed, progress)?;
-    Ok(rows
-        .into_iter()
-        .map(|generated| [prefix, &generated].concat())
-        .collect())
+    generate_text(model, &plan, count, batch, params, seed, progress)
 }
 
 /// Perplexity of left texts (each `l` ids, `[BOS, …, EOS, 0…]`), as generate_texts re-scores
