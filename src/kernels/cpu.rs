@@ -80,13 +80,16 @@ impl Cpu {
 
     /// Every level this CPU can run, the portable one first, whatever `$RUDOLPH_CPU` says (the
     /// tests and benchmarks compare them).
-    pub fn available() -> Vec<Self> {
-        let top = detected();
-        Level::ALL
-            .into_iter()
-            .filter(|&l| l <= top.level)
-            .map(|l| top.capped(l))
-            .collect()
+    pub fn available() -> &'static [Self] {
+        static ALL: std::sync::OnceLock<Vec<Cpu>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| {
+            let top = detected();
+            Level::ALL
+                .into_iter()
+                .filter(|&l| l <= top.level)
+                .map(|l| top.capped(l))
+                .collect()
+        })
     }
 
     /// A message when `$RUDOLPH_CPU` is set to something [`Cpu::best`] cannot follow.
@@ -212,7 +215,7 @@ impl Simd {
     /// Every width this CPU can run, the baseline first (the tests and benchmarks compare them).
     pub fn available() -> Vec<Self> {
         let mut widths: Vec<Self> = Vec::new();
-        for simd in Cpu::available().into_iter().map(Cpu::simd) {
+        for simd in Cpu::available().iter().map(|c| c.simd()) {
             if widths.last().is_none_or(|w| w.name() != simd.name()) {
                 widths.push(simd);
             }

@@ -66,9 +66,7 @@ impl Kernel {
     }
 
     pub fn available(self) -> bool {
-        Cpu::available()
-            .into_iter()
-            .any(|c| Self::for_cpu(c) == self)
+        Cpu::available().iter().any(|&c| Self::for_cpu(c) == self)
     }
 
     pub fn best() -> Self {

@@ -128,9 +128,7 @@ impl Kernel {
 
     /// Whether this CPU (and, for the tiles, the OS) offers it.
     pub fn available(self) -> bool {
-        Cpu::available()
-            .into_iter()
-            .any(|c| Self::for_cpu(c) == self)
+        Cpu::available().iter().any(|&c| Self::for_cpu(c) == self)
     }
 
     pub fn name(self) -> &'static str {
