@@ -30,7 +30,7 @@
 //! | [`folder`] | a model folder of original files, loaded as a whole |
 //! | [`train`] | fine-tuning and training |
 //! | [`world`], [`builtin`] | the procedural shapes world and the built-in model trained on it |
-//! | [`image`], [`progress`], [`bench`], [`device`], [`atomic_file`], [`error`] | the rest |
+//! | [`image`], [`progress`], [`bench`](mod@bench), [`device`], [`atomic_file`], [`error`] | the rest |
 //!
 //! The user guide is the repository's README and `docs/`.
 

@@ -2,7 +2,7 @@
 //! instructions, and one switch (`$RUDOLPH_CPU`) that caps it.
 //!
 //! The crate is built for the baseline x86-64 (SSE2), where the compiler vectorises an element
-//! loop four lanes wide. [`simd_variants!`] compiles such a loop again under `target_feature`
+//! loop four lanes wide. `simd_variants!` compiles such a loop again under `target_feature`
 //! for AVX2 and AVX-512, and runs the widest the [`Cpu`] allows. Hand-written intrinsics (the
 //! few-row and packed-bf16 products, the decoding attention's dot products) match on the level
 //! to pick theirs. `cargo bench --bench attention` compares the levels on the 350M decoding

@@ -272,7 +272,7 @@ pub fn describe(a: &Attributes) -> String {
     Scene::exact(a.size, a.colour, a.shape, a.position, a.background).caption()
 }
 
-/// How zero-shot classification is set up (see [`zero_shot`]).
+/// How zero-shot classification is set up.
 pub const ZERO_SHOT_METHOD: &str = "the scene's true caption with the class in its place, as \
 `rudolph classify --template` with {}: shape — the class is the size and colour adjectives and \
 the noun, in each candidate's gender (adjectives before the class would give the noun away by \
