@@ -277,6 +277,32 @@ fn classifies_shapes_with_the_class_inside_the_template() {
     assert!(right >= 4, "only {right} of 5 shapes right");
 }
 
+/// Text slots too few for any class (a configuration may have a single right-text slot): a
+/// named error by default, the original's layout under its fidelity, never a panic.
+#[test]
+fn a_template_in_one_text_slot_is_refused_or_laid_out_as_the_original() {
+    let loaded = builtin();
+    let classes = vec!["красная звезда".to_string()];
+    for r in [1, 2] {
+        let err = class_texts(&loaded.tokenizer, &classes, "большая", r, Fidelity::Fixed);
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.contains("no room") && err.contains(&format!("{r} text slots")),
+            "{err}"
+        );
+        let laid = class_texts(
+            &loaded.tokenizer,
+            &classes,
+            "большая",
+            r,
+            Fidelity::Original,
+        )
+        .unwrap();
+        assert_eq!(laid.template_tokens, 0);
+        assert_eq!(laid.texts[0].len(), r);
+    }
+}
+
 /// A `{}` at the end of a template lays the texts out exactly as the plain template does (the
 /// original's `zs_clf` layout), and a template with two `{}` or no room left is refused.
 #[test]

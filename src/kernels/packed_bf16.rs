@@ -123,9 +123,6 @@ impl Kernel {
         Self::for_cpu(Cpu::best())
     }
 
-    /// Every kernel, fastest first.
-    pub const ALL: [Kernel; 4] = [Self::Tiles, Self::Avx512, Self::Avx2, Self::Portable];
-
     /// Whether this CPU (and, for the tiles, the OS) offers it.
     pub fn available(self) -> bool {
         Cpu::available().iter().any(|&c| Self::for_cpu(c) == self)

@@ -79,7 +79,7 @@ pub fn class_texts(
                     .bpe()
                     .encode(&lower_strip(template))
                     .len()
-                    .min(r - 2),
+                    .min(r.saturating_sub(2)),
                 (Err(e), Fidelity::Fixed) => return Err(e),
             };
             let template_encoded = tokenizer.encode_text(&lower_strip(template), r);
@@ -129,7 +129,7 @@ fn template_tokens(tokenizer: &TextTokenizer, template: &str, r: usize) -> crate
         let cut = if ts + 2 > r {
             format!(
                 ", and rc1 would cut the template itself to {} tokens",
-                r - 2
+                r.saturating_sub(2)
             )
         } else {
             String::new()
