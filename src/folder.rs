@@ -186,11 +186,9 @@ impl GenerationConfig {
                 path.display()
             ))
         })?;
-        if config.guidance_scale.is_some_and(|g| !g.is_finite()) {
-            return Err(invalid(format!(
-                "{}: guidance_scale must be a finite number",
-                path.display()
-            )));
+        if let Some(g) = config.guidance_scale {
+            crate::pipelines::images::check_guidance(g)
+                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
         }
         Ok(config)
     }

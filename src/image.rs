@@ -15,7 +15,7 @@ pub enum ImageError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path} is not a readable PNG/JPEG image: {source}")]
+    #[error("{path} is not a readable PNG, JPEG or WebP image: {source}")]
     Decode {
         path: String,
         source: image::ImageError,
@@ -25,6 +25,8 @@ pub enum ImageError {
         path: String,
         source: image::ImageError,
     },
+    #[error("cannot write a picture to {path}: {problem}")]
+    Output { path: String, problem: String },
     #[error("bad image tensor: {0}")]
     Shape(String),
     #[error(transparent)]
@@ -245,6 +247,74 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
             path: path.display().to_string(),
             source,
         })
+}
+
+/// The formats pictures are written in, chosen by the output file's extension.
+pub const OUTPUT_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// JPEG quality of written pictures: high enough that the 8×8 blocks of a 64-pixel picture do
+/// not show.
+const JPEG_QUALITY: u8 = 95;
+
+/// The format a picture written to `path` gets, from its extension (PNG, JPEG, lossless
+/// WebP), checked before any work so that a long generation never ends in an unwritable
+/// name: an unknown extension and a folder that does not exist are errors naming them.
+pub fn output_format(path: &Path) -> Result<image::ImageFormat, ImageError> {
+    let shown = path.display().to_string();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let format = match ext.as_str() {
+        "png" => image::ImageFormat::Png,
+        "jpg" | "jpeg" => image::ImageFormat::Jpeg,
+        "webp" => image::ImageFormat::WebP,
+        _ => {
+            return Err(ImageError::Output {
+                path: shown,
+                problem: format!(
+                    "the extension {} names no format this writes (one of: {})",
+                    if ext.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        format!(".{ext}")
+                    },
+                    OUTPUT_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+                ),
+            });
+        }
+    };
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent
+        && !dir.is_dir()
+    {
+        return Err(ImageError::Output {
+            path: shown,
+            problem: format!("the folder {} does not exist", dir.display()),
+        });
+    }
+    Ok(format)
+}
+
+/// Writes a picture in the format its extension names (see [`output_format`]).
+pub fn save_image(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
+    let format = output_format(path)?;
+    let saved = match format {
+        image::ImageFormat::Jpeg => std::fs::File::create(path)
+            .map_err(image::ImageError::IoError)
+            .and_then(|file| {
+                let mut writer = std::io::BufWriter::new(file);
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut writer, JPEG_QUALITY)
+                    .encode_image(img)?;
+                std::io::Write::flush(&mut writer).map_err(image::ImageError::IoError)
+            }),
+        _ => img.save_with_format(path, format),
+    };
+    saved.map_err(|source| ImageError::Save {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// torchvision `make_grid(images, nrow, padding=2, pad_value=0)`: `[B, C, H, W]` → one

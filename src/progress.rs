@@ -6,8 +6,9 @@ use std::sync::Arc;
 /// Hears the progress of long work: one task at a time is started, advanced and finished.
 /// Every method does nothing unless an implementation says otherwise.
 pub trait ProgressSink: Send + Sync {
-    /// A task of `total` steps, called `what`, begins.
-    fn start(&self, _total: u64, _what: &str) {}
+    /// A task called `what` begins: `total` steps, each one `unit` (`tokens`, `pictures`, …),
+    /// which is what its rate counts.
+    fn start(&self, _total: u64, _what: &str, _unit: &str) {}
 
     /// `steps` more steps of the task are done.
     fn advance(&self, _steps: u64) {}

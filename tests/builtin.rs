@@ -70,6 +70,7 @@ fn draws_a_big_red_star_on_the_left(loaded: &Loaded) {
             "большая красная звезда слева на белом фоне",
             ranked.items,
             8,
+            &rudolph::progress::Silent,
         )
         .unwrap();
         let codes = Tensor::from_vec(ranked[0].codes.clone(), (1, n), vae.device()).unwrap();
@@ -196,6 +197,7 @@ fn ranks_by_the_picture_as_it_is_shown() {
         text,
         by_codes.to_vec(),
         4,
+        &rudolph::progress::Silent,
     )
     .unwrap();
     let key = |r: &rudolph::pipelines::images::RankedCodes| r.ppl_decoded.unwrap();
@@ -237,7 +239,16 @@ fn ranks_by_the_picture_as_it_is_shown() {
     }
     let mut short = by_codes.items;
     short[0].codes.pop();
-    let err = rerank_decoded(&loaded.model, &loaded.tokenizer, vae, text, short, 4).unwrap_err();
+    let err = rerank_decoded(
+        &loaded.model,
+        &loaded.tokenizer,
+        vae,
+        text,
+        short,
+        4,
+        &rudolph::progress::Silent,
+    )
+    .unwrap_err();
     assert!(
         err.to_string().contains(&format!("needs {n} codes")),
         "{err}"

@@ -260,6 +260,8 @@ fn bad_inputs_fail_with_a_message_and_no_panic() {
     let missing = dir.join("missing.png");
     let not_image = fixture("tokenizer/bpe.model");
     let picture = fixture("images/img_1.png");
+    let out_png = dir.join("out.png");
+    let out_png = out_png.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["caption", missing.to_str().unwrap()], "missing.png"),
         (vec!["caption", not_image.to_str().unwrap()], "bpe.model"),
@@ -280,21 +282,12 @@ fn bad_inputs_fail_with_a_message_and_no_panic() {
                 "--borders",
                 "9,0,0,0",
                 "-o",
-                "/dev/null",
-                "--force",
+                out_png,
             ],
             "larger than the image",
         ),
         (
-            vec![
-                "image",
-                "кот",
-                "--borders",
-                "1,2",
-                "-o",
-                "/dev/null",
-                "--force",
-            ],
+            vec!["image", "кот", "--borders", "1,2", "-o", out_png],
             "four numbers",
         ),
         (vec!["rerank", "кот"], "--codes"),
@@ -588,4 +581,281 @@ fn the_world_recipe_is_reproducible() {
     };
     assert_eq!((prompts("data"), prompts("data-2")), (0, 16));
     std::fs::remove_dir_all(&base).ok();
+}
+
+/// The built-in model's command, with no model flags.
+fn builtin_rudolph(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rudolph"))
+        .args(args)
+        .env_remove("RUDOLPH_BUILTIN")
+        .output()
+        .expect("the binary runs")
+}
+
+/// Counts of nothing, a `--keep` beyond what is drawn, a guidance scale outside its range, an
+/// output name that names no picture format or lies in a missing folder: each is refused at
+/// once with a message naming the flag, and nothing is written.
+#[test]
+fn flags_that_cannot_work_are_refused_before_any_work() {
+    let dir = temp_dir("refused");
+    let png = dir.join("out.png");
+    let png = png.to_str().unwrap();
+    let star = dir.join("star.png");
+    let out = builtin_rudolph(&[
+        "image",
+        "большая красная звезда слева на белом фоне",
+        "--images",
+        "1",
+        "--seed",
+        "0",
+        "-o",
+        star.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let star = star.to_str().unwrap();
+    let missing_folder = dir.join("no-such-folder/out.png");
+    let gif = dir.join("out.gif");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["image", "x", "--images", "0", "-o", png], "--images"),
+        (vec!["image", "x", "--keep", "0", "-o", png], "--keep"),
+        (
+            vec!["image", "x", "--images", "2", "--keep", "3", "-o", png],
+            "--keep 3 is more than the 2 --images",
+        ),
+        (
+            vec!["image", "x", "--guidance", "0", "-o", png],
+            "outside 1 to 10",
+        ),
+        (
+            vec!["image", "x", "--guidance", "-2", "-o", png],
+            "outside 1 to 10",
+        ),
+        (
+            vec!["image", "x", "--guidance", "100", "-o", png],
+            "outside 1 to 10",
+        ),
+        (
+            vec!["image", "x", "--guidance", "NaN", "-o", png],
+            "guidance",
+        ),
+        (
+            vec!["image", "x", "-o", gif.to_str().unwrap()],
+            "the extension .gif names no format",
+        ),
+        (
+            vec!["image", "x", "-o", missing_folder.to_str().unwrap()],
+            "does not exist",
+        ),
+        (vec!["caption", star, "--captions", "0"], "--captions"),
+        (vec!["caption", star, "--keep", "0"], "--keep"),
+        (
+            vec!["caption", star, "--captions", "2", "--keep", "3"],
+            "--keep 3 is more than the 2 --captions",
+        ),
+        (vec!["text", "--texts", "0"], "--texts"),
+    ];
+    for (args, needle) in cases {
+        let out = builtin_rudolph(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!std::path::Path::new(png).exists(), "{args:?} wrote {png}");
+        assert!(!out.stdout.windows(5).any(|w| w == b"wrote"), "{args:?}");
+    }
+    // A template of words the model cannot write after says so, instead of printing nothing.
+    let out = builtin_rudolph(&["text", "a red", "--texts", "4", "--seed", "1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no text"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `-o` writes the format its extension names, for drawn and decoded pictures alike, and the
+/// pictures read back as the same picture (JPEG within its loss).
+#[test]
+fn pictures_are_written_in_the_format_their_extension_names() {
+    let dir = temp_dir("formats");
+    let text = "большая красная звезда слева на белом фоне";
+    let mut pixels = Vec::new();
+    for (name, magic) in [
+        ("star.png", &b"\x89PNG"[..]),
+        ("star.jpg", &b"\xff\xd8\xff"[..]),
+        ("star.JPEG", &b"\xff\xd8\xff"[..]),
+        ("star.webp", &b"RIFF"[..]),
+    ] {
+        let path = dir.join(name);
+        let out = builtin_rudolph(&[
+            "image",
+            text,
+            "--images",
+            "1",
+            "--seed",
+            "0",
+            "-o",
+            path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.starts_with(magic), "{name} is not in its format");
+        pixels.push(rudolph::image::load_image(&path).unwrap().into_raw());
+    }
+    assert_eq!(pixels[0], pixels[3], "lossless WebP holds the PNG's pixels");
+    let worst = pixels[0]
+        .iter()
+        .zip(&pixels[1])
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        worst < 96,
+        "the JPEG is not the same picture (max diff {worst})"
+    );
+    // decode-codes writes JPEG too, and says what it wrote on stdout like every command.
+    let codes = dir.join("codes.json");
+    let out = builtin_rudolph(&[
+        "encode-image",
+        dir.join("star.png").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(&codes, &out.stdout).unwrap();
+    let decoded = dir.join("decoded.jpg");
+    let out = builtin_rudolph(&[
+        "decode-codes",
+        codes.to_str().unwrap(),
+        "-o",
+        decoded.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
+    assert!(
+        std::fs::read(&decoded)
+            .unwrap()
+            .starts_with(b"\xff\xd8\xff")
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The binary carries the built-in model: copied away from the source tree and run from another
+/// folder, it draws, writing the model's files once into its cache folder, byte for byte the
+/// repository's.
+#[test]
+fn a_copied_binary_runs_the_built_in_model_from_anywhere() {
+    let dir = temp_dir("copied");
+    let bin = dir.join("rudolph");
+    std::fs::copy(env!("CARGO_BIN_EXE_rudolph"), &bin).unwrap();
+    let cache = dir.join("cache");
+    let run = |args: &[&str]| {
+        Command::new(&bin)
+            .args(args)
+            .current_dir(&dir)
+            .env_remove("RUDOLPH_BUILTIN")
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let out = run(&[
+            "image",
+            "маленький синий круг в центре на белом фоне",
+            "--images",
+            "1",
+            "-o",
+            "c.png",
+            "--force",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert!(dir.join("c.png").is_file());
+    let folders: Vec<_> = std::fs::read_dir(cache.join("rudolph"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(folders.len(), 1, "one folder for one model: {folders:?}");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes");
+    for name in [
+        "model.safetensors",
+        "vqgan.safetensors",
+        "bpe.model",
+        "config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(folders[0].join(name)).unwrap(),
+            std::fs::read(repo.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// JSON names every text perplexity `ppl_text`, and writes the scale it drew with as given.
+#[test]
+fn json_outputs_name_scores_alike_and_write_numbers_as_given() {
+    let out = builtin_rudolph(&["text", "большая", "--texts", "2", "--seed", "1", "--json"]);
+    let doc = stdout_json(&out);
+    assert!(
+        doc["texts"][0]["ppl_text"].as_f64().unwrap() >= 1.0,
+        "{doc}"
+    );
+    assert!(doc["texts"][0].get("ppl").is_none(), "{doc}");
+    let dir = temp_dir("json");
+    let out = builtin_rudolph(&[
+        "image",
+        "большая красная звезда слева на белом фоне",
+        "--images",
+        "1",
+        "--seed",
+        "0",
+        "--json",
+        "-o",
+        dir.join("a.png").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("\"guidance\": 1.6,"), "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every flag a user reaches for says what it does, and the top-level help lists every world
+/// command.
+#[test]
+fn help_describes_every_flag() {
+    let top = String::from_utf8_lossy(&builtin_rudolph(&["--help"]).stdout).into_owned();
+    assert!(
+        top.contains("sample") && top.contains("train") && top.contains("eval"),
+        "{top}"
+    );
+    for command in [
+        &["image"][..],
+        &["caption"],
+        &["text"],
+        &["world", "eval"],
+        &["train"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = String::from_utf8_lossy(&builtin_rudolph(&args).stdout).into_owned();
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let flag = line.trim_start();
+            if !flag.starts_with("--")
+                || flag.starts_with("--help")
+                || flag.starts_with("--version")
+            {
+                continue;
+            }
+            // clap puts a flag's help after it on the same line, or indented on the next.
+            let described = flag
+                .split_once("  ")
+                .is_some_and(|(_, h)| !h.trim().is_empty())
+                || lines.get(i + 1).is_some_and(|next| {
+                    next.starts_with("          ") && !next.trim_start().starts_with('-')
+                });
+            assert!(described, "{command:?}: {flag} has no help");
+        }
+        let longest = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+        assert!(
+            longest <= 400,
+            "{command:?}: a help line of {longest} characters"
+        );
+    }
 }

@@ -242,12 +242,12 @@ fn generate_texts_reproduces_every_golden() {
                 .unwrap_or_else(|| panic!("{name}: «{text}» was not generated: {got:?}"));
             // The golden rounds to 2 decimals.
             assert!(
-                (g.ppl as f64 - w["ppl"].as_f64().unwrap()).abs() <= 0.0051,
+                (g.ppl_text as f64 - w["ppl"].as_f64().unwrap()).abs() <= 0.0051,
                 "{name}: {g:?} vs {w}"
             );
         }
         assert!(
-            got.windows(2).all(|p| p[0].ppl <= p[1].ppl),
+            got.windows(2).all(|p| p[0].ppl_text <= p[1].ppl_text),
             "{name}: not sorted by perplexity: {got:?}"
         );
         let unrounded = c["ce_to_ppl_outputs"].as_array().unwrap();
@@ -255,7 +255,7 @@ fn generate_texts_reproduces_every_golden() {
             .iter()
             .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
             .collect();
-        let mut got_ppl: Vec<f32> = got.iter().map(|g| g.ppl).collect();
+        let mut got_ppl: Vec<f32> = got.iter().map(|g| g.ppl_text).collect();
         let mut want_sorted = want_ppl.clone();
         got_ppl.sort_by(f32::total_cmp);
         want_sorted.sort_by(f64::total_cmp);
@@ -720,4 +720,40 @@ fn guidance_mixes_the_conditional_and_unconditional_logits() {
         }
         assert_eq!(got, codes, "scale {scale}");
     }
+}
+
+/// Every long step of drawing pictures reports a task named for what it does, counted in the
+/// unit its steps are (tokens while sampling, pictures while ranking), and the counts add up.
+#[test]
+fn drawing_reports_each_task_in_its_own_unit() {
+    use rudolph::pipelines::images::generate_images;
+    use rudolph::progress::ProgressSink;
+    use std::sync::{Arc, Mutex};
+    #[derive(Default)]
+    struct Record(Mutex<Vec<(String, String, u64, u64)>>);
+    impl ProgressSink for Record {
+        fn start(&self, total: u64, what: &str, unit: &str) {
+            let mut tasks = self.0.lock().unwrap();
+            tasks.push((what.to_string(), unit.to_string(), total, 0));
+        }
+        fn advance(&self, steps: u64) {
+            self.0.lock().unwrap().last_mut().unwrap().3 += steps;
+        }
+    }
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let record = Arc::new(Record::default());
+    let mut opts = GenerateOptions::new(rudolph::pipelines::defaults::IMAGE);
+    opts.batch_size = 2;
+    opts.progress = record.clone();
+    generate_images(&model, &tokenizer(), "кот", 3, None, &opts).unwrap();
+    let tasks = record.0.lock().unwrap().clone();
+    let n = cfg.image_seq_length() as u64;
+    assert_eq!(
+        tasks,
+        vec![
+            ("drawing 3 pictures".into(), "tokens".into(), 3 * n, 3 * n),
+            ("ranking by codes".into(), "pictures".into(), 3, 3),
+        ]
+    );
 }

@@ -1,7 +1,7 @@
 //! `rudolph caption IMAGE`: draw captions, rank them against the picture, print the best.
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs, choices, picture_codes, print_warnings};
-use rudolph::pipelines::captions::{CaptionRank, generate_captions};
+use rudolph::pipelines::captions::{Caption, CaptionRank, generate_captions};
 use rudolph::pipelines::defaults;
 use std::path::PathBuf;
 
@@ -32,17 +32,22 @@ pub struct CaptionArgs {
 fn rank_help(rank: CaptionRank) -> &'static str {
     match rank {
         CaptionRank::Joint => {
-            "By `p(caption | picture)` through Bayes' rule: the caption's NLL as the left text \
-             plus the picture's NLL after it ([`joint_nll`]). The text → image direction reads \
-             shapes far better than the captioning direction on the built-in model: `rudolph \
-             world eval` finds the best caption's shape right for 89 % of scenes, where ranking \
-             by `Text` (16 draws at top-k 32, top-p 0.6, the earlier defaults) found 63 %"
+            "By p(caption | picture) through Bayes' rule: the caption's NLL as the left text plus \
+             the picture's NLL after it, which reads shapes far better (docs/commands.md)"
         }
         CaptionRank::Text => "By the perplexity of the caption given the picture, as rc1 did",
     }
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.captions > 0, "--captions must be at least 1");
+    anyhow::ensure!(args.keep > 0, "--keep must be at least 1");
+    anyhow::ensure!(
+        args.keep <= args.captions,
+        "--keep {} is more than the {} --captions drawn",
+        args.keep,
+        args.captions
+    );
     let opts = args.sample.options(defaults::CAPTION, args.output.quiet)?;
     let rank = args.rank.unwrap_or(if args.sample.original {
         CaptionRank::Text
@@ -61,17 +66,32 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
         &opts,
     )?;
     print_warnings(&captions.warnings);
+    anyhow::ensure!(
+        !captions.is_empty(),
+        "no caption: every one drawn was empty (the model ended each at once)"
+    );
     let captions = &captions[..args.keep.min(captions.len())];
     if args.output.json {
-        let doc = serde_json::json!({
-            "image": args.image.display().to_string(), "seed": opts.seed, "rank": rank,
-            "captions": captions,
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        let report = Report {
+            image: args.image.display().to_string(),
+            seed: opts.seed,
+            rank,
+            captions,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for c in captions {
             println!("{:>10.2}  {}", c.score, c.text);
         }
     }
     Ok(())
+}
+
+/// `caption --json`.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    image: String,
+    seed: u64,
+    rank: CaptionRank,
+    captions: &'a [Caption],
 }

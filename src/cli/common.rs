@@ -32,13 +32,8 @@ pub fn image_rank_help(rank: ImageRank) -> &'static str {
             "The text's perplexity given the sampled codes, as rc1's `self_reranking_by_text`"
         }
         ImageRank::Decoded => {
-            "The text's perplexity given the codes of the picture as it will be shown: decoded, \
-             saved to 8 bits and encoded again ([`rerank_decoded`]). Sampled codes can be \
-             sequences the VQGAN's encoder never produces, which the model was never trained to \
-             read; the round trip gives it codes like those of its training pictures. On the \
-             built-in model (`rudolph world eval`, scene seed 0, guidance 1.5) it keeps the asked \
-             shape for 95 % of seen captions against 90 % by codes, and the asked colour for 81 % \
-             of held-out ones against 74 %"
+            "The text's perplexity given the codes of the picture as shown: decoded and encoded \
+             again, which reads more like a training picture to the model (docs/commands.md)"
         }
     }
 }
@@ -126,6 +121,8 @@ pub struct SampleArgs {
     /// Seed of the draws (default: from the clock; the JSON output reports it).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Sequences run through the model at once (more is faster until memory runs out; the
+    /// results do not depend on it).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Keep the k most likely tokens (0 = all); default per task as the original.
@@ -207,5 +204,13 @@ pub fn check_writable(path: &Path, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {
         anyhow::bail!("{} exists; pass --force to overwrite it", path.display());
     }
+    Ok(())
+}
+
+/// Checks, before any work, that a picture can be written to `path`: not replacing a file
+/// unasked, in a folder that exists, with an extension that names a format.
+pub fn check_picture_output(path: &Path, force: bool) -> anyhow::Result<()> {
+    check_writable(path, force)?;
+    rudolph::image::output_format(path)?;
     Ok(())
 }

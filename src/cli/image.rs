@@ -1,11 +1,13 @@
 //! `rudolph image TEXT`: draw candidates, rerank them by the text, save the best as a PNG grid.
 
 use super::common::{
-    ModelArgs, OutputArgs, SampleArgs, check_writable, choices, image_rank_help, print_warnings,
+    ModelArgs, OutputArgs, SampleArgs, check_picture_output, choices, image_rank_help,
+    print_warnings,
 };
-use candle_core::Tensor;
 use rudolph::pipelines::defaults;
-use rudolph::pipelines::images::{Borders, ImageRank, generate_images, image_prompt};
+use rudolph::pipelines::images::{
+    Borders, ImageRank, decode_pictures, generate_images, image_prompt,
+};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -18,10 +20,11 @@ pub struct ImageArgs {
     /// Best candidates to decode and save (one: the picture itself; more: a grid).
     #[arg(long, default_value_t = 1)]
     pub keep: usize,
-    /// The PNG to write.
+    /// The picture to write: .png, .jpg/.jpeg or .webp (lossless).
     #[arg(short, long, default_value = "rudolph.png")]
     pub output: PathBuf,
-    /// Also write each kept picture next to the grid (OUT_1.png, OUT_2.png, …).
+    /// Also write each kept picture next to the grid (OUT_1.png, OUT_2.png, …, in the
+    /// grid's format).
     #[arg(long)]
     pub save_each: bool,
     /// Pictures per grid row.
@@ -40,10 +43,10 @@ pub struct ImageArgs {
     #[arg(long)]
     pub crop_first: bool,
     /// Classifier-free guidance: sample from `u + S·(c − u)`, the logits after the text (c)
-    /// pushed away from those after an empty one (u); 1 = off. Costs a second model row per
+    /// pushed away from those after an empty one (u); 1 = off, up to 10. Costs a second model row per
     /// picture; needs a model trained with pictures alone (`rudolph train --i2t-fraction`).
     /// Default: the model folder's `generation_config.json`, else 1.
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
     pub guidance: Option<f32>,
     /// Rank candidates by the text given their sampled codes (`codes`, as the original) or
     /// given the codes of the decoded picture encoded again (`decoded`). Default: the model
@@ -83,24 +86,33 @@ fn numbered(path: &std::path::Path, i: usize) -> PathBuf {
     let stem = path
         .file_stem()
         .map_or("image".into(), |s| s.to_string_lossy().into_owned());
-    path.with_file_name(format!("{stem}_{i}.png"))
+    let ext = path
+        .extension()
+        .map_or("png".into(), |e| e.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}_{i}.{ext}"))
 }
 
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.images > 0, "--images must be at least 1");
     anyhow::ensure!(args.keep > 0, "--keep must be at least 1");
-    let keep = args.keep.min(args.images);
-    check_writable(&args.output, args.force)?;
+    anyhow::ensure!(
+        args.keep <= args.images,
+        "--keep {} is more than the {} --images drawn",
+        args.keep,
+        args.images
+    );
+    let keep = args.keep;
+    check_picture_output(&args.output, args.force)?;
     if args.save_each {
         for i in 1..=keep {
-            check_writable(&numbered(&args.output, i), args.force)?;
+            check_picture_output(&numbered(&args.output, i), args.force)?;
         }
     }
     let mut opts = args.sample.options(defaults::IMAGE, args.out.quiet)?;
-    anyhow::ensure!(
-        args.guidance.is_none_or(f32::is_finite),
-        "--guidance must be a finite number"
-    );
+    if let Some(g) = args.guidance {
+        rudolph::pipelines::images::check_guidance(g)
+            .map_err(|e| anyhow::anyhow!("--guidance: {e}"))?;
+    }
     let borders = parse_borders(&args.borders)?;
     let loaded = args.model.load()?;
     opts.guidance = loaded.guidance(args.guidance);
@@ -136,42 +148,44 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         &args.text,
         ranked,
         opts.batch_size,
+        opts.progress.as_ref(),
     )?;
     print_warnings(&ranked.warnings);
-    let best: Vec<u32> = ranked[..keep]
-        .iter()
-        .flat_map(|r| r.codes.clone())
-        .collect();
-    let n = loaded.model.config().image_seq_length();
-    let codes = Tensor::from_vec(best, (keep, n), vae.device())?;
-    let pictures = vae.decode_codes(&codes)?;
+    let best: Vec<&[u32]> = ranked[..keep].iter().map(|r| r.codes.as_slice()).collect();
+    let pictures = decode_pictures(vae, &best, opts.batch_size, opts.progress.as_ref())?;
     let grid = rudolph::image::grid(&pictures, args.nrow)?;
-    rudolph::image::save_png(&rudolph::image::to_rgb8(&grid)?, &args.output)?;
+    rudolph::image::save_image(&rudolph::image::to_rgb8(&grid)?, &args.output)?;
     let mut files = Vec::new();
     if args.save_each {
         for i in 0..keep {
             let path = numbered(&args.output, i + 1);
-            rudolph::image::save_png(&rudolph::image::to_rgb8(&pictures.get(i)?)?, &path)?;
+            rudolph::image::save_image(&rudolph::image::to_rgb8(&pictures.get(i)?)?, &path)?;
             files.push(path.display().to_string());
         }
     }
     if args.out.json {
-        let images: Vec<_> = ranked
+        let images = ranked
             .iter()
             .enumerate()
-            .map(|(i, r)| {
-                serde_json::json!({
-                    "rank": i + 1, "ppl_text": r.ppl_text, "ppl_image": r.ppl_image,
-                    "ppl_decoded": r.ppl_decoded,
-                    "codes": r.codes, "kept": i < keep, "file": files.get(i),
-                })
+            .map(|(i, r)| Candidate {
+                rank: i + 1,
+                ppl_text: r.ppl_text,
+                ppl_image: r.ppl_image,
+                ppl_decoded: r.ppl_decoded,
+                codes: &r.codes,
+                kept: i < keep,
+                file: files.get(i).map(String::as_str),
             })
             .collect();
-        let doc = serde_json::json!({
-            "text": args.text, "seed": opts.seed, "guidance": opts.guidance, "ranked_by": rank,
-            "grid": args.output.display().to_string(), "images": images,
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        let report = Report {
+            text: &args.text,
+            seed: opts.seed,
+            guidance: opts.guidance,
+            ranked_by: rank,
+            grid: args.output.display().to_string(),
+            images,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for (i, r) in ranked.iter().take(keep).enumerate() {
             let decoded = r
@@ -191,4 +205,26 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `image --json`: every candidate, best first.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    text: &'a str,
+    seed: u64,
+    guidance: f32,
+    ranked_by: ImageRank,
+    grid: String,
+    images: Vec<Candidate<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct Candidate<'a> {
+    rank: usize,
+    ppl_text: f32,
+    ppl_image: f32,
+    ppl_decoded: Option<f32>,
+    codes: &'a [u32],
+    kept: bool,
+    file: Option<&'a str>,
 }

@@ -44,7 +44,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Perplexity of a text given each candidate picture (or code grid), best first.
     Rerank(rerank::RerankArgs),
-    /// The shapes world: sample pictures with captions (`world sample`).
+    /// The shapes world the built-in model knows: sample scenes with captions, train the
+    /// built-in model's recipe, evaluate a model on it (`world sample|train|eval`).
     World(world::WorldArgs),
     /// Time a task (image, caption, rerank, forward) on a preset with random weights.
     Bench(bench::BenchArgs),

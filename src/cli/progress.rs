@@ -34,11 +34,20 @@ impl Bars {
 }
 
 impl ProgressSink for Bars {
-    fn start(&self, total: u64, what: &str) {
+    fn start(&self, total: u64, what: &str, unit: &str) {
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let rate_unit = unit.to_string();
+        let template =
+            format!("{{msg:>20}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{rate}}, ETA {{eta}}");
         bar.set_style(
-            ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+            ProgressStyle::with_template(&template)
                 .expect("valid template")
+                .with_key(
+                    "rate",
+                    move |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.1} {rate_unit}/s", state.per_sec());
+                    },
+                )
                 .progress_chars("=> "),
         );
         bar.set_message(what.to_string());

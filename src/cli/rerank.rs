@@ -111,33 +111,44 @@ pub fn run(args: RerankArgs) -> anyhow::Result<()> {
     let scores = score_pairs(&loaded.model, &pairs, 1, args.batch_size)?;
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[a].ppl_text.total_cmp(&scores[b].ppl_text));
-    let rows: Vec<_> = order
+    let rows: Vec<Candidate> = order
         .iter()
         .enumerate()
-        .map(|(rank, &i)| {
-            (
-                rank + 1,
-                &sources[i],
-                scores[i].ppl_text,
-                scores[i].ppl_image,
-            )
+        .map(|(rank, &i)| Candidate {
+            rank: rank + 1,
+            source: &sources[i],
+            ppl_text: scores[i].ppl_text,
+            ppl_image: scores[i].ppl_image,
         })
         .collect();
     if args.output.json {
-        let candidates: Vec<_> = rows
-            .iter()
-            .map(|(rank, src, pt, pi)| serde_json::json!({"rank": rank, "source": src, "ppl_text": pt, "ppl_image": pi}))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"text": args.text, "candidates": candidates})
-            )?
-        );
+        let report = Report {
+            text: &args.text,
+            candidates: rows,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for (rank, src, pt, pi) in rows {
-            println!("#{rank:<3} ppl_text {pt:>10.2}  ppl_image {pi:>10.2}  {src}");
+        for c in rows {
+            println!(
+                "#{:<3} ppl_text {:>10.2}  ppl_image {:>10.2}  {}",
+                c.rank, c.ppl_text, c.ppl_image, c.source
+            );
         }
     }
     Ok(())
+}
+
+/// `rerank --json`: the candidates, best first.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    text: &'a str,
+    candidates: Vec<Candidate<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct Candidate<'a> {
+    rank: usize,
+    source: &'a str,
+    ppl_text: f32,
+    ppl_image: f32,
 }

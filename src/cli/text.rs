@@ -2,7 +2,7 @@
 
 use super::common::{ModelArgs, OutputArgs, SampleArgs, print_warnings};
 use rudolph::pipelines::defaults;
-use rudolph::pipelines::texts::generate_texts;
+use rudolph::pipelines::texts::{GeneratedText, generate_texts};
 
 #[derive(Debug, clap::Args)]
 pub struct TextArgs {
@@ -21,6 +21,7 @@ pub struct TextArgs {
 }
 
 pub fn run(args: TextArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.texts > 0, "--texts must be at least 1");
     let opts = args.sample.options(defaults::TEXT, args.output.quiet)?;
     let loaded = args.model.load()?;
     let texts = generate_texts(
@@ -31,15 +32,30 @@ pub fn run(args: TextArgs) -> anyhow::Result<()> {
         &opts,
     )?;
     print_warnings(&texts.warnings);
+    anyhow::ensure!(
+        !texts.is_empty(),
+        "no text: every one drawn was empty after the template «{}» (the model ended each at once)",
+        args.template
+    );
     if args.output.json {
-        let doc = serde_json::json!({
-            "template": args.template, "seed": opts.seed, "texts": texts.items,
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        let report = Report {
+            template: &args.template,
+            seed: opts.seed,
+            texts: &texts.items,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for t in &texts {
-            println!("{:>10.2}  {}", t.ppl, t.text);
+            println!("{:>10.2}  {}", t.ppl_text, t.text);
         }
     }
     Ok(())
+}
+
+/// `text --json`.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    template: &'a str,
+    seed: u64,
+    texts: &'a [GeneratedText],
 }

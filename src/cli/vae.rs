@@ -40,7 +40,7 @@ pub struct DecodeCodesArgs {
     /// The VQGAN .config.yml (default: the one beside the checkpoint, else the real config).
     #[arg(long)]
     pub vae_config: Option<PathBuf>,
-    /// The PNG to write.
+    /// The picture to write: .png, .jpg/.jpeg or .webp (lossless).
     #[arg(short, long)]
     pub output: PathBuf,
     /// Images per grid row when decoding several code lists.
@@ -129,12 +129,7 @@ fn parse_codes(text: &str) -> anyhow::Result<Vec<Vec<i64>>> {
 }
 
 pub fn decode_codes(args: DecodeCodesArgs) -> anyhow::Result<()> {
-    if args.output.exists() && !args.force {
-        bail!(
-            "{} exists; pass --force to overwrite it",
-            args.output.display()
-        );
-    }
+    super::common::check_picture_output(&args.output, args.force)?;
     let text = std::fs::read_to_string(&args.codes)
         .with_context(|| format!("cannot read {}", args.codes.display()))?;
     let images =
@@ -146,8 +141,8 @@ pub fn decode_codes(args: DecodeCodesArgs) -> anyhow::Result<()> {
         .decode_codes(&codes)
         .with_context(|| format!("cannot decode {}", args.codes.display()))?;
     let picture = img::to_rgb8(&img::grid(&decoded, args.nrow)?)?;
-    img::save_png(&picture, &args.output)?;
-    eprintln!(
+    img::save_image(&picture, &args.output)?;
+    println!(
         "wrote {} ({}x{})",
         args.output.display(),
         picture.width(),

@@ -27,10 +27,13 @@ pub struct WorldArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
+    /// Scenes to draw.
     #[arg(long)]
     pub n: usize,
-    #[arg(long)]
+    /// Folder of the pictures and data.jsonl.
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Seed of the scenes (the same seed draws the same scenes).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Draw only the held-out colour+shape pairs (for evaluation) instead of the seen ones.
@@ -111,6 +114,7 @@ pub struct EvalArgs {
     /// Print one JSON document with every number and target instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Sequences run through the model at once (more is faster until memory runs out).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Captions sampled per picture, the best by `rudolph caption`'s ranking scored; 0 = one
@@ -122,7 +126,7 @@ pub struct EvalArgs {
     pub images: usize,
     /// Classifier-free guidance scale of the pictures (as `rudolph image --guidance`; default:
     /// the model folder's, else 1).
-    #[arg(long)]
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
     pub guidance: Option<f32>,
     /// What the pictures are ranked by (as `rudolph image --rank`; default: the model folder's,
     /// else codes).
@@ -141,6 +145,10 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.images > 0, "--images must be at least 1");
+    if let Some(g) = args.guidance {
+        rudolph::pipelines::images::check_guidance(g)
+            .map_err(|e| anyhow::anyhow!("--guidance: {e}"))?;
+    }
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     }

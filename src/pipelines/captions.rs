@@ -123,8 +123,11 @@ pub fn generate_captions(
     let (l, r) = (cfg.l_text_seq_length, cfg.r_text_seq_length);
     let encoded = tokenizer.encode_text(&lower_strip(template), r);
     let (prefix, warning) = template_prefix(&encoded, r, "template");
-    opts.progress
-        .start(((r - prefix.len()) * count) as u64, "captions");
+    opts.progress.start(
+        ((r - prefix.len()) * count) as u64,
+        &format!("drawing {count} captions"),
+        "tokens",
+    );
     let rows = generate_caption_ids(
         model,
         codes,

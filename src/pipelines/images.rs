@@ -121,6 +121,44 @@ pub fn generate_image_codes(
     generate(model, &plan, count, batch, params, seed, progress)
 }
 
+/// The pictures of code grids, `[B, 3, S, S]` in `[0, 1]`, decoded `batch` at a time.
+pub fn decode_pictures(
+    vae: &Vqgan,
+    grids: &[&[u32]],
+    batch: usize,
+    progress: &dyn ProgressSink,
+) -> crate::Result<Tensor> {
+    let n = grids.first().map_or(0, |g| g.len());
+    if n == 0 || grids.iter().any(|g| g.len() != n) {
+        return Err(invalid(
+            "pictures to decode need the same number of codes each, and at least one",
+        ));
+    }
+    progress.start(grids.len() as u64, "decoding", "pictures");
+    let mut pictures = Vec::new();
+    for chunk in grids.chunks(batch.max(1)) {
+        let codes = Tensor::from_vec(chunk.concat(), (chunk.len(), n), vae.device())?;
+        pictures.push(vae.decode_codes(&codes)?);
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
+    Ok(Tensor::cat(&pictures, 0)?)
+}
+
+/// Refuses a guidance scale outside [`defaults::GUIDANCE_RANGE`](super::defaults::GUIDANCE_RANGE).
+pub fn check_guidance(scale: f32) -> crate::Result<()> {
+    let range = super::defaults::GUIDANCE_RANGE;
+    if range.contains(&scale) {
+        Ok(())
+    } else {
+        Err(crate::error::invalid(format!(
+            "guidance scale {scale} is outside {} to {} (1 is off; the built-in model draws best at 1.6)",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
 /// A generated picture's codes with its self-reranking scores.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RankedCodes {
@@ -163,6 +201,7 @@ impl ImageRank {
 
     /// Orders `ranked` (as [`generate_images`] returns them, by codes) this way, best first,
     /// keeping its warnings.
+    #[allow(clippy::too_many_arguments)]
     pub fn apply(
         self,
         model: &Rudolph,
@@ -171,12 +210,13 @@ impl ImageRank {
         text: &str,
         ranked: Ranked<RankedCodes>,
         batch: usize,
+        progress: &dyn ProgressSink,
     ) -> crate::Result<Ranked<RankedCodes>> {
         match self {
             Self::Codes => Ok(ranked),
             Self::Decoded => {
                 let mut reranked =
-                    rerank_decoded(model, tokenizer, vae, text, ranked.items, batch)?;
+                    rerank_decoded(model, tokenizer, vae, text, ranked.items, batch, progress)?;
                 reranked.warnings.splice(0..0, ranked.warnings);
                 Ok(reranked)
             }
@@ -210,11 +250,15 @@ pub fn generate_images(
     prompt: Option<&ImagePrompt>,
     opts: &GenerateOptions,
 ) -> crate::Result<Ranked<RankedCodes>> {
+    check_guidance(opts.guidance)?;
     let cfg = model.config();
     let text = lower_strip(text);
     let (left, warning) = encode_checked(tokenizer, &text, cfg.l_text_seq_length, "text");
-    opts.progress
-        .start((count * cfg.image_seq_length()) as u64, "images");
+    opts.progress.start(
+        (count * cfg.image_seq_length()) as u64,
+        &format!("drawing {count} pictures"),
+        "tokens",
+    );
     let codes = generate_image_codes(
         model,
         &left,
@@ -227,7 +271,14 @@ pub fn generate_images(
         opts.progress.as_ref(),
     )?;
     opts.progress.finish();
-    let mut ranked = rank_codes(model, tokenizer, &text, codes, opts.batch_size)?;
+    let mut ranked = rank_codes(
+        model,
+        tokenizer,
+        &text,
+        codes,
+        opts.batch_size,
+        opts.progress.as_ref(),
+    )?;
     ranked.warnings.splice(0..0, warning);
     Ok(ranked)
 }
@@ -239,6 +290,7 @@ pub fn rank_codes(
     text: &str,
     codes: Vec<Vec<u32>>,
     batch: usize,
+    progress: &dyn ProgressSink,
 ) -> crate::Result<Ranked<RankedCodes>> {
     let (right, warning) = encode_checked(
         tokenizer,
@@ -246,11 +298,17 @@ pub fn rank_codes(
         model.config().r_text_seq_length,
         "text",
     );
-    let pairs: Vec<(&[u32], &[u32])> = codes
-        .iter()
-        .map(|c| (c.as_slice(), right.as_slice()))
-        .collect();
-    let scores = score_pairs(model, &pairs, 1, batch)?;
+    progress.start(codes.len() as u64, "ranking by codes", "pictures");
+    let mut scores = Vec::with_capacity(codes.len());
+    for chunk in codes.chunks(batch.max(1)) {
+        let pairs: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|c| (c.as_slice(), right.as_slice()))
+            .collect();
+        scores.extend(score_pairs(model, &pairs, 1, batch)?);
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
     let mut out: Vec<RankedCodes> = codes
         .into_iter()
         .zip(scores)
@@ -279,11 +337,13 @@ pub fn rerank_decoded(
     text: &str,
     mut ranked: Vec<RankedCodes>,
     batch: usize,
+    progress: &dyn ProgressSink,
 ) -> crate::Result<Ranked<RankedCodes>> {
     let cfg = model.config();
     let n = cfg.image_seq_length();
     let (right, warning) =
         encode_checked(tokenizer, &lower_strip(text), cfg.r_text_seq_length, "text");
+    progress.start(ranked.len() as u64, "ranking as shown", "pictures");
     for chunk in ranked.chunks_mut(batch.max(1)) {
         let mut flat = Vec::with_capacity(chunk.len() * n);
         for r in chunk.iter() {
@@ -307,7 +367,9 @@ pub fn rerank_decoded(
         for (r, s) in chunk.iter_mut().zip(score_pairs(model, &pairs, 1, batch)?) {
             r.ppl_decoded = Some(s.ppl_text);
         }
+        progress.advance(chunk.len() as u64);
     }
+    progress.finish();
     ranked.sort_by(|a, b| {
         let key = |r: &RankedCodes| r.ppl_decoded.unwrap_or(f32::INFINITY);
         key(a).total_cmp(&key(b))

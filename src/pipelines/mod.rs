@@ -65,6 +65,10 @@ pub mod defaults {
     };
     /// Classifier-free guidance scale of pictures (1: none).
     pub const GUIDANCE: f32 = 1.0;
+    /// The guidance scales that make sense: 1 is off; below 1 the mix leans towards the picture
+    /// of no text (0 ignores the text, below 0 draws against it), and far above the built-in
+    /// model's best (1.6) the shapes break up long before 10.
+    pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f32> = 1.0..=10.0;
     /// Pictures drawn per text, the best by its text kept.
     pub const IMAGES: usize = 8;
     /// Captions drawn per picture (duplicates merged), the best kept.

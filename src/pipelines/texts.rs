@@ -112,7 +112,8 @@ pub fn left_text_perplexities(
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GeneratedText {
     pub text: String,
-    pub ppl: f32,
+    /// The text's perplexity (named as every other text score).
+    pub ppl_text: f32,
 }
 
 /// rc1 `generate_texts`: `count` left texts continuing `template`, deduplicated (first
@@ -128,8 +129,11 @@ pub fn generate_texts(
     let l = model.config().l_text_seq_length;
     let encoded = tokenizer.encode_text(&lower_strip(template), l);
     let (prefix, warning) = template_prefix(&encoded, l, "template");
-    opts.progress
-        .start(((l - prefix.len()) * count) as u64, "texts");
+    opts.progress.start(
+        ((l - prefix.len()) * count) as u64,
+        &format!("writing {count} texts"),
+        "tokens",
+    );
     let rows = generate_text_ids(
         model,
         &prefix,
@@ -151,9 +155,9 @@ pub fn generate_texts(
     let mut out: Vec<GeneratedText> = texts
         .into_iter()
         .zip(ppl)
-        .map(|(text, ppl)| GeneratedText { text, ppl })
+        .map(|(text, ppl_text)| GeneratedText { text, ppl_text })
         .collect();
-    out.sort_by(|a, b| a.ppl.total_cmp(&b.ppl));
+    out.sort_by(|a, b| a.ppl_text.total_cmp(&b.ppl_text));
     Ok(Ranked {
         items: out,
         warnings: warning.into_iter().collect(),

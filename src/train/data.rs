@@ -177,7 +177,7 @@ pub fn load_dataset(
     if samples.is_empty() {
         return Err(invalid(format!("{} holds no samples", file.display())));
     }
-    progress.start(pending.len() as u64, "encoding");
+    progress.start(pending.len() as u64, "encoding pictures", "pictures");
     for (slot, p) in pending {
         let key = CodesCache::key(&p.path)?;
         let codes = match cache.codes.get(&key) {

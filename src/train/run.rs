@@ -109,7 +109,7 @@ pub fn run(
     let mask = causal_mask(1, cfg.total_seq_length(), &device)?;
     let per_step = (spec.batch_size * spec.options.accumulate) as u64;
     let total = spec.options.steps;
-    progress.start(total, "training");
+    progress.start(total, "training", "steps");
     progress.advance(trainer.step());
     let mut first_loss = None;
     let mut last_val = history.iter().rev().find_map(|l| l.val_loss);

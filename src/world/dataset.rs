@@ -13,7 +13,7 @@ pub fn write_scenes(scenes: &[Scene], out: &Path, progress: &dyn ProgressSink) -
     std::fs::create_dir_all(out).map_err(io(out))?;
     let jsonl = out.join("data.jsonl");
     let mut lines = std::io::BufWriter::new(std::fs::File::create(&jsonl).map_err(io(&jsonl))?);
-    progress.start(scenes.len() as u64, "scenes");
+    progress.start(scenes.len() as u64, "drawing scenes", "pictures");
     for (i, scene) in scenes.iter().enumerate() {
         let name = format!("{i:06}.png");
         crate::image::save_png(&render::render(scene), &out.join(&name))?;
@@ -49,7 +49,7 @@ pub fn append_recoloured(
     let mut lines = std::io::BufWriter::new(file);
     let stream = seed ^ 0x7ec0_10e5;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
-    progress.start(m as u64, "recoloured");
+    progress.start(m as u64, "drawing recoloured", "pictures");
     for (i, scene) in sample(m, stream, false).iter().enumerate() {
         let name = format!("recoloured-{i:06}.png");
         let colour = recipe::recolour(scene, &mut rng);

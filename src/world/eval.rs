@@ -540,7 +540,7 @@ fn caption_scenes(
     what: &str,
     warnings: &mut Vec<Warning>,
 ) -> Result<AttributeReport> {
-    opts.progress.start(scenes.len() as u64, what);
+    opts.progress.start(scenes.len() as u64, what, "scenes");
     let (params, count) = match opts.captions {
         0 => (GREEDY, 1),
         n => (defaults::CAPTION, n),
@@ -579,7 +579,7 @@ fn draw_scenes(
 ) -> Result<(Tally, Vec<RgbImage>)> {
     let vae = world_vae(loaded)?;
     let n_codes = loaded.model.config().image_seq_length();
-    opts.progress.start(scenes.len() as u64, what);
+    opts.progress.start(scenes.len() as u64, what, "scenes");
     let mut tally = Tally::default();
     let mut pictures = Vec::with_capacity(scenes.len());
     let batch = opts.batch_size.max(1);
@@ -609,6 +609,7 @@ fn draw_scenes(
                 &scene.caption(),
                 ranked,
                 opts.batch_size,
+                sampling.progress.as_ref(),
             )?;
             warnings.extend_from_slice(&ranked.warnings);
             let best = ranked
@@ -675,7 +676,8 @@ fn retrieval(
     opts: &EvalOptions,
 ) -> Result<Metric> {
     let r = loaded.model.config().r_text_seq_length;
-    opts.progress.start(scenes.len() as u64, "retrieval");
+    opts.progress
+        .start(scenes.len() as u64, "retrieval", "scenes");
     let mut correct = 0;
     for (i, (scene, c)) in scenes.iter().zip(codes).enumerate() {
         let truth = scene.caption();
@@ -738,7 +740,8 @@ fn zero_shot(
     opts: &EvalOptions,
     warnings: &mut Vec<Warning>,
 ) -> Result<ZeroShotReport> {
-    opts.progress.start(scenes.len() as u64, "zero-shot");
+    opts.progress
+        .start(scenes.len() as u64, "zero-shot", "scenes");
     let (mut shape_ok, mut colour_ok) = (0, 0);
     for (scene, c) in scenes.iter().zip(codes) {
         let shapes: Vec<(String, String)> = Shape::ALL
@@ -799,7 +802,7 @@ fn generated_texts(
     let (prefix, cut) = template_prefix(&loaded.tokenizer.encode_text("", l), l, "template");
     warnings.extend(cut);
     opts.progress
-        .start(((l - prefix.len()) * opts.n) as u64, "texts");
+        .start(((l - prefix.len()) * opts.n) as u64, "texts", "tokens");
     let rows = generate_text_ids(
         model,
         &prefix,

@@ -577,7 +577,7 @@ pub fn train_vqgan(dir: &Path, stage: &VqganStage, progress: &dyn ProgressSink) 
         .open(&log_path)
         .map_err(io(&log_path))?;
     let total = stage.train.steps;
-    progress.start(total, "VQGAN");
+    progress.start(total, "training the VQGAN", "steps");
     progress.advance(trainer.step());
     while trainer.step() < total {
         let scenes = vqgan_scenes(stage, trainer.step());
