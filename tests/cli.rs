@@ -828,8 +828,13 @@ fn help_describes_every_flag() {
         &["image"][..],
         &["caption"],
         &["text"],
+        &["classify"],
+        &["rerank"],
+        &["world", "sample"],
         &["world", "eval"],
+        &["world", "train"],
         &["train"],
+        &["bench"],
     ] {
         let mut args = command.to_vec();
         args.push("--help");
@@ -844,11 +849,15 @@ fn help_describes_every_flag() {
                 continue;
             }
             // clap puts a flag's help after it on the same line, or indented on the next.
+            // A bare "[default: …]" is no description.
             let described = flag
                 .split_once("  ")
-                .is_some_and(|(_, h)| !h.trim().is_empty())
+                .is_some_and(|(_, h)| !h.trim().is_empty() && !h.trim().starts_with('['))
                 || lines.get(i + 1).is_some_and(|next| {
-                    next.starts_with("          ") && !next.trim_start().starts_with('-')
+                    let next = next.trim_start();
+                    lines[i + 1].starts_with("          ")
+                        && !next.starts_with('-')
+                        && !next.starts_with('[')
                 });
             assert!(described, "{command:?}: {flag} has no help");
         }

@@ -14,6 +14,7 @@ pub struct BenchArgs {
     /// Pictures (or captions, or reranked pairs) to produce.
     #[arg(long, default_value_t = 8)]
     pub images: usize,
+    /// Sequences run through the model at once (more is faster until memory runs out).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Worker threads for tensor work (default: all cores).

@@ -15,6 +15,7 @@ pub struct ClassifyArgs {
     /// marked `{}`, e.g. "{} слева на белом фоне" (the words after the class are scored too).
     #[arg(long, default_value = "")]
     pub template: String,
+    /// Sequences run through the model at once (more is faster until memory runs out).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Compute exactly what rudolph 0.0.1rc1 computes, also where it is wrong (a template that

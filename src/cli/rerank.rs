@@ -13,6 +13,7 @@ pub struct RerankArgs {
     /// A JSON file of code grids: `{"codes": [...]}`, a list of lists, or a list of such objects.
     #[arg(long, value_name = "FILE")]
     pub codes: Option<PathBuf>,
+    /// Sequences run through the model at once (more is faster until memory runs out).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     #[command(flatten)]

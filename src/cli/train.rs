@@ -30,6 +30,7 @@ pub struct TrainArgs {
     /// Optimizer steps in the whole run.
     #[arg(long, default_value_t = 1000)]
     pub steps: u64,
+    /// Samples per micro-batch (memory grows with it; see --accumulate).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -47,6 +48,7 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// AdamW's decoupled weight decay.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Weights of the left-text, image and right-text losses (the original's notebooks used
@@ -74,6 +76,8 @@ pub struct TrainArgs {
     /// A log.jsonl line every N steps.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
+    /// Seed of the initial weights (from scratch), the shuffling, the validation split and
+    /// the dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Score each target in its own vocabulary: the first image code as an image class from the

@@ -25,6 +25,7 @@ pub struct WorldTrainArgs {
     /// Transformer optimizer steps per round.
     #[arg(long, default_value_t = 2500)]
     pub steps: u64,
+    /// Samples per optimizer step of the transformer rounds.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// The transformer's rounds, by their peak learning rates (cosine after a 100-step warmup):
