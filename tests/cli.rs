@@ -618,6 +618,7 @@ fn flags_that_cannot_work_are_refused_before_any_work() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["image", "x", "--images", "0", "-o", png], "--images"),
         (vec!["image", "x", "--keep", "0", "-o", png], "--keep"),
+        (vec!["image", "x", "--nrow", "0", "-o", png], "--nrow"),
         (
             vec!["image", "x", "--images", "2", "--keep", "3", "-o", png],
             "--keep 3 is more than the 2 --images",

@@ -129,6 +129,7 @@ fn parse_codes(text: &str) -> anyhow::Result<Vec<Vec<i64>>> {
 }
 
 pub fn decode_codes(args: DecodeCodesArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nrow > 0, "--nrow must be at least 1");
     super::common::check_picture_output(&args.output, args.force)?;
     let text = std::fs::read_to_string(&args.codes)
         .with_context(|| format!("cannot read {}", args.codes.display()))?;
