@@ -25,6 +25,8 @@ pub enum ImageError {
         path: String,
         source: image::ImageError,
     },
+    #[error("{path} is too large a picture: {problem}")]
+    TooLarge { path: String, problem: String },
     #[error("cannot write a picture to {path}: {problem}")]
     Output { path: String, problem: String },
     #[error("bad image tensor: {0}")]
@@ -33,19 +35,62 @@ pub enum ImageError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Reads a PNG or JPEG (detected by content) and converts it to 8-bit RGB like PIL's
+/// The largest picture file read: far above any photograph, far below what would exhaust memory.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// The largest side of a picture decoded (the model uses 64 to 256 pixels of it).
+pub const MAX_SIDE: u32 = 16_384;
+
+/// The most memory the decoder may take for one picture.
+pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+
+/// Reads a PNG, JPEG or WebP (detected by content) and converts it to 8-bit RGB like PIL's
 /// `convert('RGB')`: greyscale is replicated, palettes are expanded, alpha is dropped (not
 /// composited), 16-bit samples are scaled to 8 bits. PNG pixels are exact; JPEG is decoded by
 /// the `image` crate, which can differ from PIL's libjpeg by a few levels per channel.
+///
+/// Files above [`MAX_FILE_BYTES`], pictures wider or taller than [`MAX_SIDE`] and pictures
+/// whose decoding needs more than [`MAX_DECODE_BYTES`] are refused before they are decoded,
+/// whatever their header declares.
 pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
+    use std::io::Read;
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Open {
+    let open = |source| ImageError::Open {
         path: shown.clone(),
         source,
-    })?;
-    let img = image::load_from_memory(&bytes).map_err(|source| ImageError::Decode {
-        path: shown,
-        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(open)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(open)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ImageError::TooLarge {
+            path: shown,
+            problem: format!("the file is larger than {} MiB", MAX_FILE_BYTES >> 20),
+        });
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(open)?;
+    reader.limits(limits);
+    let img = reader.decode().map_err(|source| match source {
+        image::ImageError::Limits(e) => ImageError::TooLarge {
+            path: shown.clone(),
+            problem: format!(
+                "{e} (at most {MAX_SIDE} pixels a side and {} MiB to decode)",
+                MAX_DECODE_BYTES >> 20
+            ),
+        },
+        source => ImageError::Decode {
+            path: shown.clone(),
+            source,
+        },
     })?;
     Ok(img.to_rgb8())
 }
@@ -242,11 +287,7 @@ pub fn to_rgb8(tensor: &Tensor) -> Result<RgbImage, ImageError> {
 
 /// Writes an RGB image as PNG.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
-    img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|source| ImageError::Save {
-            path: path.display().to_string(),
-            source,
-        })
+    save_image(img, path)
 }
 
 /// The formats pictures are written in, chosen by the output file's extension.
@@ -297,24 +338,35 @@ pub fn output_format(path: &Path) -> Result<image::ImageFormat, ImageError> {
     Ok(format)
 }
 
-/// Writes a picture in the format its extension names (see [`output_format`]).
+/// Writes a picture in the format its extension names (see [`output_format`]), atomically: the
+/// bytes go to a temporary file that replaces `path` only once they are all written and synced,
+/// so a full disk or a failed write is an error that leaves any earlier file at `path` whole.
 pub fn save_image(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
     let format = output_format(path)?;
-    let saved = match format {
-        image::ImageFormat::Jpeg => std::fs::File::create(path)
-            .map_err(image::ImageError::IoError)
-            .and_then(|file| {
-                let mut writer = std::io::BufWriter::new(file);
-                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut writer, JPEG_QUALITY)
-                    .encode_image(img)?;
-                std::io::Write::flush(&mut writer).map_err(image::ImageError::IoError)
-            }),
-        _ => img.save_with_format(path, format),
-    };
-    saved.map_err(|source| ImageError::Save {
-        path: path.display().to_string(),
-        source,
-    })
+    let shown = path.display().to_string();
+    crate::atomic_file::write_atomically(
+        path,
+        |w| {
+            let encoded = match format {
+                image::ImageFormat::Jpeg => {
+                    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut *w, JPEG_QUALITY)
+                        .encode_image(img)
+                }
+                _ => img.write_to(&mut *w, format),
+            };
+            encoded.map_err(|source| ImageError::Save {
+                path: shown.clone(),
+                source,
+            })
+        },
+        |what, e| ImageError::Save {
+            path: shown.clone(),
+            source: image::ImageError::IoError(std::io::Error::new(
+                e.kind(),
+                format!("cannot {what}: {e}"),
+            )),
+        },
+    )
 }
 
 /// torchvision `make_grid(images, nrow, padding=2, pad_value=0)`: `[B, C, H, W]` → one

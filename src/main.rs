@@ -38,18 +38,45 @@ fn main() {
     }
 }
 
+/// The most worker threads per core: more only costs memory (each has its stack) and time.
+const MAX_THREADS_PER_CORE: usize = 4;
+
 /// Sizes the pools of tensor work: candle's CPU kernels and rayon's global pool both read
-/// `RAYON_NUM_THREADS`.
+/// `RAYON_NUM_THREADS`. The count (`--threads`, else that variable) is bounded by the cores, and
+/// the pool is built here, so that a count the machine cannot start is an error, not a panic
+/// inside the first parallel loop.
 ///
 /// # Safety
 ///
 /// No other thread may exist: writing the environment races with any thread reading it.
 unsafe fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    let Some(n) = threads else { return Ok(()) };
-    anyhow::ensure!(n > 0, "--threads must be at least 1");
+    const ENV: &str = "RAYON_NUM_THREADS";
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap = cores * MAX_THREADS_PER_CORE;
+    let (n, name) = match threads {
+        Some(n) => (n, format!("--threads {n}")),
+        None => match std::env::var(ENV) {
+            Ok(v) if !v.trim().is_empty() => {
+                let n = v.trim().parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("{ENV}={v} is not a count of threads")
+                })?;
+                // rayon reads 0 as "one per core".
+                (if n == 0 { cores } else { n }, format!("{ENV}={v}"))
+            }
+            _ => return Ok(()),
+        },
+    };
+    anyhow::ensure!(n > 0, "{name}: at least 1 thread");
+    anyhow::ensure!(
+        n <= cap,
+        "{name} is more than the {cap} threads this machine can use ({MAX_THREADS_PER_CORE} for each of its {cores} cores)"
+    );
     // SAFETY: the caller guarantees that this is the only thread.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    Ok(())
+    unsafe { std::env::set_var(ENV, n.to_string()) };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot start {n} worker threads ({name}): {e}"))
 }
 
 /// The error and its causes, leaving out a cause whose text the message before it already
