@@ -57,9 +57,10 @@ unsafe fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
         Some(n) => (n, format!("--threads {n}")),
         None => match std::env::var(ENV) {
             Ok(v) if !v.trim().is_empty() => {
-                let n = v.trim().parse::<usize>().map_err(|_| {
-                    anyhow::anyhow!("{ENV}={v} is not a count of threads")
-                })?;
+                let n = v
+                    .trim()
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("{ENV}={v} is not a count of threads"))?;
                 // rayon reads 0 as "one per core".
                 (if n == 0 { cores } else { n }, format!("{ENV}={v}"))
             }

@@ -3,9 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
+use super::progress::progress;
 use rudolph::image as img;
+use rudolph::pipelines::images::decode_pictures;
 use rudolph::vae::Vqgan;
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +82,12 @@ pub fn encode_image(args: EncodeImageArgs) -> anyhow::Result<()> {
     if size == 0 || !size.is_multiple_of(f) {
         bail!("--size {size} is not a positive multiple of the VQGAN's downsampling factor {f}");
     }
+    if size as usize > rudolph::vae::MAX_SIDE {
+        bail!(
+            "--size {size} is more than the {} pixels a side the VQGAN encodes",
+            rudolph::vae::MAX_SIDE
+        );
+    }
     let x = img::preprocess(&picture, size, &Device::Cpu)?.unsqueeze(0)?;
     let codes = vae.encode_codes(&x)?.squeeze(0)?.to_vec1::<u32>()?;
     let side = (size / f) as usize;
@@ -93,6 +101,31 @@ pub fn encode_image(args: EncodeImageArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The largest codes file read (a grid of 256 pictures of 4096 codes as JSON is under 20 MiB).
+const MAX_CODES_FILE: u64 = 64 << 20;
+
+/// The most pictures one `decode-codes` grid holds.
+const MAX_PICTURES: usize = 256;
+
+/// Pictures decoded at once.
+const DECODE_BATCH: usize = 8;
+
+/// A text file, refused when larger than `limit` bytes.
+fn read_capped(path: &Path, limit: u64) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= limit,
+        "{} is larger than {} MiB",
+        path.display(),
+        limit >> 20
+    );
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))
 }
 
 /// Parses `{"codes": …}` or a bare array into one list of codes per image.
@@ -131,15 +164,27 @@ fn parse_codes(text: &str) -> anyhow::Result<Vec<Vec<i64>>> {
 pub fn decode_codes(args: DecodeCodesArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nrow > 0, "--nrow must be at least 1");
     super::common::check_picture_output(&args.output, args.force)?;
-    let text = std::fs::read_to_string(&args.codes)
-        .with_context(|| format!("cannot read {}", args.codes.display()))?;
+    let text = read_capped(&args.codes, MAX_CODES_FILE)?;
     let images =
         parse_codes(&text).with_context(|| format!("bad codes file {}", args.codes.display()))?;
+    anyhow::ensure!(
+        images.len() <= MAX_PICTURES,
+        "{} holds {} code lists; one grid takes at most {MAX_PICTURES}",
+        args.codes.display(),
+        images.len()
+    );
+    let images: Vec<Vec<u32>> = images
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|c| u32::try_from(c).map_err(|_| anyhow::anyhow!("code {c} is out of range")))
+                .collect()
+        })
+        .collect::<anyhow::Result<_>>()
+        .with_context(|| format!("bad codes file {}", args.codes.display()))?;
     let vae = load_vae(args.vae.as_deref(), args.vae_config.as_deref())?;
-    let (b, n) = (images.len(), images[0].len());
-    let codes = Tensor::from_vec(images.concat(), (b, n), &Device::Cpu)?;
-    let decoded = vae
-        .decode_codes(&codes)
+    let grids: Vec<&[u32]> = images.iter().map(Vec::as_slice).collect();
+    let decoded = decode_pictures(&vae, &grids, DECODE_BATCH, progress(false).as_ref())
         .with_context(|| format!("cannot decode {}", args.codes.display()))?;
     let picture = img::to_rgb8(&img::grid(&decoded, args.nrow)?)?;
     img::save_image(&picture, &args.output)?;

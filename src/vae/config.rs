@@ -125,6 +125,23 @@ impl VqganConfig {
                 "n_embed, embed_dim, ddconfig.ch and ddconfig.resolution must be > 0".into(),
             );
         }
+        let bounds = [
+            ("ddconfig.resolution", dd.resolution, super::MAX_SIDE),
+            ("ddconfig.ch", dd.ch, 1024),
+            ("ddconfig.ch_mult's length", dd.ch_mult.len(), 6),
+            ("ddconfig.num_res_blocks", dd.num_res_blocks, 8),
+            ("embed_dim", self.embed_dim, 4096),
+            ("n_embed", self.n_embed, 1 << 18),
+        ];
+        for (name, value, limit) in bounds.into_iter().chain(
+            dd.ch_mult
+                .iter()
+                .map(|&m| ("a ddconfig.ch_mult entry", m, 16)),
+        ) {
+            if value > limit {
+                return bad(format!("{name} is {value}, above the limit of {limit}"));
+            }
+        }
         if dd.ch_mult.contains(&0) {
             return bad(format!("ddconfig.ch_mult {:?} contains 0", dd.ch_mult));
         }

@@ -75,6 +75,11 @@ pub enum VaeError {
     Candle(#[from] candle_core::Error),
 }
 
+/// The largest picture side the VQGAN encodes or decodes: twice the real model's 256. The
+/// attention of its middle block holds `(side / 8)⁴` scores, 64 MiB at this side and 16 times
+/// that at twice it.
+pub const MAX_SIDE: usize = 512;
+
 /// Where the decoder lives in a checkpoint and which decoder it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VqganLayout {
@@ -202,6 +207,13 @@ impl Vqgan {
 
     /// The quantizer logits `quantize.proj(quant_conv_out)`: `[B, n_embed, H/f, W/f]`.
     pub fn proj_logits(&self, images: &Tensor) -> Result<Tensor, VaeError> {
+        if let Ok((_, _, h, w)) = images.dims4()
+            && (h > MAX_SIDE || w > MAX_SIDE)
+        {
+            return Err(VaeError::BadInput(format!(
+                "a {w}×{h} picture is larger than the {MAX_SIDE} pixels a side the VQGAN encodes"
+            )));
+        }
         Ok(self.proj.forward(&self.quant_conv_out(images)?)?)
     }
 
@@ -225,6 +237,12 @@ impl Vqgan {
         let s = n.isqrt();
         if s * s != n {
             return Err(VaeError::NotSquare { n });
+        }
+        let side = s.saturating_mul(self.config().downsample_factor());
+        if side > MAX_SIDE {
+            return Err(VaeError::BadInput(format!(
+                "{n} codes per picture make a {side}-pixel side, more than the {MAX_SIDE} the VQGAN decodes"
+            )));
         }
         let values = match codes.dtype() {
             DType::F16 | DType::BF16 | DType::F32 | DType::F64 => {
