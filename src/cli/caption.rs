@@ -40,7 +40,7 @@ fn rank_help(rank: CaptionRank) -> &'static str {
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.captions > 0, "--captions must be at least 1");
+    super::common::check_count("--captions", args.captions)?;
     anyhow::ensure!(args.keep > 0, "--keep must be at least 1");
     anyhow::ensure!(
         args.keep <= args.captions,

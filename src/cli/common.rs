@@ -199,6 +199,18 @@ pub fn print_warnings(warnings: &[Warning]) {
     }
 }
 
+/// A count of sequences to draw (`--images`, `--captions`, `--texts`): from 1 to the most one
+/// call draws.
+pub fn check_count(flag: &str, n: usize) -> anyhow::Result<()> {
+    let most = rudolph::pipelines::defaults::MAX_COUNT;
+    anyhow::ensure!(n > 0, "{flag} must be at least 1");
+    anyhow::ensure!(
+        n <= most,
+        "{flag} {n} is more than the {most} one run draws"
+    );
+    Ok(())
+}
+
 /// Refuses to replace a file the user has not asked to overwrite.
 pub fn check_writable(path: &Path, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {

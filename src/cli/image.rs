@@ -93,7 +93,7 @@ fn numbered(path: &std::path::Path, i: usize) -> PathBuf {
 }
 
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.images > 0, "--images must be at least 1");
+    super::common::check_count("--images", args.images)?;
     anyhow::ensure!(args.keep > 0, "--keep must be at least 1");
     anyhow::ensure!(args.nrow > 0, "--nrow must be at least 1");
     anyhow::ensure!(

@@ -21,7 +21,7 @@ pub struct TextArgs {
 }
 
 pub fn run(args: TextArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.texts > 0, "--texts must be at least 1");
+    super::common::check_count("--texts", args.texts)?;
     let opts = args.sample.options(defaults::TEXT, args.output.quiet)?;
     let loaded = args.model.load()?;
     let texts = generate_texts(

@@ -144,7 +144,13 @@ pub struct EvalArgs {
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    anyhow::ensure!(args.images > 0, "--images must be at least 1");
+    super::common::check_count("--images", args.images)?;
+    anyhow::ensure!(
+        args.captions <= rudolph::pipelines::defaults::MAX_COUNT,
+        "--captions {} is more than the {} one run draws",
+        args.captions,
+        rudolph::pipelines::defaults::MAX_COUNT
+    );
     if let Some(g) = args.guidance {
         rudolph::pipelines::images::check_guidance(g)
             .map_err(|e| anyhow::anyhow!("--guidance: {e}"))?;

@@ -89,6 +89,12 @@ pub fn generate(
     if batch == 0 {
         candle_core::bail!("batch size must be at least 1");
     }
+    if count > super::defaults::MAX_COUNT {
+        candle_core::bail!(
+            "{count} sequences asked for; one call draws at most {}",
+            super::defaults::MAX_COUNT
+        );
+    }
     if let Some(g) = &plan.guidance {
         if g.prefix.len() != plan.prefix.len() {
             candle_core::bail!(

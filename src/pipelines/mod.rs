@@ -69,6 +69,9 @@ pub mod defaults {
     /// of no text (0 ignores the text, below 0 draws against it), and far above the built-in
     /// model's best (1.6) the shapes break up long before 10.
     pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f32> = 1.0..=10.0;
+    /// The most sequences one call draws (pictures, captions or texts): far more than any
+    /// ranking needs, and few enough that their tokens always fit in memory.
+    pub const MAX_COUNT: usize = 10_000;
     /// Pictures drawn per text, the best by its text kept.
     pub const IMAGES: usize = 8;
     /// Captions drawn per picture (duplicates merged), the best kept.
