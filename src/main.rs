@@ -26,6 +26,11 @@ fn main() {
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
     }
+    // SAFETY: setting a signal's disposition before any thread starts. A write past the file
+    // size limit then fails with EFBIG, which the command reports, instead of killing it.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = cli::Cli::parse();
     if let Some(problem) = rudolph::kernels::Cpu::setting_problem() {
         eprintln!("warning: {problem}");

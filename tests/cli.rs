@@ -869,3 +869,179 @@ fn help_describes_every_flag() {
         );
     }
 }
+
+/// A PNG whose header declares `side`×`side` pixels, with no pixels behind it.
+fn png_declaring(side: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(13u32.to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc32(&ihdr).to_be_bytes());
+    let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+    png.extend(((idat.len() - 4) as u32).to_be_bytes());
+    png.extend(idat);
+    png.extend(crc32(idat).to_be_bytes());
+    png
+}
+
+/// Numbers from flags, files and the environment that would take the machine's memory or
+/// threads are refused with the value and its limit, before anything is allocated.
+#[test]
+fn hostile_numbers_are_refused_with_their_limits() {
+    let dir = temp_dir("hostile");
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    std::fs::write(p("huge.png"), png_declaring(20_000)).unwrap();
+    let codes: Vec<u32> = (0..250_000).map(|i| i % 1024).collect();
+    std::fs::write(p("codes.json"), serde_json::to_string(&codes).unwrap()).unwrap();
+    let yml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes/vqgan.config.yml"),
+    )
+    .unwrap()
+    .replace("resolution: 64", "resolution: 1000000");
+    std::fs::write(p("huge.yml"), yml).unwrap();
+    let star = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/star.png");
+    let star = star.to_str().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["bench".into(), "--threads".into(), "100000".into()],
+            "--threads 100000 is more than the",
+        ),
+        (
+            vec![
+                "image".into(),
+                "x".into(),
+                "--images".into(),
+                "1000000000".into(),
+            ],
+            "--images 1000000000 is more than the 10000",
+        ),
+        (
+            vec!["text".into(), "--texts".into(), "1000000000".into()],
+            "--texts 1000000000 is more than",
+        ),
+        (
+            vec![
+                "encode-image".into(),
+                star.into(),
+                "--size".into(),
+                "4096".into(),
+            ],
+            "--size 4096 is more than the 512",
+        ),
+        (
+            vec![
+                "decode-codes".into(),
+                p("codes.json"),
+                "-o".into(),
+                p("out.png"),
+            ],
+            "250000 codes per picture make a 4000-pixel side",
+        ),
+        (vec!["caption".into(), p("huge.png")], "too large a picture"),
+        (
+            vec![
+                "encode-image".into(),
+                star.into(),
+                "--vae-config".into(),
+                p("huge.yml"),
+            ],
+            "ddconfig.resolution is 1000000, above the limit of 512",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = builtin_rudolph(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_rudolph"))
+        .args(["text", "--texts", "1"])
+        .env("RAYON_NUM_THREADS", "100000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("RAYON_NUM_THREADS=100000 is more than"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.join("out.png").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A picture write that fails (here: past the file size limit, as on a full disk) is an error,
+/// and the picture it was to replace is left whole.
+#[test]
+fn a_failed_write_leaves_the_old_picture_whole() {
+    use std::os::unix::process::CommandExt;
+    let dir = temp_dir("failed-write");
+    let path = dir.join("star.png");
+    let draw = |limit: Option<u64>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rudolph"));
+        command
+            .args([
+                "image",
+                "большая красная звезда слева на белом фоне",
+                "--images",
+                "1",
+            ])
+            .args(["--seed", "0", "--force", "-o", path.to_str().unwrap()])
+            .env_remove("RUDOLPH_BUILTIN");
+        if let Some(bytes) = limit {
+            // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command.output().unwrap()
+    };
+    let out = draw(None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let good = std::fs::read(&path).unwrap();
+    let out = draw(Some(100));
+    assert!(
+        !out.status.success(),
+        "a truncated write was reported as done"
+    );
+    assert!(stderr(&out).contains("star.png"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        good,
+        "the old picture was damaged"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "star.png")
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
