@@ -916,6 +916,13 @@ fn hostile_numbers_are_refused_with_their_limits() {
     .unwrap()
     .replace("resolution: 64", "resolution: 1000000");
     std::fs::write(p("huge.yml"), yml).unwrap();
+    // Forty rules, each doubling the piece before it: a piece of 2⁴⁰ characters.
+    let mut bpe = "2 40\n9601 4\n97 5\n".to_string();
+    for k in 0..40 {
+        bpe.push_str(&format!("{} {} {}\n", 5 + k, 5 + k, 6 + k));
+    }
+    bpe.push_str("1 0 2 3\n");
+    std::fs::write(p("doubling.model"), bpe).unwrap();
     let star = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/star.png");
     let star = star.to_str().unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -955,6 +962,15 @@ fn hostile_numbers_are_refused_with_their_limits() {
             "250000 codes per picture make a 4000-pixel side",
         ),
         (vec!["caption".into(), p("huge.png")], "too large a picture"),
+        (
+            vec![
+                "tokenize".into(),
+                "--tokenizer".into(),
+                p("doubling.model"),
+                "a".into(),
+            ],
+            "more than the 1024 a piece may have",
+        ),
         (
             vec![
                 "encode-image".into(),

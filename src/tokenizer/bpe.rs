@@ -154,13 +154,40 @@ impl<'a> ModelReader<'a> {
     }
 }
 
+/// The longest piece a merge rule may make, in characters: YouTokenToMe's pieces are words and
+/// parts of words, while rules that double a piece again and again would make one of 2⁴⁰.
+const MAX_PIECE_CHARS: usize = 1024;
+
+/// The largest `bpe.model` read (ruDALL-E's is 0.3 MiB).
+const MAX_MODEL_BYTES: u64 = 64 << 20;
+
 impl Bpe {
     /// Loads a `bpe.model` file (YTTM's text format: a header line, the alphabet, the merges).
     pub fn load(path: impl AsRef<Path>) -> Result<Bpe, TokenizerError> {
+        use std::io::Read;
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+        let io = |source| TokenizerError::Io {
             path: path.to_path_buf(),
             source,
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_MODEL_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_MODEL_BYTES {
+            return Err(TokenizerError::Model {
+                origin: path.display().to_string(),
+                message: format!(
+                    "the file is larger than {} MiB, which no BPE model needs",
+                    MAX_MODEL_BYTES >> 20
+                ),
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text: {e}"),
+            ))
         })?;
         Bpe::from_str_model(&text, &path.display().to_string())
     }
@@ -282,6 +309,16 @@ impl Bpe {
                         format!("rule {}: {side} id {id} is neither a character nor the result of an earlier rule", k + 1),
                     ));
                 }
+            }
+            let chars = pieces[x as usize].chars().count() + pieces[y as usize].chars().count();
+            if chars > MAX_PIECE_CHARS {
+                return Err(r.error(
+                    line,
+                    format!(
+                        "rule {} makes a piece of {chars} characters, more than the {MAX_PIECE_CHARS} a piece may have",
+                        k + 1
+                    ),
+                ));
             }
             define(z, line, "rule result")?;
             pieces[z as usize] = format!("{}{}", pieces[x as usize], pieces[y as usize]);
