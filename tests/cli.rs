@@ -1001,6 +1001,27 @@ fn hostile_numbers_are_refused_with_their_limits() {
         stderr(&out)
     );
     assert!(!dir.join("out.png").exists());
+    // One enormous word on standard input is refused, not encoded into gigabytes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rudolph"))
+        .args(["tokenize", "--stdin", "--tokenizer"])
+        .arg(fixture("tokenizer/bpe.model"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all("а".repeat(1_100_000).as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("line 1 of the input has 1100000 characters"),
+        "{}",
+        stderr(&out)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

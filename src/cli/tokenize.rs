@@ -45,12 +45,28 @@ pub struct DetokenizeArgs {
     pub raw: bool,
 }
 
+/// The longest line `--stdin` encodes: the tokenizer's memory grows with the longest word,
+/// about 100 bytes a character.
+const MAX_LINE_CHARS: usize = 1 << 20;
+
 fn stdin_lines() -> anyhow::Result<Vec<String>> {
-    std::io::stdin()
+    let lines: Vec<String> = std::io::stdin()
         .lock()
         .lines()
         .collect::<Result<_, _>>()
-        .context("reading standard input")
+        .context("reading standard input")?;
+    if let Some((i, line)) = lines
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.chars().nth(MAX_LINE_CHARS).is_some())
+    {
+        bail!(
+            "line {} of the input has {} characters, more than the {MAX_LINE_CHARS} encoded at once",
+            i + 1,
+            line.chars().count()
+        );
+    }
+    Ok(lines)
 }
 
 pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {

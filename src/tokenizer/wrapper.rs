@@ -22,6 +22,17 @@ pub struct TextTokenizer {
     bpe: Bpe,
 }
 
+/// The most characters of a text that [`TextTokenizer::encode_text`] reads.
+pub const MAX_TEXT_CHARS: usize = 1 << 16;
+
+/// The first [`MAX_TEXT_CHARS`] characters of `text`.
+fn head(text: &str) -> &str {
+    match text.char_indices().nth(MAX_TEXT_CHARS) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
 impl TextTokenizer {
     pub const PAD_ID: u32 = 0;
     pub const UNK_ID: u32 = 1;
@@ -50,8 +61,11 @@ impl TextTokenizer {
 
     /// `encode_text(text, len)`: `[BOS] + ids + [EOS]`, right-padded with PAD or cut to `len`
     /// (a long text loses its EOS, as in the original). No lowercasing here.
+    ///
+    /// Only the first [`MAX_TEXT_CHARS`] characters are read: their tokens already overflow any
+    /// model's slots, and the tokenizer's memory grows with the longest word it is given.
     pub fn encode_text(&self, text: &str, len: usize) -> Vec<u32> {
-        Self::frame(self.bpe.encode(text), len)
+        Self::frame(self.bpe.encode(head(text)), len)
     }
 
     /// `encode_text(text, len, bpe_dropout=p)`, with [`Bpe::encode_with_dropout`]'s RNG caveat.
@@ -63,7 +77,7 @@ impl TextTokenizer {
         rng: &mut R,
     ) -> Result<Vec<u32>, TokenizerError> {
         Ok(Self::frame(
-            self.bpe.encode_with_dropout(text, p, rng)?,
+            self.bpe.encode_with_dropout(head(text), p, rng)?,
             len,
         ))
     }
