@@ -27,6 +27,10 @@ const FILES: &[(&str, &[u8])] = &[
     ),
     ("bpe.model", include_bytes!("../models/shapes/bpe.model")),
     (
+        "vocabulary.txt",
+        include_bytes!("../models/shapes/vocabulary.txt"),
+    ),
+    (
         "model.safetensors",
         include_bytes!("../models/shapes/model.safetensors"),
     ),

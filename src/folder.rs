@@ -7,9 +7,11 @@ use crate::config::Config;
 use crate::error::{Result, invalid};
 use crate::model::load::LoadReport;
 use crate::model::{Precision, Rudolph};
+use crate::pipelines::Warning;
 use crate::pipelines::images::ImageRank;
 use crate::tokenizer::TextTokenizer;
 use crate::vae::Vqgan;
+use crate::vocabulary::Vocabulary;
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -156,7 +158,7 @@ fn find_vqgan(dir: &Path) -> Result<Option<PathBuf>> {
 
 /// Defaults a model folder sets for its own generation (`generation_config.json`); a command-
 /// line flag still overrides each.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationConfig {
     /// Classifier-free guidance scale for pictures (`rudolph image --guidance`).
@@ -165,6 +167,12 @@ pub struct GenerationConfig {
     /// What `rudolph image` ranks its candidates by (`--rank`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_rank: Option<ImageRank>,
+    /// The template `rudolph classify` puts each class in (`--template`): a text with the
+    /// class's place marked `{}`, or `{caption}` to put it in the picture's own captions
+    /// ([`classify_by_caption`](crate::pipelines::classify::classify_by_caption)). Without it
+    /// the class is the whole text, as in the original.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classify_template: Option<String>,
 }
 
 impl GenerationConfig {
@@ -182,7 +190,7 @@ impl GenerationConfig {
         })?;
         let config: Self = serde_json::from_str(&text).map_err(|e| {
             invalid(format!(
-                "{}: {e} (expected {{\"guidance_scale\": number, \"image_rank\": \"codes\" or \"decoded\"}}, both optional)",
+                "{}: {e} (expected {{\"guidance_scale\": number, \"image_rank\": \"codes\" or \"decoded\", \"classify_template\": text}}, each optional)",
                 path.display()
             ))
         })?;
@@ -203,6 +211,9 @@ pub struct Loaded {
     pub files: ModelFiles,
     /// The folder's generation defaults (empty without a folder or the file).
     pub generation: GenerationConfig,
+    /// The words of the model's training texts, when its folder lists them
+    /// (`vocabulary.txt`).
+    pub vocabulary: Option<Vocabulary>,
 }
 
 impl Loaded {
@@ -220,9 +231,9 @@ impl Loaded {
             checkpoint,
             config,
         } = spec.open()?;
-        let generation = match &spec.dir {
-            Some(d) => GenerationConfig::read(d)?,
-            None => GenerationConfig::default(),
+        let (generation, vocabulary) = match &spec.dir {
+            Some(d) => (GenerationConfig::read(d)?, Vocabulary::read(d)?),
+            None => (GenerationConfig::default(), None),
         };
         let (model, report) = Rudolph::from_checkpoint_as(&checkpoint, &config, precision, device)?;
         let tokenizer = TextTokenizer::load(&files.tokenizer)?;
@@ -237,6 +248,7 @@ impl Loaded {
             report,
             files,
             generation,
+            vocabulary,
         })
     }
 
@@ -250,6 +262,21 @@ impl Loaded {
     /// (rc1).
     pub fn image_rank(&self, flag: Option<ImageRank>) -> ImageRank {
         flag.or(self.generation.image_rank).unwrap_or_default()
+    }
+
+    /// The template to classify with: `flag` if given, else the folder's, else none (the class
+    /// is the whole text, as in the original).
+    pub fn classify_template(&self, flag: Option<&str>) -> String {
+        flag.or(self.generation.classify_template.as_deref())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The warning for the words of `text` the model cannot read (`what` names the text):
+    /// those its folder's vocabulary lacks, or, without one, those its tokenizer cannot spell
+    /// (see [`crate::vocabulary::check`]).
+    pub fn unknown_words(&self, what: &str, text: &str) -> Option<Warning> {
+        crate::vocabulary::check(&self.tokenizer, self.vocabulary.as_ref(), what, text)
     }
 
     /// The VQGAN, or an error saying the task needs one.

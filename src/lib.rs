@@ -50,6 +50,7 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod train;
 pub mod vae;
+pub mod vocabulary;
 pub mod weights;
 pub mod world;
 

@@ -565,6 +565,7 @@ fn the_world_recipe_is_reproducible() {
         "config.json",
         "vqgan.config.yml",
         "generation_config.json",
+        "vocabulary.txt",
     ] {
         let read = |dir: &std::path::Path| std::fs::read(dir.join(file)).unwrap();
         assert!(read(&a) == read(&b), "{file} differs between two runs");
@@ -572,6 +573,13 @@ fn the_world_recipe_is_reproducible() {
     let generation: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("generation_config.json")).unwrap()).unwrap();
     assert_eq!(generation["image_rank"], "decoded");
+    assert_eq!(generation["classify_template"], "{caption}");
+    // The folder lists the words it was trained on, as the built-in one does.
+    let builtin = rudolph::builtin::dir().unwrap();
+    assert_eq!(
+        std::fs::read(a.join("vocabulary.txt")).unwrap(),
+        std::fs::read(builtin.join("vocabulary.txt")).unwrap()
+    );
     // Round 2's 16 recoloured pictures are prompted; round 1 has none.
     let prompts = |data: &str| {
         read_jsonl(&base.join("a").join(data).join("data.jsonl"))

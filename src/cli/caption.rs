@@ -55,6 +55,8 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
         CaptionRank::Joint
     });
     let loaded = args.model.load()?;
+    // Said before the work, so that nobody waits for what the model makes of words it cannot read.
+    print_warnings(loaded.unknown_words("template", &args.template).as_slice());
     let codes = picture_codes(&loaded, &args.image)?;
     let captions = generate_captions(
         &loaded.model,

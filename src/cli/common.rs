@@ -192,10 +192,13 @@ pub fn picture_codes(loaded: &Loaded, path: &Path) -> anyhow::Result<Vec<u32>> {
     Ok(codes.remove(0))
 }
 
-/// Tells the user what the library warned of, on stderr.
+/// Tells the user what the library warned of, on stderr, each warning once (several steps of a
+/// command may read the same text).
 pub fn print_warnings(warnings: &[Warning]) {
-    for w in warnings {
-        eprintln!("warning: {w}");
+    for (i, w) in warnings.iter().enumerate() {
+        if !warnings[..i].contains(w) {
+            eprintln!("warning: {w}");
+        }
     }
 }
 

@@ -116,6 +116,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     }
     let borders = parse_borders(&args.borders)?;
     let loaded = args.model.load()?;
+    // Said before the work, so that nobody waits for what the model makes of words it cannot read.
+    print_warnings(loaded.unknown_words("text", &args.text).as_slice());
     opts.guidance = loaded.guidance(args.guidance);
     let vae = loaded.vae()?;
     let prompt = match &args.prompt_image {

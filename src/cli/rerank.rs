@@ -59,6 +59,8 @@ pub fn run(args: RerankArgs) -> anyhow::Result<()> {
         "give pictures or --codes FILE to rerank"
     );
     let loaded = args.model.load()?;
+    // Said before the work, so that nobody waits for what the model makes of words it cannot read.
+    print_warnings(loaded.unknown_words("text", &args.text).as_slice());
     let n = loaded.model.config().image_seq_length();
     let (sources, grids): (Vec<String>, Vec<Vec<u32>>) = match &args.codes {
         Some(file) => {

@@ -24,6 +24,8 @@ pub fn run(args: TextArgs) -> anyhow::Result<()> {
     super::common::check_count("--texts", args.texts)?;
     let opts = args.sample.options(defaults::TEXT, args.output.quiet)?;
     let loaded = args.model.load()?;
+    // Said before the work, so that nobody waits for what the model makes of words it cannot read.
+    print_warnings(loaded.unknown_words("template", &args.template).as_slice());
     let texts = generate_texts(
         &loaded.model,
         &loaded.tokenizer,

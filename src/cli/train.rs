@@ -105,6 +105,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(path) => resume(path, args.out.as_deref(), progress.as_ref())?,
         None => job(&args)?.run(progress.as_ref())?,
     };
+    super::common::print_warnings(&summary.warnings);
     if !args.quiet {
         print_summary(&summary);
     }

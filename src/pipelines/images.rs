@@ -3,7 +3,7 @@
 
 use super::generate::{Guidance, Plan, generate};
 use super::rerank::score_pairs;
-use super::{GenerateOptions, Ranked, Warning};
+use super::{GenerateOptions, Ranked, Warning, add_warnings};
 use crate::error::invalid;
 use crate::model::{Rudolph, masks};
 use crate::progress::ProgressSink;
@@ -215,10 +215,14 @@ impl ImageRank {
         match self {
             Self::Codes => Ok(ranked),
             Self::Decoded => {
-                let mut reranked =
+                let reranked =
                     rerank_decoded(model, tokenizer, vae, text, ranked.items, batch, progress)?;
-                reranked.warnings.splice(0..0, ranked.warnings);
-                Ok(reranked)
+                let mut warnings = ranked.warnings;
+                add_warnings(&mut warnings, reranked.warnings);
+                Ok(Ranked {
+                    items: reranked.items,
+                    warnings,
+                })
             }
         }
     }
@@ -271,7 +275,7 @@ pub fn generate_images(
         opts.progress.as_ref(),
     )?;
     opts.progress.finish();
-    let mut ranked = rank_codes(
+    let ranked = rank_codes(
         model,
         tokenizer,
         &text,
@@ -279,8 +283,12 @@ pub fn generate_images(
         opts.batch_size,
         opts.progress.as_ref(),
     )?;
-    ranked.warnings.splice(0..0, warning);
-    Ok(ranked)
+    let mut warnings: Vec<Warning> = warning.into_iter().collect();
+    add_warnings(&mut warnings, ranked.warnings);
+    Ok(Ranked {
+        items: ranked.items,
+        warnings,
+    })
 }
 
 /// Scores code grids by `text` (rc1 `self_reranking_by_text`) and sorts them best first.

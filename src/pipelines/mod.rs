@@ -12,6 +12,7 @@ pub mod texts;
 
 use crate::progress::{ProgressSink, silent};
 use crate::sampling::SamplingParams;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// How closely to follow the original where it is plainly wrong (see `docs/fidelity.md`).
@@ -76,10 +77,15 @@ pub mod defaults {
     pub const IMAGES: usize = 8;
     /// Captions drawn per picture (duplicates merged), the best kept.
     pub const CAPTIONS: usize = 48;
+    /// Captions drawn per picture to classify it in the caption mode
+    /// ([`classify_by_caption`](super::classify::classify_by_caption)).
+    pub const CLASSIFY_CAPTIONS: usize = 16;
+    /// The best of them that each class is put in.
+    pub const CLASSIFY_CAPTIONS_KEPT: usize = 2;
 }
 
 /// Something the caller should tell whoever asked: the results stand, but their input was not
-/// used whole.
+/// used whole, or not understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Warning {
     /// A template filled every text slot, and was cut so that at least one token is generated.
@@ -90,8 +96,60 @@ pub enum Warning {
         text: String,
         slots: usize,
     },
-    /// A class name does not fit the text slots after the template, and was cut.
-    ClassTruncated { class: String },
+    /// A class does not fit the text slots with the template, and was cut: with BOS and EOS
+    /// it needs `tokens` of the `slots`.
+    ClassTruncated {
+        class: String,
+        template: String,
+        tokens: usize,
+        slots: usize,
+    },
+    /// Words of a text the model cannot read (see [`crate::vocabulary`]).
+    UnknownWords {
+        what: String,
+        text: String,
+        words: Vec<String>,
+        unknown_to: UnknownTo,
+    },
+    /// Training texts of a data file that the model cannot learn whole: each line (from 1) with
+    /// what is wrong in it.
+    TrainingTexts {
+        file: PathBuf,
+        problem: TextProblem,
+        lines: Vec<(usize, String)>,
+    },
+}
+
+/// What the words of [`Warning::UnknownWords`] are unknown to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnknownTo {
+    /// The tokenizer: they hold characters it cannot spell, so each becomes the unknown id, the
+    /// same for every such word.
+    Tokenizer,
+    /// The model's training texts, as its vocabulary (the file, when it was read from one)
+    /// lists their words.
+    Training { vocabulary: Option<PathBuf> },
+}
+
+/// What is wrong with the training texts of [`Warning::TrainingTexts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextProblem {
+    /// Words the tokenizer cannot spell: they are all learnt as one unknown id.
+    UnknownWords,
+    /// More tokens (with BOS and EOS) than the text slots of the left (`left`) or the right
+    /// (`right`) text: the end is cut off.
+    TooLong { left: usize, right: usize },
+}
+
+/// How many lines of a [`Warning::TrainingTexts`] are named before the rest are counted.
+const LINES_SHOWN: usize = 5;
+
+fn quoted(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| format!("«{w}»"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl std::fmt::Display for Warning {
@@ -100,17 +158,105 @@ impl std::fmt::Display for Warning {
             Self::TemplateTruncated { what, slots } => {
                 write!(
                     f,
-                    "the {what} does not fit the {slots} text slots; it was truncated"
+                    "the {what} fills the {slots} text slots and leaves none to generate; its \
+                     end was cut off"
                 )
             }
             Self::TextTruncated { what, text, slots } => write!(
                 f,
                 "the {what} «{text}» needs more than the {slots} text slots; it was truncated"
             ),
-            Self::ClassTruncated { class } => write!(
-                f,
-                "class «{class}» does not fit the text slots with the template; it was truncated"
-            ),
+            Self::ClassTruncated {
+                class,
+                template,
+                tokens,
+                slots,
+            } => {
+                write!(f, "class «{class}»")?;
+                if !template.is_empty() {
+                    write!(f, " in the template «{template}»")?;
+                }
+                write!(
+                    f,
+                    " needs {tokens} tokens with BOS and EOS, more than the {slots} text slots; \
+                     it was cut to fit"
+                )
+            }
+            Self::UnknownWords {
+                what,
+                text,
+                words,
+                unknown_to,
+            } => {
+                let words_ = if words.len() == 1 { "a word" } else { "words" };
+                write!(f, "the {what} «{text}» has {words_} ")?;
+                match unknown_to {
+                    UnknownTo::Tokenizer => write!(
+                        f,
+                        "the tokenizer cannot spell: {} (each becomes the unknown token, so the \
+                         model cannot read {})",
+                        quoted(words),
+                        if words.len() == 1 { "it" } else { "them" }
+                    ),
+                    UnknownTo::Training { vocabulary } => {
+                        write!(f, "the model never saw in training: {}", quoted(words))?;
+                        match vocabulary {
+                            Some(p) => write!(f, " (the words it knows are in {})", p.display()),
+                            None => Ok(()),
+                        }
+                    }
+                }
+            }
+            Self::TrainingTexts {
+                file,
+                problem,
+                lines,
+            } => {
+                let n = lines.len();
+                let s = if n == 1 { "" } else { "s" };
+                match problem {
+                    TextProblem::UnknownWords => write!(
+                        f,
+                        "{} text{s} of {} ha{} words the tokenizer cannot spell, which are all \
+                         learnt as the one unknown token:",
+                        n,
+                        file.display(),
+                        if n == 1 { "s" } else { "ve" }
+                    )?,
+                    TextProblem::TooLong { left, right } => write!(
+                        f,
+                        "{} text{s} of {} need{} more tokens with BOS and EOS than the text slots \
+                         (left {left}, right {right}), and will be cut:",
+                        n,
+                        file.display(),
+                        if n == 1 { "s" } else { "" }
+                    )?,
+                }
+                for (line, detail) in lines.iter().take(LINES_SHOWN) {
+                    write!(f, "\n  {}:{line}: {detail}", file.display())?;
+                }
+                if n > LINES_SHOWN {
+                    write!(f, "\n  … and {} more", n - LINES_SHOWN)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A warning in JSON is its message.
+impl serde::Serialize for Warning {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Adds `more` to `warnings`, leaving out those already there: a text that several steps of a
+/// task read (a picture's prompt is read again to rank the pictures) is warned of once.
+pub fn add_warnings(warnings: &mut Vec<Warning>, more: impl IntoIterator<Item = Warning>) {
+    for w in more {
+        if !warnings.contains(&w) {
+            warnings.push(w);
         }
     }
 }

@@ -170,7 +170,10 @@ pub fn generate_texts(
 pub fn template_prefix(encoded: &[u32], slots: usize, what: &str) -> (Vec<u32>, Option<Warning>) {
     let nonzero = encoded.iter().filter(|&&t| t != 0).count();
     let len = nonzero.saturating_sub(1).max(1);
-    if len >= slots {
+    // The count above takes the last id for the EOS; when the template filled the slots there is
+    // none, and the last id it drops is the template's own.
+    let lost_eos = nonzero > 1 && encoded[nonzero - 1] != EOS;
+    if len >= slots || lost_eos {
         let warning = Warning::TemplateTruncated {
             what: what.to_string(),
             slots,

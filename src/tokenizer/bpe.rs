@@ -423,6 +423,12 @@ impl Bpe {
         out
     }
 
+    /// The words YTTM encodes one by one: `text` split at its whitespace (the six ASCII spaces
+    /// of C's `isspace` and `▁`), empty words left out.
+    pub fn words(text: &str) -> impl Iterator<Item = &str> {
+        text.split(is_yttm_space).filter(|w| !w.is_empty())
+    }
+
     /// YTTM `encode(text, output_type=SUBWORD)`: pieces with their `▁`; a run of unknown
     /// characters appears as the raw run.
     pub fn encode_pieces(&self, text: &str) -> Vec<String> {

@@ -91,6 +91,28 @@ impl TextTokenizer {
         out
     }
 
+    /// The words of `text` (lowercased and stripped as the pipelines do) that have a character
+    /// the tokenizer does not know, each once, in order: they encode to the unknown id, which
+    /// every such word shares, so the model cannot tell them apart (nor read them).
+    ///
+    /// ```
+    /// use rudolph::tokenizer::{Bpe, TextTokenizer};
+    /// let bpe = Bpe::from_str_model("3 1\n9601 4\n97 5\n98 6\n5 6 7\n1 0 2 3\n", "inline").unwrap();
+    /// let tok = TextTokenizer::from_bpe(bpe);
+    /// assert_eq!(tok.unknown_words("AB cab a"), vec!["cab"]);
+    /// ```
+    pub fn unknown_words(&self, text: &str) -> Vec<String> {
+        let unk = self.bpe.special_ids().unk;
+        let text = super::lower_strip(text);
+        let mut out: Vec<String> = Vec::new();
+        for word in Bpe::words(&text) {
+            if self.bpe.encode(word).contains(&unk) && !out.iter().any(|w| w == word) {
+                out.push(word.to_string());
+            }
+        }
+        out
+    }
+
     /// `decode_text(ids)`: YTTM decode ignoring ids 0–3. An empty list is an error, where the
     /// original fails with `IndexError`.
     pub fn decode_text(&self, ids: &[u32]) -> Result<String, TokenizerError> {

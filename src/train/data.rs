@@ -5,6 +5,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
+use crate::pipelines::{TextProblem, Warning};
 use crate::progress::ProgressSink;
 use crate::tokenizer::{TextTokenizer, lower_strip};
 use crate::vae::Vqgan;
@@ -101,14 +102,16 @@ pub fn jsonl_path(path: &Path) -> Result<PathBuf> {
 
 /// Reads the data at `path` (a JSONL file or a folder with one), in file order, encoding each
 /// picture with `vae` (at `cfg`'s picture size) unless `cache` already holds its codes. A
-/// malformed line or a missing picture is an error naming the file and line.
+/// malformed line or a missing picture is an error naming the file and line; texts that
+/// `tokenizer` cannot spell whole, or that `cfg`'s text slots cut, are warned of by line.
 pub fn load_dataset(
     path: &Path,
     vae: Option<&Vqgan>,
     cfg: &Config,
+    tokenizer: &TextTokenizer,
     cache: &mut CodesCache,
     progress: &dyn ProgressSink,
-) -> Result<Vec<Sample>> {
+) -> Result<(Vec<Sample>, Vec<Warning>)> {
     let file = jsonl_path(path)?;
     let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
         path: file.clone(),
@@ -117,6 +120,7 @@ pub fn load_dataset(
     let base = file.parent().unwrap_or(Path::new("."));
     let mut samples: Vec<Option<Sample>> = Vec::new();
     let mut pending = Vec::new();
+    let mut texts = TextChecks::default();
     for (i, raw) in text.lines().enumerate() {
         let line_no = i + 1;
         if raw.trim().is_empty() {
@@ -128,6 +132,14 @@ pub fn load_dataset(
                 file.display()
             ))
         })?;
+        // A picture's text is read in both text segments, a text alone or a prompt in the left.
+        let slots = match (&line.image, &line.text) {
+            (Some(_), Some(_)) => cfg.l_text_seq_length.min(cfg.r_text_seq_length),
+            _ => cfg.l_text_seq_length,
+        };
+        for text in line.text.iter().chain(&line.prompt) {
+            texts.check(tokenizer, line_no, text, slots);
+        }
         let words = match (line.text, line.prompt) {
             (Some(_), Some(_)) => {
                 return Err(invalid(format!(
@@ -224,7 +236,58 @@ pub fn load_dataset(
         progress.advance(1);
     }
     progress.finish();
-    Ok(samples.into_iter().flatten().collect())
+    let warnings = texts.warnings(&file, cfg);
+    Ok((samples.into_iter().flatten().collect(), warnings))
+}
+
+/// The lines of a data file whose texts the model cannot learn whole.
+#[derive(Default)]
+struct TextChecks {
+    unknown: Vec<(usize, String)>,
+    long: Vec<(usize, String)>,
+}
+
+impl TextChecks {
+    fn check(&mut self, tokenizer: &TextTokenizer, line: usize, text: &str, slots: usize) {
+        let unknown = tokenizer.unknown_words(text);
+        if !unknown.is_empty() {
+            let words: Vec<String> = unknown.iter().map(|w| format!("«{w}»")).collect();
+            self.unknown.push((line, words.join(", ")));
+        }
+        let tokens = tokenizer.bpe().encode(&lower_strip(text)).len() + 2;
+        if tokens > slots {
+            self.long.push((
+                line,
+                format!(
+                    "«{}» needs {tokens} tokens",
+                    crate::tokenizer::python_strip(text)
+                ),
+            ));
+        }
+    }
+
+    fn warnings(self, file: &Path, cfg: &Config) -> Vec<Warning> {
+        let mut out = Vec::new();
+        for (problem, lines) in [
+            (TextProblem::UnknownWords, self.unknown),
+            (
+                TextProblem::TooLong {
+                    left: cfg.l_text_seq_length,
+                    right: cfg.r_text_seq_length,
+                },
+                self.long,
+            ),
+        ] {
+            if !lines.is_empty() {
+                out.push(Warning::TrainingTexts {
+                    file: file.to_path_buf(),
+                    problem,
+                    lines,
+                });
+            }
+        }
+        out
+    }
 }
 
 fn encode(vae: &Vqgan, cfg: &Config, path: &Path) -> Result<Vec<u32>> {
@@ -491,6 +554,54 @@ mod tests {
         assert_ne!(ids[..l], vec![0; l][..]);
         assert_eq!(ids[l..l + n], codes[..]);
         assert_eq!(ids[l + n..], tokenizer.encode_text("", r)[..]);
+    }
+
+    /// Texts the tokenizer cannot spell, and texts the slots cut, are warned of by line; many
+    /// lines are summed up after the first few.
+    #[test]
+    fn texts_the_model_cannot_learn_whole_are_warned_of_by_line() {
+        let (tokenizer, cfg, _) = world_tokenizer_and_config();
+        let dir =
+            std::env::temp_dir().join(format!("rudolph-data-warnings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("data.jsonl");
+        let long = "большая красная звезда слева на белом фоне на белом фоне";
+        let mut lines = vec![
+            r#"{"text": "большая красная звезда слева на белом фоне"}"#.to_string(),
+            r#"{"text": "a red star"}"#.to_string(),
+            format!(r#"{{"text": "{long}"}}"#),
+        ];
+        lines.extend((0..7).map(|i| format!(r#"{{"text": "звезда {i}"}}"#)));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let (samples, warnings) = load_dataset(
+            &file,
+            None,
+            &cfg,
+            &tokenizer,
+            &mut CodesCache::default(),
+            &crate::progress::Silent,
+        )
+        .unwrap();
+        assert_eq!(samples.len(), 10);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        let unknown = warnings[0].to_string();
+        assert!(unknown.starts_with("8 texts of "), "{unknown}");
+        assert!(
+            unknown.contains("data.jsonl:2: «a», «red», «star»"),
+            "{unknown}"
+        );
+        assert!(unknown.contains("data.jsonl:4: «0»"), "{unknown}");
+        assert!(unknown.ends_with("… and 3 more"), "{unknown}");
+        let long_warning = warnings[1].to_string();
+        assert!(
+            long_warning.starts_with("1 text of ") && long_warning.contains("(left 12, right 12)"),
+            "{long_warning}"
+        );
+        assert!(
+            long_warning.contains(&format!("data.jsonl:3: «{long}» needs")),
+            "{long_warning}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

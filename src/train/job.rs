@@ -275,8 +275,11 @@ fn train(
         source,
     })?;
     let tokenizer = TextTokenizer::load(&spec.tokenizer)?;
-    let samples = match (spec.synthetic, &spec.data) {
-        (Some(n), _) => synthetic(trainer.config(), n, spec.options.seed),
+    let (samples, warnings) = match (spec.synthetic, &spec.data) {
+        (Some(n), _) => (
+            synthetic(trainer.config(), n, spec.options.seed),
+            Vec::new(),
+        ),
         (None, Some(data)) => {
             let vae = match &spec.vae {
                 Some(p) => Some(Vqgan::load(
@@ -289,9 +292,16 @@ fn train(
             let vae_id = spec.vae.as_ref().map_or(String::new(), |p| vae_identity(p));
             let cache_path = out.join("codes-cache.json");
             let mut cache = CodesCache::open(&cache_path, &vae_id)?;
-            let samples = load_dataset(data, vae.as_ref(), trainer.config(), &mut cache, progress)?;
+            let loaded = load_dataset(
+                data,
+                vae.as_ref(),
+                trainer.config(),
+                &tokenizer,
+                &mut cache,
+                progress,
+            )?;
             cache.save(&cache_path)?;
-            samples
+            loaded
         }
         (None, None) => {
             return Err(invalid(
@@ -299,7 +309,11 @@ fn train(
             ));
         }
     };
-    run(trainer, spec, &samples, &tokenizer, out, progress)
+    let summary = run(trainer, spec, &samples, &tokenizer, out, progress)?;
+    Ok(Summary {
+        warnings,
+        ..summary
+    })
 }
 
 /// The VQGAN file's identity for the codes cache: path, size and modification time.

@@ -47,6 +47,9 @@ pub struct Summary {
     pub peak_rss_bytes: u64,
     /// The run folder, where the model was saved.
     pub out: PathBuf,
+    /// Training texts the model could not learn whole.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<crate::pipelines::Warning>,
 }
 
 /// One `log.jsonl` line: the step's losses (each part averaged over the samples that weight
@@ -170,6 +173,7 @@ pub fn run(
         last_val_loss: last_val,
         peak_rss_bytes: crate::bench::peak_rss_bytes(),
         out: out.to_path_buf(),
+        warnings: Vec::new(),
     })
 }
 

@@ -8,7 +8,8 @@
 //! OUT/data/          the training pictures and data.jsonl (seen colour+shape pairs only)
 //! OUT/rudolph-run/   `rudolph train`'s output folder (checkpoints, log, loss.png)
 //! OUT/model/         the finished model folder: config.json, model.safetensors, bpe.model,
-//!                    vqgan.safetensors, vqgan.config.yml, generation_config.json
+//!                    vqgan.safetensors, vqgan.config.yml, generation_config.json,
+//!                    vocabulary.txt
 //! ```
 
 use super::dataset::{append_recoloured, write_scenes};
@@ -29,6 +30,7 @@ use crate::train::run::Summary;
 use crate::train::schedule::Schedule;
 use crate::vae::train::{VqTrainOptions, VqTrainer};
 use crate::vae::{DdConfig, Vqgan, VqganConfig};
+use crate::vocabulary::Vocabulary;
 use crate::weights::{Checkpoint, save_safetensors};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -47,6 +49,11 @@ pub const WORLD_GUIDANCE: f32 = 1.6;
 /// sequences read worse to it than the codes of the pictures they decode to (see
 /// [`ImageRank::Decoded`]).
 pub const WORLD_IMAGE_RANK: ImageRank = ImageRank::Decoded;
+
+/// The built-in model's folder classifies by the picture's own captions: a shape or a colour
+/// alone is a text it never saw, and no fixed template suits every class, since the adjectives
+/// agree with the noun (see [`crate::pipelines::classify::classify_by_caption`]).
+pub const WORLD_CLASSIFY_TEMPLATE: &str = crate::pipelines::classify::CAPTION_TEMPLATE;
 
 /// Peak learning rates of the built-in model's rounds: three rounds on captioned scenes, halving
 /// each time, then, from 2.5e-4 again and halving, three rounds that add recoloured pictures,
@@ -299,10 +306,12 @@ impl Recipe {
         let generation = GenerationConfig {
             guidance_scale: Some(self.guidance),
             image_rank: Some(WORLD_IMAGE_RANK),
+            classify_template: Some(WORLD_CLASSIFY_TEMPLATE.to_string()),
         };
         let path = dirs.model.join(GenerationConfig::FILE);
         let json = serde_json::to_string_pretty(&generation).map_err(|e| invalid(e.to_string()))?;
         std::fs::write(&path, json).map_err(io(&path))?;
+        world_vocabulary().write(&dirs.model)?;
         Ok(Outcome::Done(dirs.model))
     }
 }
@@ -750,6 +759,14 @@ impl RunDirs {
             ),
         }
     }
+}
+
+/// The words the built-in model's folder lists as its own (`vocabulary.txt`): every word of the
+/// world's captions, of held-out pairs too (their words are the seen ones, «оранжевая» aside, and
+/// the tokenizer spells that one with the pieces of seen words; the model is meant to read
+/// them), and of the colourless captions that prompt recoloured pictures.
+pub fn world_vocabulary() -> Vocabulary {
+    Vocabulary::from_texts(Scene::every().flat_map(|s| [s.caption(), s.colourless_caption()]))
 }
 
 /// Every caption of the seen colour+shape pairs, each once (the recipe checks that each fits
