@@ -821,6 +821,21 @@ fn json_outputs_name_scores_alike_and_write_numbers_as_given() {
     ]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("\"guidance\": 1.6,"), "{text}");
+    // The picture's perplexity is the same for every class, so classify does not repeat it.
+    let star = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/star.png");
+    let out = builtin_rudolph(&[
+        "classify",
+        star.to_str().unwrap(),
+        "--classes",
+        "звезда,круг",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["class"], "звезда", "{doc}");
+    for score in doc["scores"].as_array().unwrap() {
+        assert!(score.get("ppl_image").is_none(), "{score}");
+        assert!(score["ppl_text"].as_f64().unwrap() >= 1.0, "{score}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -33,7 +33,9 @@ pub struct ClassScore {
     /// Perplexity of the class tokens (and EOS) given the picture and template; in the caption
     /// mode, of the whole `text`.
     pub ppl_text: f32,
-    /// The picture's own perplexity (the same for every class under rc1's mask).
+    /// The picture's own perplexity, as rc1's `zs_clf` returns it: the picture comes before
+    /// every class, so it is the same for all, and the JSON leaves it out.
+    #[serde(skip)]
     pub ppl_image: f32,
 }
 
