@@ -155,8 +155,14 @@ impl Config {
         if path.is_file() {
             return Self::from_json_file(path);
         }
-        if path.is_dir() && path.join("config.json").is_file() {
-            return Self::from_json_file(&path.join("config.json"));
+        if path.is_dir() {
+            let file = path.join("config.json");
+            if file.is_file() {
+                return Self::from_json_file(&file);
+            }
+            return Err(ConfigError::Inconsistent(format!(
+                "{spec} is a folder without a config.json (name a preset or a config.json file)"
+            )));
         }
         Self::preset(spec)
     }
@@ -178,6 +184,28 @@ impl Config {
         for (name, value) in nonzero {
             if value == 0 {
                 return fail(format!("{name} must be positive"));
+            }
+        }
+        // Far above every published model (2.7B: 32 layers, 2560 wide, 384 + 576 + 128
+        // positions), and low enough that no size derived from them overflows, so that a hostile
+        // file is refused here rather than by an allocation or a wrapped sum.
+        let bounds = [
+            ("num_layers", self.num_layers, 256),
+            ("hidden_size", self.hidden_size, 1 << 15),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("l_text_seq_length", self.l_text_seq_length, 1 << 12),
+            ("r_text_seq_length", self.r_text_seq_length, 1 << 12),
+            ("image_tokens_per_dim", self.image_tokens_per_dim, 128),
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("image_vocab_size", self.image_vocab_size, 1 << 20),
+            ("text_special_tokens", self.text_special_tokens, 1 << 16),
+            ("image_special_tokens", self.image_special_tokens, 1 << 16),
+            ("kernel_size", self.kernel_size, 255),
+            ("last_kernel_size", self.last_kernel_size, 255),
+        ];
+        for (name, value, limit) in bounds {
+            if value > limit {
+                return fail(format!("{name} is {value}, above the limit of {limit}"));
             }
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {

@@ -45,10 +45,14 @@ impl ModelSpec {
         if let Some(d) = dir
             && !d.is_dir()
         {
-            return Err(invalid(format!(
-                "model folder {} does not exist",
-                d.display()
-            )));
+            return Err(invalid(if d.exists() {
+                format!(
+                    "{} is a file, not a model folder: put it in a folder with the other files (or name the weights alone with `rudolph inspect`/`convert`)",
+                    d.display()
+                )
+            } else {
+                format!("model folder {} does not exist", d.display())
+            }));
         }
         let find = |names: &[&str]| {
             dir.and_then(|d| names.iter().map(|n| d.join(n)).find(|p| p.is_file()))
