@@ -12,7 +12,7 @@ use crate::pipelines::images::ImageRank;
 use crate::tokenizer::TextTokenizer;
 use crate::vae::Vqgan;
 use crate::vocabulary::Vocabulary;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, LoadOptions};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,9 @@ pub struct ModelSpec {
     pub tokenizer: Option<PathBuf>,
     pub vae: Option<PathBuf>,
     pub vae_config: Option<PathBuf>,
+    /// Load weights (of the transformer or the VQGAN) that hold NaN or infinite values instead
+    /// of refusing them ([`crate::weights::LoadOptions::allow_non_finite`]).
+    pub allow_non_finite: bool,
 }
 
 /// The files a [`ModelSpec`] resolves to.
@@ -239,10 +242,19 @@ impl Loaded {
             Some(d) => (GenerationConfig::read(d)?, Vocabulary::read(d)?),
             None => (GenerationConfig::default(), None),
         };
-        let (model, report) = Rudolph::from_checkpoint_as(&checkpoint, &config, precision, device)?;
+        let options = LoadOptions {
+            allow_non_finite: spec.allow_non_finite,
+        };
+        let (model, report) =
+            Rudolph::from_checkpoint_with(&checkpoint, &config, precision, device, options)?;
         let tokenizer = TextTokenizer::load(&files.tokenizer)?;
         let vae = match &files.vae {
-            Some(p) => Some(Vqgan::load(p, files.vae_config.as_deref(), device)?),
+            Some(p) => Some(Vqgan::load_with(
+                p,
+                files.vae_config.as_deref(),
+                device,
+                options,
+            )?),
             None => None,
         };
         Ok(Self {

@@ -779,7 +779,12 @@ fn a_safetensors_header_lie_is_reported() {
     std::fs::write(&path, changed).unwrap();
     assert_contains(
         &err_text(Checkpoint::open(&path)),
-        &["lie.safetensors", "malformed safetensors", "invalid header"],
+        &[
+            "lie.safetensors",
+            "malformed safetensors",
+            &format!("tensor `{name}`"),
+            &format!("shape {lie:?}"),
+        ],
     );
 }
 
@@ -894,5 +899,927 @@ fn convert_command_line() {
         back.names()
             .iter()
             .all(|n| back.info(n).unwrap().dtype == StoredDtype::F32)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile files: each is built here byte by byte, opened in process (the answer and the time it
+// takes) and by the `rudolph inspect` binary under an address-space limit set by this process
+// (the memory it takes).
+
+use rudolph::weights::limits;
+use std::time::{Duration, Instant};
+
+/// Pieces of a protocol-2 pickle.
+struct Pkl(Vec<u8>);
+
+impl Pkl {
+    fn new() -> Self {
+        Pkl(vec![0x80, 2])
+    }
+    fn op(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+    fn str(&mut self, s: &str) -> &mut Self {
+        self.0.push(b'X');
+        self.0.extend((s.len() as u32).to_le_bytes());
+        self.0.extend(s.as_bytes());
+        self
+    }
+    fn int(&mut self, v: i64) -> &mut Self {
+        self.0.extend([0x8a, 8]);
+        self.0.extend(v.to_le_bytes());
+        self
+    }
+    fn ints(&mut self, v: &[i64]) -> &mut Self {
+        self.0.push(b'(');
+        for &x in v {
+            self.int(x);
+        }
+        self.0.push(b't');
+        self
+    }
+    /// `_rebuild_tensor_v2(<class storage key, numel>, offset, shape, stride, False, {})`.
+    fn tensor(
+        &mut self,
+        class: &str,
+        key: &str,
+        numel: i64,
+        offset: i64,
+        shape: &[i64],
+        stride: &[i64],
+    ) -> &mut Self {
+        self.op(b"ctorch._utils\n_rebuild_tensor_v2\n((")
+            .str("storage")
+            .op(format!("ctorch\n{class}\n").as_bytes())
+            .str(key)
+            .str("cpu")
+            .int(numel)
+            .op(b"tQ")
+            .int(offset)
+            .ints(shape)
+            .ints(stride)
+            .op(&[0x89, b'}', b't', b'R'])
+    }
+    /// The pickle of `{'w': <float32 tensor `shape` over storage '0' of `numel` elements>}`.
+    fn one_tensor(numel: i64, shape: &[i64]) -> Vec<u8> {
+        let stride: Vec<i64> = (0..shape.len())
+            .map(|i| shape[i + 1..].iter().product())
+            .collect();
+        let mut p = Pkl::new();
+        p.op(b"}")
+            .str("w")
+            .tensor("FloatStorage", "0", numel, 0, shape, &stride)
+            .op(b"s.");
+        p.0
+    }
+}
+
+/// Writes a torch-like zip: `archive/data.pkl`, `archive/byteorder` and the storages.
+fn hostile_zip(path: &Path, pkl: &[u8], storages: &[(&str, &[u8], zip::CompressionMethod)]) {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts = |m| {
+        zip::write::SimpleFileOptions::default()
+            .compression_method(m)
+            .large_file(true)
+    };
+    z.start_file("archive/data.pkl", opts(zip::CompressionMethod::Stored))
+        .unwrap();
+    z.write_all(pkl).unwrap();
+    z.start_file("archive/byteorder", opts(zip::CompressionMethod::Stored))
+        .unwrap();
+    z.write_all(b"little").unwrap();
+    for (key, bytes, method) in storages {
+        z.start_file(format!("archive/data/{key}"), opts(*method))
+            .unwrap();
+        z.write_all(bytes).unwrap();
+    }
+    z.finish().unwrap();
+}
+
+/// Opens `path` in process within `limit`, returning the result's text (the error, or the
+/// tensor names) and failing the test if it took longer.
+fn open_within(path: &Path, limit: Duration) -> Result<Checkpoint, String> {
+    let start = Instant::now();
+    let r = Checkpoint::open(path).map_err(|e| e.to_string());
+    let took = start.elapsed();
+    assert!(took < limit, "{} took {took:?}", path.display());
+    r
+}
+
+/// What `rudolph inspect PATH` printed on stderr, run with its address space limited to
+/// `bytes` and its wall time to `secs` (killed and failed past it). A process that dies of a
+/// signal (an abort on a failed allocation) fails the test.
+fn inspect_limited(path: &Path, bytes: u64, secs: u64) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rudolph"));
+    cmd.arg("inspect")
+        .arg(path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only async-signal-safe calls (setrlimit) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("run rudolph inspect");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("rudolph inspect {} ran past {secs} s", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        status.code().is_some(),
+        "rudolph inspect {} was killed ({status}) under a {bytes}-byte address space: {stderr}",
+        path.display()
+    );
+    stderr
+}
+
+/// Address space for `inspect` of a hostile file: the fixture model needs under 200 MB.
+const INSPECT_AS: u64 = 512 << 20;
+
+#[test]
+fn pickle_aliases_shared_objects_instead_of_copying_them() {
+    let dir = scratch("weights_alias");
+    // A 100,000-item list wrapped by `_rebuild_parameter` 100,000 times: Python shares the one
+    // list, and so must the reader (copies would take 80 GB). The real tensor `w` is wrapped too.
+    let mut p = Pkl::new();
+    p.op(b"]q\x00(");
+    for _ in 0..100_000 {
+        p.op(b"K\x00");
+    }
+    p.op(b"e0ctorch._utils\n_rebuild_parameter\nq\x01");
+    for _ in 0..100_000 {
+        p.op(b"h\x01h\x00\x85R0");
+    }
+    p.op(b"}").str("w").op(b"h\x01");
+    p.tensor("FloatStorage", "0", 2, 0, &[2], &[1]);
+    p.op(b"\x85Rs.");
+    assert!(p.0.len() < 1 << 20);
+    let path = dir.join("aliased.bin");
+    let data = encode(StoredDtype::F32, &[1.5, -2.0]);
+    hostile_zip(&path, &p.0, &[("0", &data, zip::CompressionMethod::Stored)]);
+    let ckpt = open_within(&path, Duration::from_secs(5)).unwrap();
+    assert_eq!(ckpt.names(), vec!["w"]);
+    assert_eq!(
+        f32s(&ckpt.load("w", DType::F32, &CPU).unwrap()),
+        vec![1.5, -2.0]
+    );
+    assert_contains(
+        &inspect_limited(&path, INSPECT_AS, 20),
+        &["aliased.bin", "match no preset"],
+    );
+}
+
+#[test]
+fn dicts_are_built_in_linear_time() {
+    let dir = scratch("weights_setitem");
+    // 60,000 single SETITEMs (each used to rebuild an index of every key), then the tensor.
+    let mut p = Pkl::new();
+    p.op(b"}");
+    for i in 0..60_000 {
+        p.str(&format!("k{i:07}")).op(b"K\x01s");
+    }
+    // The same key set again and again keeps one entry, with the last value.
+    for _ in 0..60_000 {
+        p.str("k0000000").op(b"K\x02s");
+    }
+    p.str("w").tensor("FloatStorage", "0", 2, 0, &[2], &[1]);
+    p.op(b"s.");
+    let path = dir.join("setitem.bin");
+    let data = encode(StoredDtype::F32, &[1.0, 2.0]);
+    hostile_zip(&path, &p.0, &[("0", &data, zip::CompressionMethod::Stored)]);
+    let ckpt = open_within(&path, Duration::from_secs(5)).unwrap();
+    assert_eq!(ckpt.names(), vec!["w"]);
+    assert_contains(
+        &inspect_limited(&path, INSPECT_AS, 20),
+        &["setitem.bin", "match no preset"],
+    );
+}
+
+#[test]
+fn pickle_limits_are_enforced_and_named() {
+    let dir = scratch("weights_pickle_limits");
+    let objects = limits::MAX_OBJECTS.to_string();
+    let ops = limits::MAX_OPS.to_string();
+    let rank = limits::MAX_RANK.to_string();
+    let key = limits::MAX_KEY_LEN.to_string();
+    let tensors = limits::MAX_TENSORS.to_string();
+    let mut cases: Vec<(&str, Vec<u8>, Vec<&str>)> = Vec::new();
+    // Objects: None pushed 3 million times; DUP 3 million times; MARK 3 million times.
+    for (name, op) in [("nones", b'N'), ("dups", b'2'), ("marks", b'(')] {
+        let mut p = Pkl::new();
+        p.op(b"N");
+        p.0.resize(3_000_000, op);
+        cases.push((name, p.0, vec![objects.as_str(), "objects"]));
+    }
+    // Opcodes that build nothing: PROTO, 17 million times.
+    let mut p = Vec::with_capacity(34_000_010);
+    for _ in 0..limits::MAX_OPS + 1000 {
+        p.extend([0x80, 2]);
+    }
+    p.extend(b"}.");
+    cases.push(("ops", p, vec![ops.as_str(), "opcodes"]));
+    // A tensor of 33 dimensions, and one over a storage with a 300-byte key.
+    let shape = vec![1i64; limits::MAX_RANK + 1];
+    cases.push((
+        "rank",
+        Pkl::one_tensor(1, &shape),
+        vec!["`w`", &rank, "dimensions"],
+    ));
+    let mut p = Pkl::new();
+    p.op(b"}")
+        .str("w")
+        .tensor("FloatStorage", &"7".repeat(300), 1, 0, &[1], &[1])
+        .op(b"s.");
+    cases.push(("key", p.0, vec!["`w`", "300 bytes", &key]));
+    // One tensor more than the limit, all over one storage.
+    let mut p = Pkl::new();
+    p.op(b"}(");
+    for i in 0..=limits::MAX_TENSORS {
+        p.str(&format!("t{i}"))
+            .tensor("FloatStorage", "0", 1, 0, &[1], &[1]);
+    }
+    p.op(b"u.");
+    cases.push(("tensors", p.0, vec![tensors.as_str(), "tensors"]));
+    let data = encode(StoredDtype::F32, &[1.0]);
+    for (name, pkl, parts) in cases {
+        let path = dir.join(format!("{name}.bin"));
+        hostile_zip(&path, &pkl, &[("0", &data, zip::CompressionMethod::Stored)]);
+        let e = open_within(&path, Duration::from_secs(5)).unwrap_err();
+        assert_contains(&e, &[&format!("{name}.bin")]);
+        assert_contains(&e, &parts);
+        if name != "ops" {
+            let msg = inspect_limited(&path, INSPECT_AS, 20);
+            assert_contains(&msg, &[&format!("{name}.bin")]);
+            assert_contains(&msg, &parts);
+        }
+    }
+
+    // A data.pkl over the size limit is refused from the zip directory, before inflating it.
+    let path = dir.join("big_pkl.bin");
+    {
+        use std::io::Write;
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let deflated = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        z.start_file("archive/data.pkl", deflated).unwrap();
+        let block = vec![b'N'; 1 << 20];
+        for _ in 0..(limits::MAX_PICKLE_BYTES >> 20) + 1 {
+            z.write_all(&block).unwrap();
+        }
+        z.finish().unwrap();
+    }
+    assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20);
+    let e = open_within(&path, Duration::from_secs(2)).unwrap_err();
+    assert_contains(
+        &e,
+        &[
+            "big_pkl.bin",
+            "data.pkl",
+            &limits::MAX_PICKLE_BYTES.to_string(),
+        ],
+    );
+    // So is a legacy file whose pickle runs past it.
+    let mut legacy = vec![0x80, 2, 0x8a, 10];
+    legacy.extend(&0x1950a86a20f9469cfc6cu128.to_le_bytes()[..10]);
+    legacy.push(b'.');
+    legacy.extend([
+        0x80, 2, b'M', 0xe9, 0x03, b'.', 0x80, 2, b'}', b'.', 0x80, 2,
+    ]);
+    // Megabyte byte strings, each dropped again: few opcodes and objects, many bytes.
+    for _ in 0..(limits::MAX_PICKLE_BYTES >> 20) + 1 {
+        legacy.push(b'B');
+        legacy.extend((1u32 << 20).to_le_bytes());
+        legacy.resize(legacy.len() + (1 << 20), 0);
+        legacy.push(b'0');
+    }
+    let path = dir.join("big.legacy");
+    std::fs::write(&path, legacy).unwrap();
+    let e = open_within(&path, Duration::from_secs(5)).unwrap_err();
+    assert_contains(&e, &["big.legacy", &limits::MAX_PICKLE_BYTES.to_string()]);
+}
+
+#[test]
+fn deflated_storages_are_read_only_as_far_as_their_tensors_reach() {
+    let dir = scratch("weights_inflate");
+    let deflated = zip::CompressionMethod::Deflated;
+    let zeros = vec![0u8; 256 << 20];
+    // A storage declaring 64 Mi floats, all inflatable, under a one-element tensor: only the
+    // four bytes the tensor reaches are inflated.
+    let path = dir.join("bomb.bin");
+    hostile_zip(
+        &path,
+        &Pkl::one_tensor(64 << 20, &[1]),
+        &[("0", &zeros, deflated)],
+    );
+    assert!(std::fs::metadata(&path).unwrap().len() < 4 << 20);
+    let ckpt = open_within(&path, Duration::from_secs(2)).unwrap();
+    assert_eq!(f32s(&ckpt.load("w", DType::F32, &CPU).unwrap()), vec![0.0]);
+    assert_contains(
+        &inspect_limited(&path, INSPECT_AS, 20),
+        &["bomb.bin", "match no preset"],
+    );
+    // A tensor that does reach all 256 MiB inflates past what the compressed size allows.
+    let path = dir.join("full_bomb.bin");
+    hostile_zip(
+        &path,
+        &Pkl::one_tensor(64 << 20, &[64 << 20]),
+        &[("0", &zeros, deflated)],
+    );
+    let e = open_within(&path, Duration::from_secs(2)).unwrap_err();
+    assert_contains(
+        &e,
+        &[
+            "full_bomb.bin",
+            "archive/data/0",
+            "decompression bomb",
+            &format!("{} times", limits::INFLATE_RATIO),
+        ],
+    );
+    let msg = inspect_limited(&path, INSPECT_AS, 20);
+    assert_contains(&msg, &["full_bomb.bin", "decompression bomb"]);
+    // A deflated entry holding less than the pickle declares.
+    let path = dir.join("short_deflated.bin");
+    hostile_zip(
+        &path,
+        &Pkl::one_tensor(100, &[100]),
+        &[("0", &[0u8; 40], deflated)],
+    );
+    assert_contains(
+        &open_within(&path, Duration::from_secs(2)).unwrap_err(),
+        &[
+            "short_deflated.bin",
+            "`w`",
+            "declares 100",
+            "holds only 40 bytes",
+        ],
+    );
+    // A byteorder entry of a megabyte is not read.
+    let path = dir.join("byteorder.bin");
+    {
+        use std::io::Write;
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default().compression_method(deflated);
+        z.start_file("archive/data.pkl", opts).unwrap();
+        z.write_all(&Pkl::one_tensor(1, &[1])).unwrap();
+        z.start_file("archive/byteorder", opts).unwrap();
+        z.write_all(&vec![b' '; 1 << 20]).unwrap();
+        z.finish().unwrap();
+    }
+    assert_contains(
+        &open_within(&path, Duration::from_secs(2)).unwrap_err(),
+        &["byteorder.bin", "byteorder is 1048576 bytes"],
+    );
+}
+
+#[test]
+fn sizes_from_the_pickle_are_checked_before_any_allocation() {
+    let dir = scratch("weights_sizes");
+    let data = encode(StoredDtype::F32, &[1.0, 2.0, 3.0, 4.0]);
+    let big = 1i64 << 40;
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        // Element count × 4 bytes overflows.
+        (
+            "numel",
+            Pkl::one_tensor(i64::MAX, &[1]),
+            vec!["`w`", "more bytes than this machine can address"],
+        ),
+        // The shape's product overflows.
+        (
+            "shape",
+            Pkl::one_tensor(4, &[big, big, big]),
+            vec!["`w`", "overflows"],
+        ),
+        // A view past its storage, through the offset.
+        (
+            "offset",
+            {
+                let mut p = Pkl::new();
+                p.op(b"}")
+                    .str("w")
+                    .tensor("FloatStorage", "0", 4, i64::MAX / 2, &[2], &[1])
+                    .op(b"s.");
+                p.0
+            },
+            vec!["`w`", "offset"],
+        ),
+        // Through a stride.
+        (
+            "stride",
+            {
+                let mut p = Pkl::new();
+                p.op(b"}")
+                    .str("w")
+                    .tensor("FloatStorage", "0", 4, 0, &[2], &[big])
+                    .op(b"s.");
+                p.0
+            },
+            vec!["`w`", "needs", "holds only 16 bytes"],
+        ),
+        // A negative size.
+        (
+            "negative",
+            Pkl::one_tensor(4, &[-1]),
+            vec!["`w`", "malformed offset, size or stride"],
+        ),
+        // The storage declares more than the entry holds.
+        (
+            "declared",
+            Pkl::one_tensor(5, &[1]),
+            vec!["`w`", "declares 5", "holds only 16 bytes"],
+        ),
+    ];
+    for (name, pkl, parts) in cases {
+        let path = dir.join(format!("{name}.bin"));
+        hostile_zip(&path, &pkl, &[("0", &data, zip::CompressionMethod::Stored)]);
+        let e = open_within(&path, Duration::from_secs(2)).unwrap_err();
+        assert_contains(&e, &[&format!("{name}.bin")]);
+        assert_contains(&e, &parts);
+    }
+}
+
+/// A safetensors file with `header` (as JSON text) over `data`.
+fn safetensors_file(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn safetensors_errors_name_the_file_and_the_tensor() {
+    let dir = scratch("weights_safetensors_errors");
+    let data = [0u8; 24];
+    let ok = r#""a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}"#;
+    let cases: Vec<(&str, String, usize, Vec<&str>)> = vec![
+        // The shape disagrees with the offsets (was `TensorInvalidInfo`).
+        (
+            "lie",
+            format!(r#"{{{ok}, "b": {{"dtype": "F32", "shape": [5], "data_offsets": [8, 24]}}}}"#),
+            24,
+            vec!["`b`", "takes 20 bytes", "span 16"],
+        ),
+        // Bytes after the last tensor (was `MetadataIncompleteBuffer`).
+        (
+            "trailing",
+            format!("{{{ok}}}"),
+            24,
+            vec!["ends at byte 8", "24 bytes follow the header", "last 16 bytes"],
+        ),
+        // The data cut short.
+        (
+            "cut",
+            format!(r#"{{{ok}, "b": {{"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}}}"#),
+            20,
+            vec!["`b`", "reach past the 20 bytes", "truncated file"],
+        ),
+        // Two tensors over the same bytes.
+        (
+            "overlap",
+            format!(r#"{{{ok}, "b": {{"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}}}"#),
+            12,
+            vec!["`b`", "`a`", "ends at byte 8", "gaps or overlaps"],
+        ),
+        // A shape whose size overflows.
+        (
+            "overflow",
+            r#"{"a": {"dtype": "F32", "shape": [4294967296, 4294967296, 4294967296], "data_offsets": [0, 8]}}"#.to_string(),
+            8,
+            vec!["`a`", "more bytes than this machine can address"],
+        ),
+        // A type this reader does not know.
+        (
+            "dtype",
+            r#"{"a": {"dtype": "F8_E4M3", "shape": [8], "data_offsets": [0, 8]}}"#.to_string(),
+            8,
+            vec!["`a`", "\"F8_E4M3\"", "not one this reader supports"],
+        ),
+        // A field missing.
+        (
+            "field",
+            r#"{"a": {"dtype": "F32", "data_offsets": [0, 8]}}"#.to_string(),
+            8,
+            vec!["`a`", "shape"],
+        ),
+        // Too many dimensions.
+        (
+            "rank",
+            format!(
+                r#"{{"a": {{"dtype": "F32", "shape": {:?}, "data_offsets": [0, 4]}}}}"#,
+                vec![1; limits::MAX_RANK + 1]
+            ),
+            4,
+            vec!["`a`", "33 dimensions"],
+        ),
+    ];
+    for (name, header, len, parts) in cases {
+        let path = dir.join(format!("{name}.safetensors"));
+        safetensors_file(&path, &header, &data[..len]);
+        let e = err_text(Checkpoint::open(&path));
+        assert_contains(
+            &e,
+            &[&format!("{name}.safetensors"), "malformed safetensors"],
+        );
+        assert_contains(&e, &parts);
+        for debug_name in [
+            "TensorInvalidInfo",
+            "MetadataIncompleteBuffer",
+            "InvalidOffset",
+        ] {
+            assert!(!e.contains(debug_name), "{e}");
+        }
+    }
+    // A header length past the limit is refused before anything is parsed.
+    let path = dir.join("huge_header.safetensors");
+    let mut bytes = (u64::MAX / 2).to_le_bytes().to_vec();
+    bytes.extend(b"{}");
+    std::fs::write(&path, bytes).unwrap();
+    assert_contains(
+        &err_text(Checkpoint::open(&path)),
+        &[
+            "huge_header.safetensors",
+            &limits::MAX_SAFETENSORS_HEADER.to_string(),
+        ],
+    );
+}
+
+/// Re-saves the fixture model as safetensors with tensor `nan` holding a NaN and `inf` an
+/// infinity (floats in `dtype`).
+fn poisoned_fixture(path: &Path, nan: &str, inf: &str, dtype: DType) {
+    let st = open(&fixture("rudolph_tiny/model.safetensors"));
+    let mut tensors = Vec::new();
+    for name in st.names() {
+        let mut t = load_natural(&st, name);
+        if name == nan || name == inf {
+            let mut v = f32s(&t);
+            let mid = v.len() / 2;
+            v[mid] = if name == nan {
+                f32::NAN
+            } else {
+                f32::NEG_INFINITY
+            };
+            t = Tensor::from_vec(v, t.dims(), &CPU).unwrap();
+        }
+        if t.dtype() == DType::F32 {
+            t = t.to_dtype(dtype).unwrap();
+        }
+        tensors.push((name.to_string(), t));
+    }
+    rudolph::weights::save_safetensors_with_bools(&tensors, path, |n| {
+        st.info(n).unwrap().dtype == StoredDtype::Bool
+    })
+    .unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_refused_by_name_unless_allowed() {
+    use rudolph::config::Config;
+    use rudolph::model::Rudolph;
+    use rudolph::weights::LoadOptions;
+    let dir = scratch("weights_non_finite");
+    let cfg =
+        Config::from_name_or_path(fixture("rudolph_tiny/config.json").to_str().unwrap()).unwrap();
+    let sound = open(&fixture("rudolph_tiny/model.safetensors"));
+    let (_, report) = Rudolph::from_checkpoint(&sound, &cfg, DType::F32, &CPU).unwrap();
+    assert!(report.non_finite.is_empty());
+
+    let floats: Vec<String> = sound
+        .names()
+        .into_iter()
+        .filter(|n| sound.info(n).unwrap().dtype.is_float() && !n.ends_with("_mask"))
+        .map(String::from)
+        .collect();
+    let (nan, inf) = (floats[3].as_str(), floats[floats.len() - 2].as_str());
+    for (file, dtype) in [
+        ("f32.safetensors", DType::F32),
+        ("f16.safetensors", DType::F16),
+    ] {
+        let path = dir.join(file);
+        poisoned_fixture(&path, nan, inf, dtype);
+        let ckpt = open(&path);
+        let Err(e) = Rudolph::from_checkpoint(&ckpt, &cfg, DType::F32, &CPU) else {
+            panic!("{file}: NaN weights must be refused");
+        };
+        let e = e.to_string();
+        assert_contains(
+            &e,
+            &[
+                file,
+                "2 tensors hold NaN or infinite values",
+                &format!("`{nan}`"),
+                &format!("`{inf}`"),
+                "--allow-non-finite",
+            ],
+        );
+        let options = LoadOptions {
+            allow_non_finite: true,
+        };
+        let precision = rudolph::model::Precision::Float(DType::F32);
+        let (_, report) =
+            Rudolph::from_checkpoint_with(&ckpt, &cfg, precision, &CPU, options).unwrap();
+        let mut found = report.non_finite.clone();
+        found.sort();
+        let mut want = vec![nan.to_string(), inf.to_string()];
+        want.sort();
+        assert_eq!(found, want, "{file}");
+    }
+    // `inspect` shows them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rudolph"))
+        .arg("inspect")
+        .arg(dir.join("f16.safetensors"))
+        .arg("--config")
+        .arg(fixture("rudolph_tiny/config.json"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["non_finite"].as_array().unwrap().len(), 2);
+
+    // The VQGAN: a NaN in one weight is refused by name, unless allowed.
+    let vq = open(&fixture("vqgan_tiny/vqgan_tiny.ckpt"));
+    let victim = vq
+        .names()
+        .into_iter()
+        .find(|n| n.contains("decoder") && n.ends_with("weight"))
+        .unwrap()
+        .to_string();
+    let mut tensors = Vec::new();
+    for name in vq.names() {
+        let mut t = vq.load(name, DType::F32, &CPU).unwrap();
+        if name == victim {
+            let mut v = f32s(&t);
+            v[0] = f32::NAN;
+            t = Tensor::from_vec(v, t.dims(), &CPU).unwrap();
+        }
+        tensors.push((name.to_string(), t));
+    }
+    let path = dir.join("vqgan_tiny.ckpt");
+    rudolph::weights::save_safetensors(&tensors, &path).unwrap();
+    std::fs::copy(
+        fixture("vqgan_tiny/vqgan_tiny.config.yml"),
+        dir.join("vqgan_tiny.config.yml"),
+    )
+    .unwrap();
+    let Err(e) = rudolph::vae::Vqgan::load(&path, None, &CPU) else {
+        panic!("NaN VQGAN weights must be refused");
+    };
+    let e = e.to_string();
+    assert_contains(&e, &["vqgan_tiny.ckpt", &victim, "1 tensor holds NaN"]);
+    let allow = LoadOptions {
+        allow_non_finite: true,
+    };
+    rudolph::vae::Vqgan::load_with(&path, None, &CPU, allow).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fuzz harness: random byte mutations of small checkpoints in every format, through every
+// reader, asserting that nothing panics (errors are fine). It runs for a time budget, outside
+// the normal test run: `fuzz/run.sh SECONDS`.
+
+/// The inputs the fuzzer mutates, each with how to write it: whole files in every format, and
+/// the `data.pkl` of a zip (mutated, then zipped again, so that the pickle machine sees it).
+fn fuzz_seeds(dir: &Path) -> Vec<(String, Vec<u8>, Option<Vec<Storage>>)> {
+    use common::torch_writer::data_pkl;
+    let mut file = TorchFile {
+        storages: vec![],
+        tensors: vec![],
+        layout: Layout::Lightning,
+    };
+    add_layouts(&mut file);
+    let legacy = dir.join("seed.legacy");
+    write_legacy(&file, &legacy);
+    let zipped = dir.join("seed.bin");
+    write_zip(&file, "archive", &zipped);
+    let st = open(&zipped);
+    let tensors: Vec<(String, Tensor)> = st
+        .names()
+        .into_iter()
+        .map(|n| {
+            let dtype = match st.info(n).unwrap().dtype {
+                d if d.is_float() => DType::F32,
+                StoredDtype::U8 | StoredDtype::Bool => DType::U8,
+                _ => DType::I64,
+            };
+            (n.to_string(), st.load(n, dtype, &CPU).unwrap())
+        })
+        .collect();
+    let safetensors = dir.join("seed.safetensors");
+    rudolph::weights::save_safetensors(&tensors, &safetensors).unwrap();
+    let mut deflated_file = file.clone();
+    deflated_file.layout = Layout::StateDict;
+    let deflated = dir.join("seed_deflated.bin");
+    common::torch_writer::write_zip_entries(
+        &deflated,
+        "archive",
+        Some(data_pkl(&deflated_file)),
+        &deflated_file.storages,
+        zip::CompressionMethod::Deflated,
+    );
+    vec![
+        ("legacy".into(), bytes_of(&legacy), None),
+        ("zip".into(), bytes_of(&zipped), None),
+        ("deflated zip".into(), bytes_of(&deflated), None),
+        ("safetensors".into(), bytes_of(&safetensors), None),
+        (
+            "fixture safetensors".into(),
+            bytes_of(&fixture("rudolph_tiny/model.safetensors")),
+            None,
+        ),
+        (
+            "data.pkl".into(),
+            data_pkl(&file),
+            Some(file.storages.clone()),
+        ),
+    ]
+}
+
+/// One mutation: what to do, where (a fraction of the length), and with what value.
+type Mutation = (u8, u64, u64);
+
+fn mutate(original: &[u8], mutations: &[Mutation]) -> Vec<u8> {
+    let mut b = original.to_vec();
+    for &(kind, at, value) in mutations {
+        if b.is_empty() {
+            b.push(value as u8);
+            continue;
+        }
+        let at = (at % b.len() as u64) as usize;
+        // Most mutations keep the layout (so that the file still parses some way in), a few
+        // shift or cut it.
+        match kind % 16 {
+            0..=4 => b[at] = value as u8,
+            5..=7 => b[at] ^= 1 << (value % 8),
+            // Interesting integers over 1, 2, 4 or 8 bytes: 0, -1, huge, small, powers of two.
+            8..=10 => {
+                let width = 1usize << (value % 4);
+                let v: u64 = match (value >> 2) % 6 {
+                    0 => 0,
+                    1 => u64::MAX,
+                    2 => 1 << 31,
+                    3 => (value >> 8) % 64,
+                    4 => 1 << ((value >> 8) % 64),
+                    _ => u64::MAX >> 1,
+                };
+                let end = (at + width).min(b.len());
+                b[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
+            }
+            11 => b.truncate(at),
+            12 => {
+                let n = (value % 64) as usize;
+                b.drain(at..(at + n).min(b.len()));
+            }
+            13 => {
+                let n = (value % 64) as usize;
+                let chunk: Vec<u8> = b[at..(at + n).min(b.len())].to_vec();
+                let to = ((value >> 8) % b.len() as u64) as usize;
+                b.splice(to..to, chunk);
+            }
+            14 => b.insert(at, value as u8),
+            _ => {
+                // An opcode-like byte followed by a length-like word.
+                b.insert(at, value as u8);
+                let word = ((value >> 8) as u32).to_le_bytes();
+                b.splice(at + 1..at + 1, word);
+            }
+        }
+    }
+    b
+}
+
+/// Opens `path` and reads everything it offers; returns whether it opened.
+fn exercise(path: &Path) -> bool {
+    let Ok(c) = Checkpoint::open(path) else {
+        return false;
+    };
+    for name in c.names() {
+        for dtype in [DType::F32, DType::U8, DType::F16] {
+            let _ = c.load(name, dtype, &CPU);
+        }
+        let _ = c.has_non_finite(name);
+    }
+    let _ = c.strip_prefix("extra.").load_all(DType::F32, &CPU);
+    true
+}
+
+#[test]
+#[ignore = "fuzzing for a time budget: fuzz/run.sh SECONDS"]
+fn fuzz_checkpoint_readers() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let seconds: u64 = std::env::var("RUDOLPH_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let dir = scratch("weights_fuzz_budget");
+    let seeds = fuzz_seeds(&dir);
+    // The case being run stays on disk, so that a hang or an abort leaves it for inspection.
+    let path = dir.join("case");
+    let strategy = (
+        0..seeds.len(),
+        proptest::collection::vec(any::<(u8, u64, u64)>(), 1..5),
+    );
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    // A watchdog: a case that runs past 10 s is a hang; the process stops with status 124, the
+    // way `timeout` reports one, and the case's input stays at `path`.
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let progress = std::sync::Arc::clone(&progress);
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut last = (u64::MAX, Instant::now());
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = progress.load(std::sync::atomic::Ordering::Relaxed);
+                if now != last.0 {
+                    last = (now, Instant::now());
+                } else if last.1.elapsed() > Duration::from_secs(10) {
+                    println!(
+                        "fuzz: HANG: case {now} ran past 10 s; input: {}",
+                        path.display()
+                    );
+                    std::process::exit(124);
+                }
+            }
+        });
+    }
+    let (mut cases, mut opened) = (0u64, 0u64);
+    let mut per_seed = vec![(0u64, 0u64); seeds.len()];
+    let mut round = 0u64;
+    while Instant::now() < deadline {
+        round += 1;
+        let config = Config {
+            cases: 256,
+            failure_persistence: None,
+            max_shrink_iters: 500,
+            ..Config::default()
+        };
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&round.to_le_bytes());
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed);
+        let mut runner = TestRunner::new_with_rng(config, rng);
+        let counts = std::cell::RefCell::new((0u64, 0u64, vec![(0u64, 0u64); seeds.len()]));
+        let result = runner.run(&strategy, |(which, mutations)| {
+            let (_, original, storages) = &seeds[which];
+            let bytes = mutate(original, &mutations);
+            if let Some(storages) = storages {
+                common::torch_writer::write_zip_entries(
+                    &path,
+                    "archive",
+                    Some(bytes),
+                    storages,
+                    zip::CompressionMethod::Stored,
+                );
+            } else {
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let ok = exercise(&path);
+            progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut c = counts.borrow_mut();
+            c.0 += 1;
+            c.1 += u64::from(ok);
+            c.2[which].0 += 1;
+            c.2[which].1 += u64::from(ok);
+            Ok(())
+        });
+        let c = counts.into_inner();
+        cases += c.0;
+        opened += c.1;
+        for (total, more) in per_seed.iter_mut().zip(&c.2) {
+            total.0 += more.0;
+            total.1 += more.1;
+        }
+        if let Err(e) = result {
+            println!("fuzz: {cases} cases, PANIC in round {round}: {e}");
+            panic!("a mutated checkpoint made a reader panic: {e}");
+        }
+    }
+    for ((name, _, _), (n, ok)) in seeds.iter().zip(&per_seed) {
+        println!("fuzz: {name}: {n} cases, {ok} opened");
+    }
+    println!(
+        "fuzz: {cases} cases in {seconds} s, {opened} opened, {} refused with an error, 0 panics",
+        cases - opened
     );
 }

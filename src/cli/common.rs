@@ -51,6 +51,10 @@ pub struct ModelArgs {
     /// (AMD Zen 4), else AVX2 (see docs/performance.md for each one's quality cost).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Load weights holding NaN or infinite values (refused by default: they give empty texts,
+    /// NaN scores or blank pictures), warning of them.
+    #[arg(long)]
+    pub allow_non_finite: bool,
 }
 
 /// The `--device` flag: `cpu`, `cuda` or `cuda:N`.
@@ -96,6 +100,7 @@ impl FolderArgs {
             tokenizer: self.tokenizer.clone(),
             vae: self.vae.clone(),
             vae_config: self.vae_config.clone(),
+            allow_non_finite: false,
         }
     }
 }
@@ -109,10 +114,17 @@ impl ModelArgs {
             None if f.tokenizer.is_none() || f.config.is_none() => Some(rudolph::builtin::dir()?),
             None => None,
         };
-        let spec = f.spec(dir);
+        let mut spec = f.spec(dir);
+        spec.allow_non_finite = self.allow_non_finite;
         let device = parse_device(&self.device)?;
         let precision = parse_precision(&self.dtype)?;
-        Ok(Loaded::load_as(&spec, &device, precision)?)
+        let loaded = Loaded::load_as(&spec, &device, precision)?;
+        if let Some(first) = loaded.report.non_finite.first() {
+            let n = loaded.report.non_finite.len();
+            let s = if n == 1 { " holds" } else { "s hold" };
+            eprintln!("warning: {n} tensor{s} NaN or infinite values (first: {first})");
+        }
+        Ok(loaded)
     }
 }
 

@@ -68,6 +68,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             "parameters": report.parameters,
             "dtypes": report.dtypes,
             "mask_version": report.mask_variant.map_or("custom", |v| v.short_name()),
+            "non_finite": report.non_finite,
             "config": cfg,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -97,6 +98,24 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
                 .map_or("custom (neither rc1 nor rc10)".to_string(), |v| v
                     .to_string())
         );
+        if !report.non_finite.is_empty() {
+            let shown: Vec<&str> = report
+                .non_finite
+                .iter()
+                .take(5)
+                .map(String::as_str)
+                .collect();
+            println!(
+                "non-finite  {} tensors hold NaN or infinite values: {}{}",
+                report.non_finite.len(),
+                shown.join(", "),
+                if report.non_finite.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            );
+        }
         println!(
             "layout      {} layers, hidden {}, {} heads, text {}+{}, image {}×{}, vocab {}+{}",
             cfg.num_layers,

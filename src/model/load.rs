@@ -4,7 +4,7 @@
 use super::masks::{self, LayerMasks, MaskVariant};
 use super::{Precision, Rudolph};
 use crate::config::Config;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, LoadOptions};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 
@@ -17,23 +17,30 @@ pub struct LoadReport {
     pub dtypes: BTreeMap<String, usize>,
     /// Parameters (mask buffers excluded).
     pub parameters: usize,
+    /// Tensors holding NaN or infinite values, named as in the file (empty for sound weights;
+    /// a model loads with them only when [`LoadOptions::allow_non_finite`] asks for it).
+    pub non_finite: Vec<String>,
 }
 
 impl LoadReport {
     pub fn of(ckpt: &Checkpoint, cfg: &Config, masks: &LayerMasks) -> crate::Result<Self> {
         let mut dtypes = BTreeMap::new();
-        let mut parameters = 0;
+        let mut parameters = 0usize;
         for name in ckpt.names() {
             let info = ckpt.info(name).expect("listed");
             *dtypes.entry(info.dtype.to_string()).or_insert(0) += 1;
             if !name.ends_with("_mask") {
-                parameters += info.shape.iter().product::<usize>();
+                let n = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                parameters = n
+                    .and_then(|n| parameters.checked_add(n))
+                    .unwrap_or(usize::MAX);
             }
         }
         Ok(Self {
             mask_variant: masks::detect_variant(cfg, &masks.to_bytes()?),
             dtypes,
             parameters,
+            non_finite: ckpt.non_finite(ckpt.names())?,
         })
     }
 }
@@ -59,9 +66,25 @@ impl Rudolph {
         precision: Precision,
         device: &Device,
     ) -> crate::Result<(Self, LoadReport)> {
+        Self::from_checkpoint_with(ckpt, cfg, precision, device, LoadOptions::default())
+    }
+
+    /// As [`Rudolph::from_checkpoint_as`] with [`LoadOptions`]. Weights holding NaN or infinite
+    /// values are refused ([`crate::weights::WeightsError::NonFinite`]) unless `options` allows
+    /// them; the report lists them either way.
+    pub fn from_checkpoint_with(
+        ckpt: &Checkpoint,
+        cfg: &Config,
+        precision: Precision,
+        device: &Device,
+        options: LoadOptions,
+    ) -> crate::Result<(Self, LoadReport)> {
         ckpt.check(&Self::tensor_shapes(cfg))?;
         let masks = masks_from_checkpoint(ckpt, device)?;
         let report = LoadReport::of(ckpt, cfg, &masks)?;
+        if !options.allow_non_finite {
+            ckpt.refuse_non_finite(&report.non_finite)?;
+        }
         let vb = candle_nn::VarBuilder::from_backend(
             Box::new(Lazy(ckpt)),
             precision.load_dtype(),

@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 
 use super::{VaeError, Vqgan, VqganConfig, VqganLayout, dwt};
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, LoadOptions};
 
 /// A `VarBuilder` backend that hands out shape-only zero tensors (broadcast views, no
 /// allocation) and records every request, so building a model lists the tensors it needs.
@@ -131,7 +131,20 @@ impl Vqgan {
     /// load, which silently leaves missing weights random — and all problems are reported at
     /// once. Other keys (e.g. a training discriminator under `loss.`) are ignored and listed by
     /// [`Vqgan::ignored_keys`].
+    ///
+    /// Weights holding NaN or infinite values are refused, naming them; see [`Vqgan::load_with`].
     pub fn load(path: &Path, config: Option<&Path>, device: &Device) -> Result<Self, VaeError> {
+        Self::load_with(path, config, device, LoadOptions::default())
+    }
+
+    /// As [`Vqgan::load`] with [`LoadOptions`] (`allow_non_finite` loads weights holding NaN or
+    /// infinite values, which spoil every picture decoded, instead of refusing them).
+    pub fn load_with(
+        path: &Path,
+        config: Option<&Path>,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self, VaeError> {
         let config = config_for_checkpoint(path, config)?;
         let shown = path.display().to_string();
         let weights_err = |source| VaeError::Weights {
@@ -161,6 +174,15 @@ impl Vqgan {
                 layout,
                 problems,
             });
+        }
+
+        if !options.allow_non_finite {
+            let full: Vec<String> = expected
+                .iter()
+                .map(|(n, _)| format!("{prefix}{n}"))
+                .collect();
+            ckpt.check_finite(full.iter().map(String::as_str))
+                .map_err(weights_err)?;
         }
 
         let mut tensors = HashMap::with_capacity(expected.len());

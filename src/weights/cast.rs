@@ -29,7 +29,9 @@ impl View<'_> {
             if size != 1 && stride != expected {
                 return false;
             }
-            expected *= size;
+            // Saturating: after a zero dimension the others' product need not fit (and no
+            // element is read).
+            expected = expected.saturating_mul(size);
         }
         true
     }
@@ -242,6 +244,46 @@ pub(crate) fn to_tensor(view: &View<'_>, target: DType, device: &Device) -> Resu
     t.map_err(err)
 }
 
+/// Whether any block of little-endian `$t` values in `bytes` has all the bits of `mask` set.
+/// Blocks keep the inner loop branch-free, so that it vectorises, and let the scan stop early.
+macro_rules! any_masked {
+    ($bytes:expr, $t:ty, $mask:expr) => {{
+        const N: usize = std::mem::size_of::<$t>();
+        let mask: $t = $mask;
+        $bytes.chunks(N * 1024).any(|block| {
+            let mut hit = false;
+            for c in block.chunks_exact(N) {
+                hit |= <$t>::from_le_bytes(arr(c)) & mask == mask;
+            }
+            hit
+        })
+    }};
+}
+
+/// Whether an element the view addresses is a NaN or an infinity: all exponent bits set, in
+/// every IEEE type. Integer and bool tensors have neither. Contiguous tensors (all of a real
+/// checkpoint's) are scanned as blocks of bits, stopping at the first block holding one.
+pub(crate) fn any_non_finite(view: &View<'_>) -> bool {
+    let n = view.numel();
+    if n == 0 || !view.dtype.is_float() {
+        return false;
+    }
+    let es = view.dtype.size();
+    if view.is_contiguous() {
+        let start = view.offset * es;
+        let bytes = &view.bytes[start..start + n * es];
+        return match view.dtype {
+            StoredDtype::F64 => any_masked!(bytes, u64, 0x7ff0_0000_0000_0000),
+            StoredDtype::F32 => any_masked!(bytes, u32, 0x7f80_0000),
+            StoredDtype::F16 => any_masked!(bytes, u16, 0x7c00),
+            _ => any_masked!(bytes, u16, 0x7f80),
+        };
+    }
+    let mut found = false;
+    with_float_reader!(view.dtype, read => view.for_each(|c| found |= !read(c).is_finite()));
+    found
+}
+
 /// Element count and the number of stored elements a strided view reaches (offset included):
 /// the storage must hold at least that many. `None` on arithmetic overflow.
 pub(crate) fn extent(shape: &[usize], stride: &[usize], offset: usize) -> Option<(usize, usize)> {
@@ -277,6 +319,50 @@ mod tests {
             vec![vec![1., 4.], vec![2., 5.], vec![3., 6.]]
         );
         assert_eq!(extent(&[3, 2], &[1, 3], 1), Some((6, 7)));
+    }
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_type() {
+        let check = |dtype: StoredDtype, bytes: Vec<u8>, stride: usize| {
+            let n = bytes.len() / dtype.size() / stride;
+            any_non_finite(&View {
+                bytes: &bytes,
+                dtype,
+                shape: &[n],
+                stride: &[stride],
+                offset: 0,
+            })
+        };
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut values = vec![0.5f64; 5000];
+            let encode = |values: &[f64], dtype: StoredDtype| -> Vec<u8> {
+                values
+                    .iter()
+                    .flat_map(|&v| match dtype {
+                        StoredDtype::F64 => v.to_le_bytes().to_vec(),
+                        StoredDtype::F32 => (v as f32).to_le_bytes().to_vec(),
+                        StoredDtype::F16 => f16::from_f64(v).to_le_bytes().to_vec(),
+                        _ => bf16::from_f64(v).to_le_bytes().to_vec(),
+                    })
+                    .collect()
+            };
+            for dtype in [
+                StoredDtype::F64,
+                StoredDtype::F32,
+                StoredDtype::F16,
+                StoredDtype::BF16,
+            ] {
+                assert!(!check(dtype, encode(&values, dtype), 1), "{dtype}");
+                values[4321] = bad;
+                assert!(check(dtype, encode(&values, dtype), 1), "{dtype} {bad}");
+                // Strided: element 4321 is odd, so a stride-2 view skips it.
+                assert!(!check(dtype, encode(&values, dtype), 2), "{dtype}");
+                values[4321] = 0.5;
+            }
+        }
+        // The largest finite values are finite; integers never count.
+        assert!(!check(StoredDtype::F16, f16::MAX.to_le_bytes().to_vec(), 1));
+        assert!(!check(StoredDtype::I16, vec![0xff; 64], 1));
     }
 
     #[test]

@@ -23,6 +23,15 @@ use candle_core::{DType, Device, Tensor};
 
 pub use write::{ConvertSummary, convert, save_safetensors, save_safetensors_with_bools};
 
+/// The bounds within which a checkpoint file is read, whoever made it: a file past one is refused
+/// with a message naming the limit, before the work or memory it would take. Each is far above
+/// what the published checkpoints need (see each constant).
+pub mod limits {
+    pub use super::MAX_SAFETENSORS_HEADER;
+    pub use super::pickle::{MAX_KEY_LEN, MAX_OBJECTS, MAX_OPS, MAX_PICKLE_BYTES, MAX_RANK};
+    pub use super::torch::{INFLATE_FLOOR, INFLATE_RATIO, MAX_TENSORS};
+}
+
 /// Element type of a tensor as stored in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoredDtype {
@@ -180,6 +189,14 @@ pub enum WeightsError {
         /// Name, expected shape, shape found.
         wrong_shape: Vec<(String, Vec<usize>, Vec<usize>)>,
     },
+    #[error("{}", non_finite_message(path, names, *count))]
+    NonFinite {
+        path: PathBuf,
+        /// The first few tensors holding NaN or infinite values.
+        names: Vec<String>,
+        /// How many tensors hold them.
+        count: usize,
+    },
     #[error("{path}: cannot save tensor `{name}`: {detail}")]
     Save {
         path: PathBuf,
@@ -188,6 +205,36 @@ pub enum WeightsError {
     },
     #[error("{path}: already exists")]
     Exists { path: PathBuf },
+}
+
+fn non_finite_message(path: &Path, names: &[String], count: usize) -> String {
+    let shown: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    let more = match count.saturating_sub(names.len()) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!(
+        "{}: {count} tensor{} NaN or infinite values ({}{more}): the file is damaged or its \
+         training diverged, and a model with such weights gives empty texts, NaN scores or blank \
+         pictures (--allow-non-finite, or `allow_non_finite` in the load options, loads it \
+         anyway)",
+        path.display(),
+        if count == 1 { " holds" } else { "s hold" },
+        shown.join(", ")
+    )
+}
+
+/// How many names [`WeightsError::NonFinite`] lists.
+const NON_FINITE_SHOWN: usize = 5;
+
+/// How a model is read from its checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Load weights holding NaN or infinite values instead of refusing them. Such weights are
+    /// reported at load ([`crate::model::load::LoadReport::non_finite`]); without this the load
+    /// fails with [`WeightsError::NonFinite`], because the model would run and quietly give
+    /// empty texts, NaN scores or blank pictures.
+    pub allow_non_finite: bool,
 }
 
 fn mismatch_message(
@@ -279,9 +326,11 @@ impl fmt::Debug for Checkpoint {
 
 /// Row-major strides of `shape`.
 pub(crate) fn contiguous_stride(shape: &[usize]) -> Vec<usize> {
-    let mut stride = vec![1; shape.len()];
+    let mut stride = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        stride[i] = stride[i + 1] * shape[i + 1];
+        // Saturating: with a zero dimension the product of the others need not fit, and such
+        // a tensor has no element for a stride to reach.
+        stride[i] = stride[i + 1].saturating_mul(shape[i + 1]);
     }
     stride
 }
@@ -452,6 +501,57 @@ impl Checkpoint {
             .collect()
     }
 
+    /// Whether tensor `name` holds a NaN or an infinity (never true of integer or bool tensors).
+    /// One pass over the stored bytes, which stops at the first block holding one.
+    pub fn has_non_finite(&self, name: &str) -> Result<bool, WeightsError> {
+        let entry = self.entry(name)?;
+        let view = cast::View {
+            bytes: self.source.bytes(entry.region),
+            dtype: entry.info.dtype,
+            shape: &entry.info.shape,
+            stride: &entry.stride,
+            offset: entry.offset,
+        };
+        Ok(cast::any_non_finite(&view))
+    }
+
+    /// The tensors among `names` that hold NaN or infinite values, in the order given, named as
+    /// in the file.
+    pub fn non_finite<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<String>, WeightsError> {
+        let mut found = Vec::new();
+        for name in names {
+            if self.has_non_finite(name)? {
+                found.push(format!("{}{name}", self.prefix));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Fails with [`WeightsError::NonFinite`], naming the first few, if any of the tensors
+    /// `names` holds NaN or infinite values.
+    pub fn check_finite<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), WeightsError> {
+        let found = self.non_finite(names)?;
+        self.refuse_non_finite(&found)
+    }
+
+    /// [`WeightsError::NonFinite`] for the tensors `found` (full names), if there are any.
+    pub fn refuse_non_finite(&self, found: &[String]) -> Result<(), WeightsError> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(WeightsError::NonFinite {
+            path: self.path.clone(),
+            names: found.iter().take(NON_FINITE_SHOWN).cloned().collect(),
+            count: found.len(),
+        })
+    }
+
     /// Compares the checkpoint with the `(name, shape)` pairs a model expects and reports every
     /// missing key, unexpected key and shape mismatch in one [`WeightsError::Mismatch`].
     pub fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<(), WeightsError> {
@@ -522,62 +622,209 @@ fn is_safetensors(data: &[u8]) -> bool {
     data.len() > 8 && data[8] == b'{'
 }
 
-fn safetensors_dtype(dtype: safetensors::Dtype) -> Option<StoredDtype> {
-    use safetensors::Dtype as D;
-    Some(match dtype {
-        D::F64 => StoredDtype::F64,
-        D::F32 => StoredDtype::F32,
-        D::F16 => StoredDtype::F16,
-        D::BF16 => StoredDtype::BF16,
-        D::I64 => StoredDtype::I64,
-        D::I32 => StoredDtype::I32,
-        D::I16 => StoredDtype::I16,
-        D::I8 => StoredDtype::I8,
-        D::U8 => StoredDtype::U8,
-        D::BOOL => StoredDtype::Bool,
+/// The largest safetensors header accepted. Real ones take about 120 bytes per tensor (some
+/// 60 KiB for the 2.7B model); the format's own reader allows 100 MB, which parsed would take
+/// several times that in memory.
+pub const MAX_SAFETENSORS_HEADER: usize = 16 << 20;
+
+fn safetensors_dtype(name: &str) -> Option<StoredDtype> {
+    Some(match name {
+        "F64" => StoredDtype::F64,
+        "F32" => StoredDtype::F32,
+        "F16" => StoredDtype::F16,
+        "BF16" => StoredDtype::BF16,
+        "I64" => StoredDtype::I64,
+        "I32" => StoredDtype::I32,
+        "I16" => StoredDtype::I16,
+        "I8" => StoredDtype::I8,
+        "U8" => StoredDtype::U8,
+        "BOOL" => StoredDtype::Bool,
         _ => return None,
     })
 }
 
+/// One tensor's entry in a safetensors header, as written.
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+/// A safetensors header: the tensors in the order written (`__metadata__` is skipped). A
+/// malformed entry is reported with its tensor's name.
+struct Header(Vec<(String, RawInfo)>);
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Header;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object mapping tensor names to their dtype, shape and offsets")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Header, A::Error> {
+                use serde::de::Error;
+                let mut out = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if name == "__metadata__" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
+                    if out.len() == torch::MAX_TENSORS {
+                        return Err(A::Error::custom(format!(
+                            "more than {} tensors, the most this reader accepts",
+                            torch::MAX_TENSORS
+                        )));
+                    }
+                    let info = map.next_value::<RawInfo>().map_err(|e| {
+                        A::Error::custom(format!(
+                            "tensor `{}`: {e} (expected {{\"dtype\": \"F32\", \"shape\": [..], \
+                             \"data_offsets\": [start, end]}})",
+                            pickle::short(&name)
+                        ))
+                    })?;
+                    out.push((name, info));
+                }
+                Ok(Header(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Reads a safetensors header and checks, with checked arithmetic, that each tensor's type and
+/// shape fill exactly its byte range and that the ranges tile the data to the end of the file;
+/// every message names the tensor.
 fn parse_safetensors(path: &Path, data: &[u8]) -> Result<Parsed, WeightsError> {
     let malformed = |detail: String| WeightsError::Malformed {
         path: path.to_path_buf(),
         format: Format::Safetensors,
         detail,
     };
-    let (n, meta) = safetensors::SafeTensors::read_metadata(data)
-        .map_err(|e| malformed(format!("invalid header: {e:?}")))?;
-    // `read_metadata` has checked that the offsets tile the data exactly and match each
-    // tensor's size, and that the data ends where the file ends.
-    let base = 8 + n;
-    let mut entries = Vec::new();
-    for name in meta.offset_keys() {
-        let Some(info) = meta.info(&name) else {
-            continue;
-        };
-        let dtype = safetensors_dtype(info.dtype).ok_or_else(|| {
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&data[..8]);
+    let claimed = u64::from_le_bytes(len_bytes);
+    let n = usize::try_from(claimed)
+        .ok()
+        .filter(|&n| n <= MAX_SAFETENSORS_HEADER)
+        .ok_or_else(|| {
             malformed(format!(
-                "tensor `{name}` has dtype {:?}, which this reader does not support",
-                info.dtype
+                "the header claims {claimed} bytes; at most {MAX_SAFETENSORS_HEADER} are accepted \
+                 (a real header takes about 120 bytes per tensor)"
             ))
         })?;
+    let header = data.get(8..8 + n).ok_or_else(|| {
+        malformed(format!(
+            "the header claims {n} bytes but only {} follow its length (truncated file?)",
+            data.len() - 8
+        ))
+    })?;
+    let text = std::str::from_utf8(header)
+        .map_err(|e| malformed(format!("the header is not UTF-8 text: {e}")))?;
+    let Header(mut tensors) = serde_json::from_str(text)
+        .map_err(|e| malformed(format!("the header is not a valid safetensors header: {e}")))?;
+    let base = 8 + n;
+    let data_len = (data.len() - base) as u64;
+    tensors.sort_by(|a, b| {
+        (a.1.data_offsets)
+            .cmp(&b.1.data_offsets)
+            .then_with(|| a.0.cmp(&b.0))
+    });
+    let mut entries = Vec::with_capacity(tensors.len());
+    let mut prev: Option<&str> = None;
+    let mut end_prev = 0u64;
+    for (name, info) in &tensors {
+        let bad = |what: String| malformed(format!("tensor `{}`: {what}", pickle::short(name)));
+        let dtype = safetensors_dtype(&info.dtype).ok_or_else(|| {
+            bad(format!(
+                "dtype {:?} is not one this reader supports (F64, F32, F16, BF16, I64, I32, I16, \
+                 I8, U8, BOOL)",
+                pickle::short(&info.dtype)
+            ))
+        })?;
+        if info.shape.len() > pickle::MAX_RANK {
+            return Err(bad(format!(
+                "{} dimensions; at most {} are accepted",
+                info.shape.len(),
+                pickle::MAX_RANK
+            )));
+        }
+        let too_big = || {
+            bad(format!(
+                "shape {:?} has more bytes than this machine can address",
+                info.shape
+            ))
+        };
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d).ok())
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(too_big)?;
+        let bytes = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(too_big)?;
         let (s, e) = info.data_offsets;
+        if e < s {
+            return Err(bad(format!(
+                "data_offsets [{s}, {e}] end before they start"
+            )));
+        }
+        if e - s != bytes as u64 {
+            return Err(bad(format!(
+                "{} with shape {shape:?} takes {bytes} bytes, but its data_offsets [{s}, {e}] \
+                 span {} (the header's type, shape or offsets are wrong)",
+                info.dtype,
+                e - s
+            )));
+        }
+        if s != end_prev {
+            return Err(bad(match prev {
+                Some(p) => format!(
+                    "its data starts at byte {s}, but the tensor before it, `{}`, ends at byte \
+                     {end_prev}: the tensors must fill the data without gaps or overlaps",
+                    pickle::short(p)
+                ),
+                None => format!("its data starts at byte {s}; the first tensor must start at 0"),
+            }));
+        }
+        if e > data_len {
+            return Err(bad(format!(
+                "data_offsets [{s}, {e}] reach past the {data_len} bytes of data after the header \
+                 (truncated file?)"
+            )));
+        }
+        end_prev = e;
+        prev = Some(name);
+        // `e <= data_len`, which is a usize.
+        let (start, len) = (base + s as usize, bytes);
         entries.push((
-            name,
+            name.clone(),
             Entry {
-                region: Region::Mapped {
-                    start: base + s,
-                    len: e - s,
-                },
+                region: Region::Mapped { start, len },
                 offset: 0,
-                stride: contiguous_stride(&info.shape),
-                info: TensorInfo {
-                    dtype,
-                    shape: info.shape.clone(),
-                },
+                stride: contiguous_stride(&shape),
+                info: TensorInfo { dtype, shape },
             },
         ));
     }
+    if end_prev != data_len {
+        return Err(malformed(format!(
+            "the tensors' data ends at byte {end_prev} but {data_len} bytes follow the header: \
+             the last {} bytes belong to no tensor",
+            data_len - end_prev
+        )));
+    }
+    // The format's own reader must agree; its messages are only a fallback, as they may not
+    // name the tensor.
+    safetensors::SafeTensors::read_metadata(data)
+        .map_err(|e| malformed(format!("the safetensors reader refuses the header: {e}")))?;
     Ok(Parsed {
         entries,
         owned: Vec::new(),

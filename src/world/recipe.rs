@@ -261,6 +261,7 @@ impl Recipe {
                             tokenizer: Some(bpe_path.clone()),
                             vae: Some(vqgan.clone()),
                             vae_config: Some(vqgan_config.clone()),
+                            allow_non_finite: false,
                         }),
                     };
                     let job = TrainJob {
