@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fuzzes the checkpoint readers (the pickle machine, torch zip and legacy files, safetensors) for
-# a time budget: random byte mutations of small checkpoints in every format and of a data.pkl,
-# each opened and read in full (`fuzz_checkpoint_readers` in tests/weights.rs, a proptest
+# Fuzzes the readers of a model folder's files for a time budget: random byte mutations of small
+# checkpoints in every format (the pickle machine, torch zip and legacy files, safetensors) and
+# of a data.pkl, and of the tokenizer's bpe.model, config.json, the VQGAN's .config.yml and
+# pictures (PNG, JPEG, WebP), each read in full (`fuzz_file_readers` in tests/weights.rs, a proptest
 # property that is ignored in the normal test run), with the crate's arithmetic overflow checks
 # on. Prints a summary: cases, panics, aborts, hangs and peak memory; exits non-zero if there was
 # any panic, abort or hang.
@@ -32,7 +33,7 @@ timer=()
 (
     ulimit -v $((mem_mib * 1024))
     RUDOLPH_FUZZ_SECONDS=$secs exec "${timer[@]}" timeout --signal=KILL $((secs + 300)) \
-        "$exe" --ignored --exact fuzz_checkpoint_readers --nocapture --test-threads=1
+        "$exe" --ignored --exact fuzz_file_readers --nocapture --test-threads=1
 ) >"$log" 2>&1
 rc=$?
 
@@ -50,7 +51,7 @@ summary=$(echo "$lines" | grep -E "^[0-9]+ cases" | tail -n 1)
 cases=$(echo "$summary" | sed -n 's/^\([0-9]*\) cases.*/\1/p')
 peak=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$times" 2>/dev/null)
 
-echo "checkpoint fuzzing: $secs s budget, ${mem_mib} MiB address space"
+echo "model file fuzzing: $secs s budget, ${mem_mib} MiB address space"
 echo "  command:     fuzz/run.sh $*"
 echo "  cases:       ${cases:-unknown (see below)}"
 echo "$lines" | grep -vE "^[0-9]+ cases" | sed 's/^/    /'

@@ -946,6 +946,25 @@ fn hostile_numbers_are_refused_with_their_limits() {
     }
     bpe.push_str("1 0 2 3\n");
     std::fs::write(p("doubling.model"), bpe).unwrap();
+    // Sizes that wrap the sums derived from them, or allocate per layer.
+    let builtin_config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes/config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let hostile_configs = [
+        ("l_text_seq_length", serde_json::json!(u64::MAX)),
+        ("image_tokens_per_dim", serde_json::json!(1u64 << 32)),
+        ("num_layers", serde_json::json!(1u64 << 31)),
+        ("kernel_size", serde_json::json!(1u64 << 31)),
+    ];
+    for (key, value) in &hostile_configs {
+        let mut config = builtin_config.clone();
+        config[key] = value.clone();
+        std::fs::write(p(&format!("{key}.json")), config.to_string()).unwrap();
+    }
     let star = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/star.png");
     let star = star.to_str().unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -985,6 +1004,27 @@ fn hostile_numbers_are_refused_with_their_limits() {
             "250000 codes per picture make a 4000-pixel side",
         ),
         (vec!["caption".into(), p("huge.png")], "too large a picture"),
+        (
+            vec!["config".into(), p("l_text_seq_length.json")],
+            "l_text_seq_length is 18446744073709551615, above the limit of 4096",
+        ),
+        (
+            vec!["config".into(), p("image_tokens_per_dim.json")],
+            "image_tokens_per_dim is 4294967296, above the limit of 128",
+        ),
+        (
+            vec!["config".into(), p("num_layers.json")],
+            "num_layers is 2147483648, above the limit of 256",
+        ),
+        (
+            vec![
+                "caption".into(),
+                star.into(),
+                "--config".into(),
+                p("kernel_size.json"),
+            ],
+            "kernel_size is 2147483648, above the limit of 255",
+        ),
         (
             vec![
                 "tokenize".into(),

@@ -1653,6 +1653,60 @@ fn fuzz_seeds(dir: &Path) -> Vec<(String, Vec<u8>, Option<Vec<Storage>>)> {
             Some(file.storages.clone()),
         ),
     ]
+    .into_iter()
+    .chain(model_file_seeds(dir))
+    .collect()
+}
+
+/// The model folder's other files, each read by its own reader: the tokenizer, the
+/// configurations and the pictures. Their seed names start with the kind of file.
+fn model_file_seeds(dir: &Path) -> Vec<(String, Vec<u8>, Option<Vec<Storage>>)> {
+    let builtin = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes");
+    let star = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/star.png");
+    let jpeg = dir.join("star.jpg");
+    rudolph::image::save_image(&rudolph::image::load_image(&star).unwrap(), &jpeg).unwrap();
+    let webp = dir.join("star.webp");
+    rudolph::image::save_image(&rudolph::image::load_image(&star).unwrap(), &webp).unwrap();
+    [
+        ("bpe: built-in", builtin.join("bpe.model")),
+        ("bpe: fixture", fixture("tokenizer/bpe.model")),
+        ("config: built-in", builtin.join("config.json")),
+        ("config: fixture", fixture("rudolph_tiny/config.json")),
+        ("yml: built-in", builtin.join("vqgan.config.yml")),
+        ("picture: png", star),
+        ("picture: fixture png", fixture("images/img_0.png")),
+        ("picture: jpeg", jpeg),
+        ("picture: webp", webp),
+    ]
+    .into_iter()
+    .map(|(name, path)| (name.to_string(), bytes_of(&path), None))
+    .collect()
+}
+
+/// Reads a mutated model file with the reader its seed names (see [`model_file_seeds`]), and
+/// uses what it read; true when it was read.
+fn exercise_model_file(kind: &str, path: &Path) -> bool {
+    match kind {
+        "bpe" => rudolph::tokenizer::TextTokenizer::load(path).is_ok_and(|t| {
+            let ids = t.encode_text("рыжий кот на окне ▁ x", 16);
+            let _ = t.decode_text(&ids);
+            true
+        }),
+        "config" => rudolph::config::Config::from_json_file(path).is_ok_and(|c| {
+            let _ = (c.total_seq_length(), c.total_vocab(), c.head_dim());
+            let _ = rudolph::model::Rudolph::tensor_shapes(&c);
+            true
+        }),
+        "yml" => rudolph::vae::VqganConfig::from_yaml_file(path).is_ok_and(|c| {
+            let _ = c.downsample_factor();
+            true
+        }),
+        "picture" => rudolph::image::load_image(path).is_ok_and(|img| {
+            let _ = rudolph::image::center_crop_resize(&img, 64);
+            true
+        }),
+        other => panic!("no reader for seed kind {other}"),
+    }
 }
 
 /// One mutation: what to do, where (a fraction of the length), and with what value.
@@ -1725,7 +1779,7 @@ fn exercise(path: &Path) -> bool {
 
 #[test]
 #[ignore = "fuzzing for a time budget: fuzz/run.sh SECONDS"]
-fn fuzz_checkpoint_readers() {
+fn fuzz_file_readers() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
     let seconds: u64 = std::env::var("RUDOLPH_FUZZ_SECONDS")
@@ -1794,7 +1848,10 @@ fn fuzz_checkpoint_readers() {
             } else {
                 std::fs::write(&path, &bytes).unwrap();
             }
-            let ok = exercise(&path);
+            let ok = match seeds[which].0.split_once(':') {
+                Some((kind, _)) => exercise_model_file(kind, &path),
+                None => exercise(&path),
+            };
             progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut c = counts.borrow_mut();
             c.0 += 1;
@@ -1812,7 +1869,7 @@ fn fuzz_checkpoint_readers() {
         }
         if let Err(e) = result {
             println!("fuzz: {cases} cases, PANIC in round {round}: {e}");
-            panic!("a mutated checkpoint made a reader panic: {e}");
+            panic!("a mutated file made a reader panic: {e}");
         }
     }
     for ((name, _, _), (n, ok)) in seeds.iter().zip(&per_seed) {
