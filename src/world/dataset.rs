@@ -66,6 +66,29 @@ pub fn append_recoloured(
     Ok(())
 }
 
+/// Appends `m` captioned scenes of the held-out colour+shape pairs (drawn from `seed`, apart
+/// from the seen ones) to the `data.jsonl` in `out`, as `held-out-NNNNNN.png`: training on
+/// them beside seen scenes teaches a model those pairs without forgetting the others.
+pub fn append_held_out(m: usize, seed: u64, out: &Path, progress: &dyn ProgressSink) -> Result<()> {
+    let jsonl = out.join("data.jsonl");
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&jsonl)
+        .map_err(io(&jsonl))?;
+    let mut lines = std::io::BufWriter::new(file);
+    progress.start(m as u64, "held-out scenes");
+    for (i, scene) in sample(m, seed ^ 0x04e1_d0a7, true).iter().enumerate() {
+        let name = format!("held-out-{i:06}.png");
+        crate::image::save_png(&render::render(scene), &out.join(&name))?;
+        let line = serde_json::json!({ "image": name, "text": scene.caption() });
+        writeln!(lines, "{line}").map_err(io(&jsonl))?;
+        progress.advance(1);
+    }
+    progress.finish();
+    lines.flush().map_err(io(&jsonl))?;
+    Ok(())
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
