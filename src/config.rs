@@ -265,6 +265,22 @@ impl Config {
         })
     }
 
+    /// The original's constructor arguments as a `config.json`, so that
+    /// `ruDolphModel(**json.load(open("config.json")))` builds this model: a model without
+    /// special tokens gets rudolph rc1's arguments (the only release whose constructor takes
+    /// `cogview_layernorm_prescale` and `custom_relax`), one with special tokens rc10's (which
+    /// adds the two special-token counts and drops those two); both with `"device": "cpu"` and
+    /// `"gradient_checkpointing": null`, which the constructor requires but which do not
+    /// describe the model. [`Config::from_json_file`] reads either back.
+    pub fn to_original_json(&self) -> String {
+        let json = if self.text_special_tokens == 0 && self.image_special_tokens == 0 {
+            serde_json::to_string_pretty(&OriginalArgs::rc1(self))
+        } else {
+            serde_json::to_string_pretty(&OriginalArgs::rc10(self))
+        };
+        json.expect("the constructor arguments are plain numbers, booleans and strings")
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
@@ -298,6 +314,87 @@ impl Config {
     }
 }
 
+/// `ruDolphModel.__init__`'s arguments in its order (SPEC §1.1); the release-only ones are
+/// `None` where that release's constructor does not take them.
+#[derive(Serialize)]
+struct OriginalArgs<'a> {
+    device: &'static str,
+    num_layers: usize,
+    vocab_size: usize,
+    hidden_size: usize,
+    num_attention_heads: usize,
+    embedding_dropout_prob: f64,
+    attention_dropout_prob: f64,
+    output_dropout_prob: f64,
+    l_text_seq_length: usize,
+    r_text_seq_length: usize,
+    kernel_size: usize,
+    last_kernel_size: usize,
+    image_tokens_per_dim: usize,
+    image_vocab_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text_special_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_special_tokens: Option<usize>,
+    cogview_sandwich_layernorm: bool,
+    cogview_pb_relax: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cogview_layernorm_prescale: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    custom_relax: Option<bool>,
+    is_bool_mask: bool,
+    mlp_activation: &'a str,
+    /// Always written, as `null` (off): the original's default, and the only value its rc10
+    /// forward runs with.
+    gradient_checkpointing: Option<usize>,
+}
+
+impl<'a> OriginalArgs<'a> {
+    fn rc1(c: &'a Config) -> Self {
+        Self {
+            cogview_layernorm_prescale: Some(c.cogview_layernorm_prescale),
+            custom_relax: Some(c.custom_relax),
+            ..Self::common(c)
+        }
+    }
+
+    fn rc10(c: &'a Config) -> Self {
+        Self {
+            text_special_tokens: Some(c.text_special_tokens),
+            image_special_tokens: Some(c.image_special_tokens),
+            ..Self::common(c)
+        }
+    }
+
+    fn common(c: &'a Config) -> Self {
+        Self {
+            device: "cpu",
+            num_layers: c.num_layers,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            num_attention_heads: c.num_attention_heads,
+            embedding_dropout_prob: c.embedding_dropout_prob,
+            attention_dropout_prob: c.attention_dropout_prob,
+            output_dropout_prob: c.output_dropout_prob,
+            l_text_seq_length: c.l_text_seq_length,
+            r_text_seq_length: c.r_text_seq_length,
+            kernel_size: c.kernel_size,
+            last_kernel_size: c.last_kernel_size,
+            image_tokens_per_dim: c.image_tokens_per_dim,
+            image_vocab_size: c.image_vocab_size,
+            text_special_tokens: None,
+            image_special_tokens: None,
+            cogview_sandwich_layernorm: c.cogview_sandwich_layernorm,
+            cogview_pb_relax: c.cogview_pb_relax,
+            cogview_layernorm_prescale: None,
+            custom_relax: None,
+            is_bool_mask: c.is_bool_mask,
+            mlp_activation: &c.mlp_activation,
+            gradient_checkpointing: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +425,72 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("not divisible"), "{err}");
         assert!(Config::preset("9b").is_err());
+    }
+
+    /// The rc1 constructor's arguments exactly (SPEC §1.1), in its order; rc10's without the
+    /// two rc1-only ones and with the special-token counts. Each reads back as the same model.
+    #[test]
+    fn the_original_constructor_arguments_are_written_exactly() {
+        let keys = |c: &Config| -> Vec<String> {
+            let text = c.to_original_json();
+            let back: Config = serde_json::from_str(&text).unwrap();
+            assert_eq!(&back, c);
+            // The order of the text, not of a parsed map.
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["device"], "cpu");
+            assert!(v["gradient_checkpointing"].is_null());
+            let mut keys: Vec<(usize, String)> = v
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| (text.find(&format!("\"{k}\"")).unwrap(), k.clone()))
+                .collect();
+            keys.sort();
+            keys.into_iter().map(|(_, k)| k).collect()
+        };
+        let common_head = [
+            "device",
+            "num_layers",
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "embedding_dropout_prob",
+            "attention_dropout_prob",
+            "output_dropout_prob",
+            "l_text_seq_length",
+            "r_text_seq_length",
+            "kernel_size",
+            "last_kernel_size",
+            "image_tokens_per_dim",
+            "image_vocab_size",
+        ];
+        let rc1: Vec<&str> = common_head
+            .iter()
+            .copied()
+            .chain([
+                "cogview_sandwich_layernorm",
+                "cogview_pb_relax",
+                "cogview_layernorm_prescale",
+                "custom_relax",
+                "is_bool_mask",
+                "mlp_activation",
+                "gradient_checkpointing",
+            ])
+            .collect();
+        let rc10: Vec<&str> = common_head
+            .iter()
+            .copied()
+            .chain([
+                "text_special_tokens",
+                "image_special_tokens",
+                "cogview_sandwich_layernorm",
+                "cogview_pb_relax",
+                "is_bool_mask",
+                "mlp_activation",
+                "gradient_checkpointing",
+            ])
+            .collect();
+        assert_eq!(keys(&Config::preset("350m").unwrap()), rc1);
+        assert_eq!(keys(&Config::preset("1.3b").unwrap()), rc10);
     }
 }

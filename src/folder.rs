@@ -131,7 +131,7 @@ impl ModelSpec {
 }
 
 /// A VQGAN checkpoint by its name: any `*.ckpt` (the original's), or `vqgan*.safetensors`.
-fn is_vqgan_file(p: &Path) -> bool {
+pub(crate) fn is_vqgan_file(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
     name.ends_with(".ckpt") || (name.starts_with("vqgan") && name.ends_with(".safetensors"))
 }

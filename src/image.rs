@@ -285,11 +285,6 @@ pub fn to_rgb8(tensor: &Tensor) -> Result<RgbImage, ImageError> {
     }))
 }
 
-/// Writes an RGB image as PNG.
-pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
-    save_image(img, path)
-}
-
 /// The formats pictures are written in, chosen by the output file's extension.
 pub const OUTPUT_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 

@@ -492,17 +492,7 @@ fn words_the_model_never_saw_are_named_once_per_command() {
         &warnings_once(&out),
         "has a word the model never saw in training: «кошка»",
     );
-    let out = rudolph(&[
-        "caption",
-        p,
-        "--template",
-        "a red",
-        "--captions",
-        "2",
-        "--keep",
-        "1",
-        "-q",
-    ]);
+    let out = rudolph(&["caption", p, "--template", "a red", "--captions", "2", "-q"]);
     never_saw(&warnings_once(&out), "the template «a red» has words");
     let out = rudolph(&["text", "big red", "--texts", "1", "-q"]);
     never_saw(&warning_lines(&out), "«big», «red»");

@@ -141,6 +141,15 @@ fn training_through_the_cli_drives_the_loss_down_and_saves_a_loadable_model() {
     ] {
         assert!(out.join(f).is_file(), "{f} was not written");
     }
+    // The original's constructor arguments, exactly as the fixture's config.json (which the
+    // original wrote from its constructor's signature).
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        read(&out.join("config.json")),
+        read(&fixture("rudolph_tiny/config.json"))
+    );
     let ckpt = Checkpoint::open(out.join("model.safetensors")).unwrap();
     let cfg =
         rudolph::config::Config::from_json_file(&out.join("config.json")).expect("config.json");
@@ -209,6 +218,16 @@ fn a_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one() {
         )
         .unwrap();
     }
+    // As a checkpoint saved before runs recorded the starting folder's generation_config.json.
+    let state_path = resumed.join("checkpoint-4/state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["run"]
+        .as_object_mut()
+        .unwrap()
+        .remove("generation_config")
+        .expect("the state records the generation config");
+    std::fs::write(&state_path, state.to_string()).unwrap();
     ok(&[
         "train".into(),
         "--resume".into(),
@@ -331,7 +350,266 @@ fn an_existing_output_folder_is_refused_without_force() {
         std::fs::read_to_string(out.join("keep.txt")).unwrap(),
         "precious"
     );
-    ok(&with(args, &["--force"]));
+    // With --force the run completes the model folder, and says which file it replaced.
+    std::fs::write(out.join("bpe.model"), "not this model's tokenizer").unwrap();
+    let forced = rudolph(&with(args, &["--force"]));
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert!(forced.status.success(), "{stderr}");
     assert!(out.join("model.safetensors").is_file());
+    assert!(
+        stderr.contains("warning: replaced") && stderr.contains("bpe.model"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("bpe.model")).unwrap(),
+        std::fs::read(fixture("tokenizer/bpe.model")).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `n` shapes-world scenes (pictures and `data.jsonl`) in `dir`, and `held_out` more of the
+/// held-out colour+shape pairs, drawn by the binary as a user would.
+fn world_scenes(dir: &Path, n: usize, held_out: usize) -> PathBuf {
+    ok(&[
+        "world",
+        "sample",
+        "--n",
+        &n.to_string(),
+        "--with-held-out",
+        &held_out.to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--seed",
+        "1",
+    ]
+    .map(String::from));
+    dir.join("data.jsonl")
+}
+
+/// A few steps on the built-in model (two, no checkpoints unless `more` says otherwise).
+fn builtin_train(data: &Path, out: &Path, more: &[&str]) -> Vec<String> {
+    let mut args = with(
+        [
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "2",
+            "--val-fraction",
+            "0",
+            "--quiet",
+        ]
+        .map(String::from)
+        .to_vec(),
+        more,
+    );
+    for (flag, value) in [("--steps", "2"), ("--save-every", "0")] {
+        if !more.contains(&flag) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args
+}
+
+/// Without `--model` (and without `--config`) `train` fine-tunes the built-in model, as every
+/// task command uses it, and its output folder is a whole model folder: the drawing and
+/// captioning commands read it as it is.
+#[test]
+fn the_built_in_model_fine_tunes_by_default_into_a_folder_every_command_reads() {
+    let dir = scratch("builtin-default");
+    let data = world_scenes(&dir.join("scenes"), 3, 1);
+    // Three seen scenes and one of a held-out pair, as the docs' recipe mixes them.
+    let lines = std::fs::read_to_string(&data).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    assert!(lines.contains("held-out-000000.png"), "{lines}");
+    let out = dir.join("out");
+    ok(&builtin_train(&data, &out, &[]));
+    let builtin = rudolph::builtin::dir().unwrap();
+    for f in [
+        "bpe.model",
+        "vqgan.safetensors",
+        "vqgan.config.yml",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap_or_default(),
+            std::fs::read(builtin.join(f)).unwrap(),
+            "{f} is not the built-in model's"
+        );
+    }
+    // The loss curve names its axes and, in a legend, its curve: dark label pixels under the
+    // x axis's tick labels and above the y axis, the training line's blue beside its name.
+    let plot = image::open(out.join("loss.png")).unwrap().to_rgb8();
+    let (w, h) = plot.dimensions();
+    let any =
+        |xs: std::ops::Range<u32>, ys: std::ops::Range<u32>, hit: &dyn Fn([u8; 3]) -> bool| {
+            xs.flat_map(|x| ys.clone().map(move |y| (x, y)))
+                .any(|(x, y)| hit(plot.get_pixel(x, y).0))
+        };
+    let black = |p: [u8; 3]| p == [0, 0, 0];
+    assert!(
+        any(w / 2 - 20..w / 2 + 20, h - 20..h - 10, &black),
+        "no x-axis name"
+    );
+    assert!(any(0..40, 15..30, &black), "no y-axis name");
+    assert!(
+        any(w / 2..w, 15..30, &|p| p == [30, 90, 200]) && any(w / 2..w, 15..30, &black),
+        "no legend"
+    );
+    let picture = dir.join("drawn.png");
+    let model = out.to_str().unwrap();
+    ok(&[
+        "image",
+        "большой красный круг в центре на белом фоне",
+        "--model",
+        model,
+        "--images",
+        "2",
+        "--keep",
+        "1",
+        "--seed",
+        "0",
+        "-o",
+        picture.to_str().unwrap(),
+        "--quiet",
+    ]
+    .map(String::from));
+    assert!(picture.is_file());
+    ok(&[
+        "caption",
+        picture.to_str().unwrap(),
+        "--model",
+        model,
+        "--captions",
+        "2",
+        "--seed",
+        "0",
+        "--quiet",
+    ]
+    .map(String::from));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The built-in model's 1024 codes do not fit its 168 text classes, so the original's labels
+/// cannot train it: the error says which flag asked for them, before any picture is read (the
+/// data here names a missing one) and before the output folder exists.
+#[test]
+fn original_labels_that_cannot_fit_are_refused_first_naming_the_flag() {
+    let dir = scratch("original-labels");
+    let data = world_scenes(&dir.join("scenes"), 2, 0);
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(
+        &data,
+        format!("{text}{{\"image\": \"nowhere.png\", \"text\": \"x\"}}\n"),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let err = failure(&builtin_train(&data, &out, &["--original"]));
+    assert!(
+        err.contains("drop --original") && err.contains("1024") && !err.contains("nowhere"),
+        "{err}"
+    );
+    assert!(!out.exists(), "the refused run left {}", out.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whatever is wrong with the model, the tokenizer or the data is found before the output
+/// folder is made, so the retry needs no `--force`.
+#[test]
+fn bad_input_is_found_before_the_output_folder_is_made() {
+    let dir = scratch("validate-first");
+    let data = world_scenes(&dir.join("scenes"), 2, 0);
+    let out = dir.join("out");
+    let bad_data = dir.join("bad.jsonl");
+    std::fs::write(&bad_data, "{\"image\": \"nowhere.png\", \"text\": \"x\"}\n").unwrap();
+    for (args, says) in [
+        (
+            builtin_train(
+                &data,
+                &out,
+                &["--model", dir.join("no-model").to_str().unwrap()],
+            ),
+            "no-model",
+        ),
+        (
+            builtin_train(
+                &data,
+                &out,
+                &["--tokenizer", dir.join("no-bpe.model").to_str().unwrap()],
+            ),
+            "no-bpe.model",
+        ),
+        (builtin_train(&bad_data, &out, &[]), "nowhere.png"),
+        (
+            builtin_train(&data, &out, &["--lr", "nan"]),
+            "lr must be a positive number",
+        ),
+        (
+            builtin_train(&data, &out, &["--lr", "inf"]),
+            "lr must be a positive number",
+        ),
+        (
+            builtin_train(&data, &out, &["--lr", "-1"]),
+            "lr must be a positive number",
+        ),
+        (
+            builtin_train(&data, &out, &["--clip", "nan"]),
+            "clip_norm must be a positive",
+        ),
+        (
+            builtin_train(&data, &out, &["--clip", "-1"]),
+            "clip_norm must be a positive",
+        ),
+        (
+            builtin_train(&data, &out, &["--weight-decay", "nan"]),
+            "weight_decay must be a number of at least 0",
+        ),
+        (
+            builtin_train(&data, &out, &["--weight-decay", "-1"]),
+            "weight_decay must be a number of at least 0",
+        ),
+    ] {
+        let err = failure(&args);
+        assert!(err.contains(says), "error does not name {says}: {err}");
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+    ok(&builtin_train(&data, &out, &[]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A run that fails on the way removes the folder it made unless a checkpoint is in it; then
+/// the error says how to continue. A learning rate of 1e30 makes the second step's loss NaN.
+#[test]
+fn a_failed_run_leaves_no_folder_behind_unless_it_saved_a_checkpoint() {
+    let dir = scratch("failed-run");
+    let data = world_scenes(&dir.join("scenes"), 2, 0);
+    let out = dir.join("out");
+    let diverging = ["--lr", "1e30"];
+    let err = failure(&builtin_train(&data, &out, &diverging));
+    assert!(err.contains("diverged"), "{err}");
+    assert!(!out.exists(), "the failed run left {}", out.display());
+
+    let err = failure(&builtin_train(
+        &data,
+        &out,
+        &["--lr", "1e30", "--save-every", "1"],
+    ));
+    assert!(
+        err.contains(&format!("--resume {}", out.display())),
+        "the error does not say how to continue: {err}"
+    );
+    assert!(out.join("checkpoint-1/state.json").is_file());
+
+    // A folder the user had stays, with what it held.
+    let theirs = dir.join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("keep.txt"), "precious").unwrap();
+    failure(&builtin_train(&data, &theirs, &["--lr", "1e30", "--force"]));
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("keep.txt")).unwrap(),
+        "precious"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

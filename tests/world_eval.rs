@@ -272,7 +272,7 @@ fn cli_world_eval_prints_json_and_saves_grids() {
     // that picture with the example's seed.
     let scene = sample(2, 1, false)[0];
     let png = dir.join("scene0.png");
-    rudolph::image::save_png(&rudolph::world::render::render(&scene), &png).unwrap();
+    rudolph::image::save_image(&rudolph::world::render::render(&scene), &png).unwrap();
     let example = &doc["captioning_seen"]["examples"][0];
     assert_eq!(example["truth"], scene.caption());
     let seed = example["seed"]

@@ -18,9 +18,9 @@ pub struct CaptionArgs {
     /// text = the caption's perplexity given the picture (rc1; the default with --original).
     #[arg(long, value_parser = choices(CaptionRank::ALL, CaptionRank::name, rank_help))]
     pub rank: Option<CaptionRank>,
-    /// How many of the best to print.
-    #[arg(long, default_value_t = 5)]
-    pub keep: usize,
+    /// How many of the best to print (default 5, or as many as are drawn when fewer).
+    #[arg(long)]
+    pub keep: Option<usize>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -41,13 +41,18 @@ fn rank_help(rank: CaptionRank) -> &'static str {
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
     super::common::check_count("--captions", args.captions)?;
-    anyhow::ensure!(args.keep > 0, "--keep must be at least 1");
-    anyhow::ensure!(
-        args.keep <= args.captions,
-        "--keep {} is more than the {} --captions drawn",
-        args.keep,
-        args.captions
-    );
+    let keep = match args.keep {
+        Some(keep) => {
+            anyhow::ensure!(keep > 0, "--keep must be at least 1");
+            anyhow::ensure!(
+                keep <= args.captions,
+                "--keep {keep} is more than the {} --captions drawn",
+                args.captions
+            );
+            keep
+        }
+        None => args.captions.min(5),
+    };
     let opts = args.sample.options(defaults::CAPTION, args.output.quiet)?;
     let rank = args.rank.unwrap_or(if args.sample.original {
         CaptionRank::Text
@@ -72,7 +77,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
         !captions.is_empty(),
         "no caption: every one drawn was empty (the model ended each at once)"
     );
-    let captions = &captions[..args.keep.min(captions.len())];
+    let captions = &captions[..keep.min(captions.len())];
     if args.output.json {
         let report = Report {
             image: args.image.display().to_string(),

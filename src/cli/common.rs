@@ -71,8 +71,8 @@ pub fn parse_precision(name: &str) -> anyhow::Result<Precision> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct FolderArgs {
     /// Model folder holding the original files (config.json, pytorch_model.bin or
-    /// model.safetensors, bpe.model, the VQGAN *.ckpt). The task commands use the built-in
-    /// shapes-world model without one; `train` fine-tunes the folder's model.
+    /// model.safetensors, bpe.model, the VQGAN *.ckpt). Without one, every command uses the
+    /// built-in shapes-world model (`train` fine-tunes it, unless --config trains from scratch).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// A preset (350m, 350m-v2, 1.3b, 2.7b, 2.7b-fbc2) or config.json, overriding the folder's

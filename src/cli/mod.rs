@@ -88,7 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Config(args) => {
             let cfg = rudolph::config::Config::from_name_or_path(&args.name)?;
-            println!("{}", serde_json::to_string_pretty(&cfg)?);
+            println!("{}", cfg.to_original_json());
             Ok(())
         }
         Command::Bench(args) => bench::run(args),

@@ -3,7 +3,9 @@
 use super::common::FolderArgs;
 use super::progress::progress;
 use anyhow::Context;
+use rudolph::model::Labels;
 use rudolph::train::Freeze;
+use rudolph::train::checkpoint::find_checkpoint;
 use rudolph::train::data::Compose;
 use rudolph::train::job::{Data, Start, TrainJob, resume};
 use rudolph::train::run::Summary;
@@ -36,31 +38,35 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub accumulate: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
-    /// constant, cosine (after --warmup) or one-cycle (PyTorch's OneCycleLR).
-    #[arg(long, default_value = "one-cycle")]
+    /// Peak learning rate; default 5e-5 to fine-tune (it teaches the built-in model new pairs
+    /// without undoing what it knew; 1e-3 wrecks it, see docs/training.md), 1e-3 from scratch.
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    /// constant, cosine (after --warmup, down to 0 at the last step) or one-cycle (PyTorch's
+    /// OneCycleLR). Cosine with a warmup is how the built-in model was trained.
+    #[arg(long, default_value = "cosine")]
     pub schedule: Schedule,
-    /// Linear warmup steps (constant and cosine schedules).
-    #[arg(long, default_value_t = 0)]
-    pub warmup: u64,
+    /// Linear warmup steps (constant and cosine schedules); default: a tenth of --steps, at
+    /// most 100, so that the optimizer's first, noisiest steps are small.
+    #[arg(long)]
+    pub warmup: Option<u64>,
     /// Clip the global gradient norm to this (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub clip: f64,
     /// AdamW's decoupled weight decay.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     pub weight_decay: f64,
-    /// Weights of the left-text, image and right-text losses (the original's notebooks used
-    /// e.g. 0.01,1,7).
-    #[arg(long, default_value = "1,7,1", value_name = "LT,IMG,RT")]
+    /// Weights of the left-text, image and right-text losses. The default is what the built-in
+    /// model was trained with; the original's notebooks used e.g. 0.01,1,7.
+    #[arg(long, default_value = "1,2,1", value_name = "LT,IMG,RT")]
     pub loss_weights: String,
     /// none, attention-mlp, all-but-embeddings-norms or all-but-last:N.
     #[arg(long, default_value = "none")]
     pub freeze: Freeze,
-    /// Dropout probability in training (default: the config's).
-    #[arg(long)]
-    pub dropout: Option<f32>,
+    /// Dropout probability in training; default 0, with which the built-in model was trained
+    /// and fine-tunes best (the published models were trained with 0.1).
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
     /// BPE-dropout probability for the texts.
     #[arg(long, default_value_t = 0.0)]
     pub bpe_dropout: f64,
@@ -80,10 +86,11 @@ pub struct TrainArgs {
     /// the dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Score each target in its own vocabulary: the first image code as an image class from the
-    /// last left-text position (the original scores it as a text class), the right BOS not at all.
+    /// Score the targets at the segment boundaries as rudolph rc1 trains (the first image code
+    /// as a text class); by default each is scored in its own vocabulary, as it is sampled.
+    /// Needs an image vocabulary no larger than the text one (docs/training.md).
     #[arg(long)]
-    pub corrected_labels: bool,
+    pub original: bool,
     /// Probability of blanking the left text of a picture sample, so captioning learns from
     /// the picture.
     #[arg(long, default_value_t = 0.25)]
@@ -103,9 +110,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let progress = progress(args.quiet);
     let summary = match &args.resume {
         Some(path) => resume(path, args.out.as_deref(), progress.as_ref())?,
-        None => job(&args)?.run(progress.as_ref())?,
+        None => {
+            let job = job(&args)?;
+            job.run(progress.as_ref())
+                .map_err(|e| match find_checkpoint(&job.out) {
+                    Ok(checkpoint) => anyhow::anyhow!(
+                        "{e}; {} was saved before: `rudolph train --resume {}` continues the run",
+                        checkpoint.display(),
+                        job.out.display()
+                    ),
+                    Err(_) => e.into(),
+                })?
+        }
     };
     super::common::print_warnings(&summary.warnings);
+    for path in &summary.replaced {
+        eprintln!(
+            "warning: replaced {}, which held another file, to complete the model folder",
+            path.display()
+        );
+    }
     if !args.quiet {
         print_summary(&summary);
     }
@@ -159,25 +183,28 @@ fn job(args: &TrainArgs) -> anyhow::Result<TrainJob> {
             vae: f.vae.clone(),
             vae_config: f.vae_config.clone(),
         },
-        (None, None) => anyhow::bail!(
-            "pass --model DIR to fine-tune, or --config PRESET|config.json to train from scratch"
-        ),
+        // As the task commands: without a folder, the built-in model.
+        (None, None) => Start::Folder(f.spec(Some(rudolph::builtin::dir()?))),
     };
-    Ok(TrainJob {
+    let lr = args.lr.unwrap_or(match start {
+        Start::Folder(_) => 5e-5,
+        Start::Scratch { .. } => 1e-3,
+    });
+    let job = TrainJob {
         start,
         data,
         out,
         steps: args.steps,
         batch_size: args.batch_size,
         accumulate: args.accumulate,
-        lr: args.lr,
+        lr,
         schedule: args.schedule,
-        warmup: args.warmup,
-        clip_norm: (args.clip > 0.0).then_some(args.clip),
+        warmup: args.warmup.unwrap_or((args.steps / 10).min(100)),
+        clip_norm: (args.clip != 0.0).then_some(args.clip),
         weight_decay: args.weight_decay,
         loss_weights: parse_weights(&args.loss_weights)?,
         freeze: args.freeze.clone(),
-        dropout: args.dropout,
+        dropout: Some(args.dropout),
         compose: Compose {
             i2t_fraction: args.i2t_fraction,
             bpe_dropout: args.bpe_dropout,
@@ -187,8 +214,20 @@ fn job(args: &TrainArgs) -> anyhow::Result<TrainJob> {
         save_every: args.save_every,
         log_every: args.log_every,
         seed: args.seed,
-        corrected_labels: args.corrected_labels,
-    })
+        labels: if args.original {
+            Labels::Original
+        } else {
+            Labels::Corrected
+        },
+    };
+    // Checked here, before the run loads anything, to name the flag.
+    if let Some(problem) = job.labels.misfit(&job.config()?) {
+        anyhow::bail!(
+            "{problem}: this model cannot train with them; drop --original to score each \
+             target in its own vocabulary (the default)"
+        );
+    }
+    Ok(job)
 }
 
 fn parse_weights(s: &str) -> anyhow::Result<[f64; 3]> {

@@ -49,6 +49,11 @@ pub struct SampleArgs {
     /// a text (see `rudolph train`'s data format).
     #[arg(long, requires = "recoloured")]
     pub prompted: bool,
+    /// Also draw M captioned scenes of the held-out colour+shape pairs (red circle, blue
+    /// square, green triangle, orange star): fine-tuning on the mix teaches the model those
+    /// pairs while the seen scenes keep what it knows (docs/training.md).
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    pub with_held_out: usize,
     /// Write into a non-empty folder.
     #[arg(long)]
     pub force: bool,
@@ -67,6 +72,11 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !(args.held_out && args.recoloured > 0),
         "--recoloured adds training pictures of seen scenes; it does not go with --held-out"
+    );
+    anyhow::ensure!(
+        !(args.held_out && args.with_held_out > 0),
+        "--with-held-out adds held-out scenes to seen ones; with --held-out every scene is held \
+         out already (raise --n instead)"
     );
     if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() && !args.force {
         anyhow::bail!(
@@ -89,9 +99,16 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
             progress.as_ref(),
         )?;
     }
+    if args.with_held_out > 0 {
+        dataset::append_held_out(args.with_held_out, args.seed, &args.out, progress.as_ref())?;
+    }
     println!(
-        "wrote {} scenes{} and {}",
+        "wrote {} scenes{}{} and {}",
         args.n,
+        match args.with_held_out {
+            0 => String::new(),
+            m => format!(", {m} of held-out pairs"),
+        },
         match args.recoloured {
             0 => String::new(),
             m => format!(" and {m} recoloured pictures"),
@@ -201,6 +218,6 @@ fn save_grid(pictures: &[image::RgbImage], path: &std::path::Path) -> anyhow::Re
         .map(|p| rudolph::image::to_tensor(p, &device))
         .collect::<Result<Vec<_>, _>>()?;
     let grid = rudolph::image::grid(&candle_core::Tensor::stack(&tensors, 0)?, 10)?;
-    rudolph::image::save_png(&rudolph::image::to_rgb8(&grid)?, path)?;
+    rudolph::image::save_image(&rudolph::image::to_rgb8(&grid)?, path)?;
     Ok(())
 }

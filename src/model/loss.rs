@@ -38,13 +38,27 @@ pub enum Labels {
     /// As rudolph rc1 trains: the last left position is scored against the first image code as
     /// a *text* class, and the last image position against the right-text BOS as an *image*
     /// class.
-    #[default]
     Original,
     /// Each position is scored in the vocabulary of the token it predicts, as inference samples
     /// it: the last left position against the first image code as an *image* class (so the first
     /// code, which sets a picture's corner, is learnt from the text); the right-text BOS, which
     /// is never sampled, is not scored.
+    #[default]
     Corrected,
+}
+
+impl Labels {
+    /// Why these labels cannot train a model of `cfg`, if they cannot: the original's score the
+    /// first image code as a text class, so every code must also be a text class.
+    pub fn misfit(self, cfg: &Config) -> Option<String> {
+        let (v, vi) = (cfg.text_vocab(), cfg.image_vocab());
+        (self == Labels::Original && vi > v).then(|| {
+            format!(
+                "the original's labels score the first image code as a text class, which needs \
+                 the image vocabulary ({vi}) to fit in the text one ({v})"
+            )
+        })
+    }
 }
 
 /// Per-position cross-entropy. `logits`: `[N, C]`, `targets`: `[N]` u32 → `[N]` f32.
@@ -106,11 +120,8 @@ pub fn rudolph_loss(
     );
     let v = cfg.text_vocab();
     let vi = cfg.image_vocab();
-    if labels == Labels::Original && vi > v {
-        bail!(
-            "the original labels score the first image code as a text class, which needs the \
-             image vocabulary ({vi}) to fit in the text one ({v}); train with corrected labels"
-        );
+    if let Some(problem) = labels.misfit(cfg) {
+        bail!("{problem}; train with the corrected labels");
     }
     // Next-token labels: label p is the target of position p.
     let next = labels_source.narrow(1, 1, t - 1)?;

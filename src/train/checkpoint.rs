@@ -34,7 +34,8 @@ pub struct Restored {
     pub state: State,
 }
 
-/// Writes `model.safetensors` (original names, masks as bool) and `config.json` into `dir`.
+/// Writes `model.safetensors` (original names, masks as bool) and `config.json` (the original's
+/// constructor arguments) into `dir`.
 pub fn save_model(trainer: &Trainer, dir: &Path) -> Result<()> {
     create_dir(dir)?;
     save_safetensors_with_bools(
@@ -42,8 +43,10 @@ pub fn save_model(trainer: &Trainer, dir: &Path) -> Result<()> {
         &dir.join("model.safetensors"),
         |name| name.ends_with("_mask"),
     )?;
-    let cfg = serde_json::to_string_pretty(trainer.config()).map_err(|e| invalid(e.to_string()))?;
-    write(&dir.join("config.json"), &cfg)
+    write(
+        &dir.join("config.json"),
+        &trainer.config().to_original_json(),
+    )
 }
 
 /// Writes a full checkpoint of `trainer` into `dir`.

@@ -3,15 +3,15 @@
 //! continued from one of its checkpoints.
 
 use super::checkpoint::{find_checkpoint, load_checkpoint};
-use super::data::{CodesCache, Compose, load_dataset, synthetic};
-use super::run::{RunSpec, Summary, run};
+use super::data::{CodesCache, Compose, Sample, load_dataset, split, synthetic};
+use super::run::{RunSpec, Summary, companions, run};
 use super::schedule::Schedule;
 use super::{Freeze, TrainOptions, Trainer};
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
-use crate::folder::{ModelSpec, OpenedModel};
+use crate::folder::{GenerationConfig, ModelSpec, OpenedModel};
 use crate::model::masks::MaskVariant;
-use crate::model::{LayerMasks, Rudolph};
+use crate::model::{Labels, LayerMasks, Rudolph};
 use crate::progress::ProgressSink;
 use crate::tokenizer::TextTokenizer;
 use crate::vae::Vqgan;
@@ -81,17 +81,29 @@ pub struct TrainJob {
     /// A `log.jsonl` line every this many steps.
     pub log_every: u64,
     pub seed: u64,
-    /// Score each target in its own vocabulary (see [`TrainOptions::corrected_labels`]).
-    pub corrected_labels: bool,
+    /// How the segment-boundary targets are scored: [`Labels::Corrected`] (each in its own
+    /// vocabulary), or the original's.
+    pub labels: Labels,
 }
 
 impl TrainJob {
     /// Trains from the start to the saved model in `self.out`, whatever that folder already
-    /// holds (refusing a non-empty one is the caller's choice).
+    /// holds (refusing a non-empty one is the caller's choice). The folder ends as a model
+    /// folder every command reads: the weights and `config.json`, with the tokenizer, the
+    /// VQGAN (and its `.config.yml`) and the `generation_config.json` the run started from.
+    ///
+    /// The settings, the model, the tokenizer, the VQGAN and every sample are checked before
+    /// `out` is made; if the run fails after all and made `out` itself, it removes `out` unless
+    /// a checkpoint is in it (which [`resume`] continues).
     pub fn run(&self, progress: &dyn ProgressSink) -> Result<Summary> {
         self.validate()?;
         let device = Device::Cpu;
         let model = self.start_model(&device)?;
+        if let Some(problem) = self.labels.misfit(&model.config) {
+            return Err(invalid(format!(
+                "{problem}; train with the corrected labels"
+            )));
+        }
         let options = TrainOptions {
             steps: self.steps,
             lr: self.lr,
@@ -100,7 +112,7 @@ impl TrainJob {
             accumulate: self.accumulate,
             clip_norm: self.clip_norm,
             loss_weights: self.loss_weights,
-            corrected_labels: self.corrected_labels,
+            corrected_labels: self.labels == Labels::Corrected,
             weight_decay: self.weight_decay,
             freeze: self.freeze.clone(),
             dropout: self
@@ -119,12 +131,19 @@ impl TrainJob {
             Data::Jsonl(path) => (Some(absolute(path)), None),
             Data::Synthetic(n) => (None, Some(*n)),
         };
+        let generation_config = match &self.start {
+            Start::Folder(ModelSpec { dir: Some(dir), .. }) => {
+                Some(dir.join(GenerationConfig::FILE)).filter(|p| p.is_file())
+            }
+            _ => None,
+        };
         let spec = RunSpec {
             data,
             synthetic,
             tokenizer: absolute(&model.tokenizer),
             vae: model.vae.as_deref().map(absolute),
             vae_config: model.vae_config.as_deref().map(absolute),
+            generation_config: generation_config.as_deref().map(absolute),
             batch_size: self.batch_size,
             options: options.clone(),
             compose: self.compose,
@@ -135,12 +154,51 @@ impl TrainJob {
         };
         let mut trainer =
             Trainer::new(&model.config, model.weights, model.masks, options, &device)?;
-        train(&mut trainer, &spec, &self.out, progress)
+        let inputs = Inputs::load(&trainer, &spec, &self.out, progress)?;
+        let made_out = !self.out.exists();
+        let result = inputs.train(&mut trainer, &spec, &self.out, progress);
+        if result.is_err() && made_out && find_checkpoint(&self.out).is_err() {
+            // Best effort: the folder holds only what this run wrote, and the error is what
+            // the caller needs.
+            let _ = std::fs::remove_dir_all(&self.out);
+        }
+        result
+    }
+
+    /// The configuration the run starts from (read without its weights), e.g. to check
+    /// settings against it before anything runs.
+    pub fn config(&self) -> Result<Config> {
+        match &self.start {
+            Start::Folder(spec) => Ok(spec.open()?.config),
+            Start::Scratch { config, .. } => Ok(Config::from_name_or_path(config)?),
+        }
     }
 
     fn validate(&self) -> Result<()> {
         let w = self.loss_weights;
         let checks = [
+            (
+                self.lr.is_finite() && self.lr > 0.0,
+                format!("lr must be a positive number, got {}", self.lr),
+            ),
+            (
+                self.clip_norm.is_none_or(|c| c.is_finite() && c > 0.0),
+                format!(
+                    "clip_norm must be a positive number (or none), got {:?}",
+                    self.clip_norm
+                ),
+            ),
+            (
+                self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+                format!(
+                    "weight_decay must be a number of at least 0, got {}",
+                    self.weight_decay
+                ),
+            ),
+            (
+                w.iter().all(|x| x.is_finite()),
+                format!("loss_weights {w:?}: weights must be finite"),
+            ),
             (
                 (0.0..1.0).contains(&self.val_fraction),
                 format!("val_fraction must be in [0, 1), got {}", self.val_fraction),
@@ -161,6 +219,10 @@ impl TrainJob {
             ),
             (self.steps > 0, "steps must be at least 1".to_string()),
             (
+                self.batch_size > 0 && self.accumulate > 0,
+                "batch_size and accumulate must be at least 1".to_string(),
+            ),
+            (
                 w.iter().all(|x| *x >= 0.0) && w.iter().sum::<f64>() > 0.0,
                 format!("loss_weights {w:?}: weights must be non-negative and not all zero"),
             ),
@@ -180,7 +242,10 @@ impl TrainJob {
                     checkpoint,
                     config,
                 } = spec.open()?;
-                checkpoint.check(&Rudolph::tensor_shapes(&config))?;
+                let shapes = Rudolph::tensor_shapes(&config);
+                checkpoint.check(&shapes)?;
+                // Weights holding NaN or infinities only train into more of them.
+                checkpoint.check_finite(shapes.iter().map(|(name, _)| name.as_str()))?;
                 let mut weights = HashMap::new();
                 for (name, _) in Rudolph::tensor_shapes(&config) {
                     if !name.ends_with("_mask") {
@@ -270,51 +335,101 @@ fn train(
     out: &Path,
     progress: &dyn ProgressSink,
 ) -> Result<Summary> {
-    std::fs::create_dir_all(out).map_err(|source| Error::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    let tokenizer = TextTokenizer::load(&spec.tokenizer)?;
-    let (samples, warnings) = match (spec.synthetic, &spec.data) {
-        (Some(n), _) => (
-            synthetic(trainer.config(), n, spec.options.seed),
-            Vec::new(),
-        ),
-        (None, Some(data)) => {
-            let vae = match &spec.vae {
-                Some(p) => Some(Vqgan::load(
-                    p,
-                    spec.vae_config.as_deref(),
-                    trainer.model().device(),
-                )?),
-                None => None,
-            };
-            let vae_id = spec.vae.as_ref().map_or(String::new(), |p| vae_identity(p));
-            let cache_path = out.join("codes-cache.json");
-            let mut cache = CodesCache::open(&cache_path, &vae_id)?;
-            let loaded = load_dataset(
-                data,
-                vae.as_ref(),
-                trainer.config(),
-                &tokenizer,
-                &mut cache,
-                progress,
-            )?;
-            cache.save(&cache_path)?;
-            loaded
-        }
-        (None, None) => {
-            return Err(invalid(
-                "the run names no training data (neither a data file nor synthetic samples)",
-            ));
-        }
-    };
-    let summary = run(trainer, spec, &samples, &tokenizer, out, progress)?;
-    Ok(Summary {
-        warnings,
-        ..summary
-    })
+    Inputs::load(trainer, spec, out, progress)?.train(trainer, spec, out, progress)
 }
+
+/// What a run reads before it writes anything: the tokenizer, the samples (with the codes
+/// cache to save) and the files that complete the model folder, all checked.
+struct Inputs {
+    tokenizer: TextTokenizer,
+    samples: Vec<Sample>,
+    cache: Option<CodesCache>,
+    /// Training texts the model cannot learn whole (unknown words, cut to the slots).
+    warnings: Vec<crate::pipelines::Warning>,
+}
+
+impl Inputs {
+    fn load(
+        trainer: &Trainer,
+        spec: &RunSpec,
+        out: &Path,
+        progress: &dyn ProgressSink,
+    ) -> Result<Self> {
+        let tokenizer = TextTokenizer::load(&spec.tokenizer)?;
+        companions(spec)?;
+        let (samples, cache, warnings) = match (spec.synthetic, &spec.data) {
+            (Some(n), _) => (
+                synthetic(trainer.config(), n, spec.options.seed),
+                None,
+                Vec::new(),
+            ),
+            (None, Some(data)) => {
+                let vae = match &spec.vae {
+                    Some(p) => Some(Vqgan::load(
+                        p,
+                        spec.vae_config.as_deref(),
+                        trainer.model().device(),
+                    )?),
+                    None => None,
+                };
+                let vae_id = spec.vae.as_ref().map_or(String::new(), |p| vae_identity(p));
+                let mut cache = CodesCache::open(&out.join(CODES_CACHE), &vae_id)?;
+                let (samples, warnings) = load_dataset(
+                    data,
+                    vae.as_ref(),
+                    trainer.config(),
+                    &tokenizer,
+                    &mut cache,
+                    progress,
+                )?;
+                (samples, Some(cache), warnings)
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "the run names no training data (neither a data file nor synthetic samples)",
+                ));
+            }
+        };
+        let (train, _) = split(samples.len(), spec.val_fraction, spec.options.seed);
+        if train.is_empty() {
+            return Err(invalid(format!(
+                "no training samples are left after holding out {} of the {}",
+                samples.len() - train.len(),
+                samples.len()
+            )));
+        }
+        Ok(Self {
+            tokenizer,
+            samples,
+            cache,
+            warnings,
+        })
+    }
+
+    fn train(
+        self,
+        trainer: &mut Trainer,
+        spec: &RunSpec,
+        out: &Path,
+        progress: &dyn ProgressSink,
+    ) -> Result<Summary> {
+        std::fs::create_dir_all(out).map_err(|source| Error::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+        if let Some(cache) = &self.cache {
+            cache.save(&out.join(CODES_CACHE))?;
+        }
+        let summary = run(trainer, spec, &self.samples, &self.tokenizer, out, progress)?;
+        Ok(Summary {
+            warnings: self.warnings,
+            ..summary
+        })
+    }
+}
+
+/// Where a run keeps its pictures' codes.
+const CODES_CACHE: &str = "codes-cache.json";
 
 /// The VQGAN file's identity for the codes cache: path, size and modification time.
 fn vae_identity(path: &Path) -> String {

@@ -1,6 +1,6 @@
-//! The loss-curve PNG, drawn pixel by pixel (no plotting dependency): axes with tick labels in a
-//! tiny bitmap font, the training loss as a blue line, validation losses as red squares. The y
-//! axis spans 0 to the highest loss.
+//! The loss-curve PNG, drawn pixel by pixel (no plotting dependency): axes with tick labels and
+//! names (STEP, LOSS) in a tiny bitmap font, the training loss as a blue line, validation losses
+//! as red squares, and a legend naming both. The y axis spans 0 to the highest loss.
 
 use crate::error::Result;
 use image::{Rgb, RgbImage};
@@ -16,6 +16,10 @@ pub struct Curve {
 const WIDTH: u32 = 640;
 const HEIGHT: u32 = 400;
 const MARGIN: i64 = 40;
+const X_NAME: &str = "STEP";
+const Y_NAME: &str = "LOSS";
+const TRAIN_NAME: &str = "TRAINING";
+const VAL_NAME: &str = "VALIDATION";
 
 /// Draws `curve` into a PNG at `path`.
 pub fn draw_loss_curve(curve: &Curve, path: &Path) -> Result<()> {
@@ -73,7 +77,17 @@ pub fn draw_loss_curve(curve: &Curve, path: &Path) -> Result<()> {
         &last,
         black,
     );
+    // The axes' names: the x axis's centred under its tick labels, the y axis's above it.
+    text(
+        &mut img,
+        (w - 8 * X_NAME.len() as i64) / 2,
+        h - MARGIN + 20,
+        X_NAME,
+        black,
+    );
+    text(&mut img, 2, MARGIN - 22, Y_NAME, black);
     let blue = Rgb([30, 90, 200]);
+    let red = Rgb([210, 40, 40]);
     for pair in curve.train.windows(2) {
         line(&mut img, at(pair[0]), at(pair[1]), blue);
     }
@@ -81,9 +95,30 @@ pub fn draw_loss_curve(curve: &Curve, path: &Path) -> Result<()> {
         square(&mut img, at(*only), 1, blue);
     }
     for &p in &curve.val {
-        square(&mut img, at(p), 3, Rgb([210, 40, 40]));
+        square(&mut img, at(p), 3, red);
     }
-    crate::image::save_png(&img, path)?;
+    // The legend, top right above the plot: a sample of each curve and its name.
+    let mut x = w - MARGIN;
+    let y = MARGIN - 22;
+    let entries: &[(&str, bool)] = if curve.val.is_empty() {
+        &[(TRAIN_NAME, false)]
+    } else {
+        &[(TRAIN_NAME, false), (VAL_NAME, true)]
+    };
+    for &(name, is_val) in entries.iter().rev() {
+        x -= 8 * name.len() as i64;
+        text(&mut img, x, y, name, black);
+        x -= 24;
+        if is_val {
+            square(&mut img, (x + 8, y + 4), 3, red);
+        } else {
+            for dy in 4..=5 {
+                line(&mut img, (x, y + dy), (x + 16, y + dy), blue);
+            }
+        }
+        x -= 16;
+    }
+    crate::image::save_image(&img, path)?;
     Ok(())
 }
 
@@ -123,7 +158,7 @@ fn square(img: &mut RgbImage, (x, y): (i64, i64), r: i64, c: Rgb<u8>) {
     }
 }
 
-/// 3×5 bitmaps of the characters tick labels need, one row per 3-bit line (bit 2 = left).
+/// 3×5 bitmaps of the characters the labels need, one row per 3-bit line (bit 2 = left).
 fn glyph(c: char) -> Option<[u8; 5]> {
     Some(match c {
         '0' => [7, 5, 5, 5, 7],
@@ -137,6 +172,19 @@ fn glyph(c: char) -> Option<[u8; 5]> {
         '8' => [7, 5, 7, 5, 7],
         '9' => [7, 5, 7, 1, 7],
         '.' => [0, 0, 0, 0, 2],
+        'A' => [2, 5, 7, 5, 5],
+        'D' => [6, 5, 5, 5, 6],
+        'E' => [7, 4, 6, 4, 7],
+        'G' => [3, 4, 5, 5, 3],
+        'I' => [7, 2, 2, 2, 7],
+        'L' => [4, 4, 4, 4, 7],
+        'N' => [6, 5, 5, 5, 5],
+        'O' => [2, 5, 5, 5, 2],
+        'P' => [6, 5, 6, 4, 4],
+        'R' => [6, 5, 6, 5, 5],
+        'S' => [3, 4, 2, 1, 6],
+        'T' => [7, 2, 2, 2, 2],
+        'V' => [5, 5, 5, 5, 2],
         _ => return None,
     })
 }
@@ -153,6 +201,22 @@ fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
                         put(img, x0 + 2 * col + dx, y + 2 * r as i64 + dy, c);
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every label the plot writes is drawn whole: a character without a glyph would be skipped
+    /// silently.
+    #[test]
+    fn every_label_character_has_a_glyph() {
+        for label in [X_NAME, Y_NAME, TRAIN_NAME, VAL_NAME, "0123456789."] {
+            for c in label.chars() {
+                assert!(glyph(c).is_some(), "no glyph for {c:?} in {label}");
             }
         }
     }

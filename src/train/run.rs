@@ -24,6 +24,10 @@ pub struct RunSpec {
     pub tokenizer: PathBuf,
     pub vae: Option<PathBuf>,
     pub vae_config: Option<PathBuf>,
+    /// The starting folder's `generation_config.json`, copied beside the trained model (runs
+    /// saved before it was recorded have none).
+    #[serde(default)]
+    pub generation_config: Option<PathBuf>,
     pub batch_size: usize,
     pub options: TrainOptions,
     pub compose: Compose,
@@ -50,6 +54,9 @@ pub struct Summary {
     /// Training texts the model could not learn whole.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<crate::pipelines::Warning>,
+    /// Files of the run folder that held something else, and were replaced by the files that
+    /// complete the model folder (see [`companions`]).
+    pub replaced: Vec<PathBuf>,
 }
 
 /// One `log.jsonl` line: the step's losses (each part averaged over the samples that weight
@@ -133,6 +140,13 @@ pub fn run(
             batches.extend(micro_batches(items, &spec.options, per_step, &mask)?);
         }
         let step = trainer.train_step_weighted(&batches)?;
+        // Nothing useful comes after this: every later step and the saved model would be NaN.
+        if !step.loss.is_finite() {
+            return Err(invalid(format!(
+                "the loss is {} at step {}: training diverged; a lower learning rate may keep it",
+                step.loss, step.step
+            )));
+        }
         first_loss.get_or_insert(step.loss);
         progress.advance(1);
         progress.message(&format!("loss {:.4}", step.loss));
@@ -163,6 +177,7 @@ pub fn run(
     }
     progress.finish();
     save_model(trainer, out)?;
+    let replaced = copy_companions(spec, out)?;
     draw_loss_curve(&curve(&history), &out.join("loss.png"))?;
     Ok(Summary {
         steps: trainer.step(),
@@ -174,7 +189,78 @@ pub fn run(
         peak_rss_bytes: crate::bench::peak_rss_bytes(),
         out: out.to_path_buf(),
         warnings: Vec::new(),
+        replaced,
     })
+}
+
+/// The files that make a run folder a model folder beside the weights and `config.json`, as
+/// `(source, name in the folder)`: the tokenizer as `bpe.model`; the VQGAN under its own name
+/// when the folder would find it by that name (`*.ckpt`, `vqgan*.safetensors`), else as
+/// `vqgan.ckpt` or `vqgan.safetensors`; the VQGAN's `.config.yml` (the one named, else the one
+/// beside it) under the name the folder looks for beside that; the starting folder's
+/// `generation_config.json`. A VQGAN read with the built-in configuration needs no file. Every
+/// source must exist.
+pub fn companions(spec: &RunSpec) -> Result<Vec<(PathBuf, String)>> {
+    let mut files = vec![(spec.tokenizer.clone(), "bpe.model".to_string())];
+    if let Some(vae) = &spec.vae {
+        let own = vae.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let name = if crate::folder::is_vqgan_file(Path::new(own)) {
+            own.to_string()
+        } else if own.ends_with(".safetensors") {
+            "vqgan.safetensors".to_string()
+        } else {
+            "vqgan.ckpt".to_string()
+        };
+        let config = spec
+            .vae_config
+            .clone()
+            .or_else(|| crate::vae::sibling_config(vae));
+        if let Some(config) = config {
+            let stem = name.rsplit_once('.').map_or(name.as_str(), |(s, _)| s);
+            files.push((config, format!("{stem}.config.yml")));
+        }
+        files.push((vae.clone(), name));
+    }
+    if let Some(g) = &spec.generation_config {
+        files.push((g.clone(), crate::folder::GenerationConfig::FILE.to_string()));
+    }
+    for (from, _) in &files {
+        if !from.is_file() {
+            return Err(invalid(format!(
+                "{} does not exist (the run needs it, and copies it into its folder)",
+                from.display()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+/// Copies [`companions`] into `out`, and returns the files there that held something else.
+fn copy_companions(spec: &RunSpec, out: &Path) -> Result<Vec<PathBuf>> {
+    let mut replaced = Vec::new();
+    for (from, name) in companions(spec)? {
+        let to = out.join(&name);
+        let io = |source| Error::Io {
+            path: to.clone(),
+            source,
+        };
+        if to.exists() {
+            let same_file = std::fs::canonicalize(&to).ok() == std::fs::canonicalize(&from).ok();
+            if same_file || same_bytes(&from, &to).map_err(io)? {
+                continue;
+            }
+            replaced.push(to.clone());
+        }
+        std::fs::copy(&from, &to).map_err(io)?;
+    }
+    Ok(replaced)
+}
+
+fn same_bytes(a: &Path, b: &Path) -> std::io::Result<bool> {
+    if std::fs::metadata(a)?.len() != std::fs::metadata(b)?.len() {
+        return Ok(false);
+    }
+    Ok(std::fs::read(a)? == std::fs::read(b)?)
 }
 
 /// Groups composed sequences into at most three micro-batches: captioned pictures with the

@@ -79,32 +79,36 @@ pub struct TrainOptions {
     /// Clip the global gradient norm to this (PyTorch's `clip_grad_norm_`).
     pub clip_norm: Option<f64>,
     pub loss_weights: [f64; 3],
+    /// Score each target in its own vocabulary ([`Labels::Corrected`]); `false`: the
+    /// original's labels. A plain flag, as checkpoints have always saved it.
     pub corrected_labels: bool,
     pub weight_decay: f64,
     pub betas: [f64; 2],
     pub eps: f64,
     pub freeze: Freeze,
-    /// Dropout probability in training (the config's, 0.1 for every published model).
+    /// Dropout probability in training (the published models were trained with 0.1, the
+    /// built-in model with 0).
     pub dropout: f32,
     pub seed: u64,
 }
 
+/// `rudolph train`'s settings for fine-tuning (its flags' help says why each).
 impl Default for TrainOptions {
     fn default() -> Self {
         Self {
             steps: 1000,
-            lr: 2e-5,
-            schedule: Schedule::OneCycle,
-            warmup: 0,
+            lr: 5e-5,
+            schedule: Schedule::Cosine,
+            warmup: 100,
             accumulate: 1,
             clip_norm: Some(1.0),
-            loss_weights: [1.0, 7.0, 1.0],
-            corrected_labels: false,
+            loss_weights: [1.0, 2.0, 1.0],
+            corrected_labels: true,
             weight_decay: 0.01,
             betas: [0.9, 0.999],
             eps: 1e-8,
             freeze: Freeze::Nothing,
-            dropout: 0.1,
+            dropout: 0.0,
             seed: 0,
         }
     }

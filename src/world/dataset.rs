@@ -16,7 +16,7 @@ pub fn write_scenes(scenes: &[Scene], out: &Path, progress: &dyn ProgressSink) -
     progress.start(scenes.len() as u64, "drawing scenes", "pictures");
     for (i, scene) in scenes.iter().enumerate() {
         let name = format!("{i:06}.png");
-        crate::image::save_png(&render::render(scene), &out.join(&name))?;
+        crate::image::save_image(&render::render(scene), &out.join(&name))?;
         // Exactly the trainer's format; the caption states every attribute of the scene.
         let line = serde_json::json!({ "image": name, "text": scene.caption() });
         writeln!(lines, "{line}").map_err(io(&jsonl))?;
@@ -53,11 +53,34 @@ pub fn append_recoloured(
     for (i, scene) in sample(m, stream, false).iter().enumerate() {
         let name = format!("recoloured-{i:06}.png");
         let colour = recipe::recolour(scene, &mut rng);
-        crate::image::save_png(&render::render_in(scene, colour), &out.join(&name))?;
+        crate::image::save_image(&render::render_in(scene, colour), &out.join(&name))?;
         let line = match prompted {
             true => serde_json::json!({ "image": name, "prompt": scene.colourless_caption() }),
             false => serde_json::json!({ "image": name }),
         };
+        writeln!(lines, "{line}").map_err(io(&jsonl))?;
+        progress.advance(1);
+    }
+    progress.finish();
+    lines.flush().map_err(io(&jsonl))?;
+    Ok(())
+}
+
+/// Appends `m` captioned scenes of the held-out colour+shape pairs (drawn from `seed`, apart
+/// from the seen ones) to the `data.jsonl` in `out`, as `held-out-NNNNNN.png`: training on
+/// them beside seen scenes teaches a model those pairs without forgetting the others.
+pub fn append_held_out(m: usize, seed: u64, out: &Path, progress: &dyn ProgressSink) -> Result<()> {
+    let jsonl = out.join("data.jsonl");
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&jsonl)
+        .map_err(io(&jsonl))?;
+    let mut lines = std::io::BufWriter::new(file);
+    progress.start(m as u64, "drawing held-out scenes", "pictures");
+    for (i, scene) in sample(m, seed ^ 0x04e1_d0a7, true).iter().enumerate() {
+        let name = format!("held-out-{i:06}.png");
+        crate::image::save_image(&render::render(scene), &out.join(&name))?;
+        let line = serde_json::json!({ "image": name, "text": scene.caption() });
         writeln!(lines, "{line}").map_err(io(&jsonl))?;
         progress.advance(1);
     }

@@ -20,6 +20,7 @@ use super::{HELD_OUT, Scene, sample};
 use crate::config::Config;
 use crate::error::{Error, Result, invalid};
 use crate::folder::{GenerationConfig, ModelSpec};
+use crate::model::Labels;
 use crate::pipelines::images::ImageRank;
 use crate::progress::ProgressSink;
 use crate::tokenizer::TextTokenizer;
@@ -199,8 +200,7 @@ impl Recipe {
             )));
         }
         let cfg_path = out.join("model-config.json");
-        let json = serde_json::to_string_pretty(&cfg).map_err(|e| invalid(e.to_string()))?;
-        std::fs::write(&cfg_path, json).map_err(io(&cfg_path))?;
+        std::fs::write(&cfg_path, cfg.to_original_json()).map_err(io(&cfg_path))?;
         report(Stage::Tokenizer {
             vocab: tokenizer.bpe().vocab_size(),
             longest,
@@ -288,7 +288,7 @@ impl Recipe {
                         save_every: 250,
                         log_every: 10,
                         seed: round as u64 - 1,
-                        corrected_labels: true,
+                        labels: Labels::Corrected,
                     };
                     job.run(progress)?
                 }
