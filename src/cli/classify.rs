@@ -13,11 +13,10 @@ pub struct ClassifyArgs {
     /// Class names, comma-separated (the flag may be repeated).
     #[arg(long, value_delimiter = ',', required = true)]
     pub classes: Vec<String>,
-    /// Text before each class name, e.g. "на картинке"; or a text with the class's place
-    /// marked `{}`, e.g. "{} слева на белом фоне" (the words after the class are scored too); or
-    /// `{caption}`: put each class in place of the words of the picture's own captions, which
-    /// suits single words. Default: the model folder's `generation_config.json` (the built-in
-    /// model's says {caption}), else none: the class alone, as the original.
+    /// Where each class goes: text before it ("на картинке"), a text marking its place with
+    /// `{}`, or `{caption}` (in place of words of the picture's own captions, for single words).
+    /// Default: the folder's `generation_config.json` (the built-in's says {caption}), else
+    /// the class alone, as the original.
     #[arg(long)]
     pub template: Option<String>,
     /// Captions drawn for the {caption} template.
