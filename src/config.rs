@@ -314,7 +314,7 @@ impl Config {
     }
 }
 
-/// `ruDolphModel.__init__`'s arguments in its order (SPEC §1.1); the release-only ones are
+/// `ruDolphModel.__init__`'s arguments in its order; the release-only ones are
 /// `None` where that release's constructor does not take them.
 #[derive(Serialize)]
 struct OriginalArgs<'a> {
@@ -427,7 +427,7 @@ mod tests {
         assert!(Config::preset("9b").is_err());
     }
 
-    /// The rc1 constructor's arguments exactly (SPEC §1.1), in its order; rc10's without the
+    /// The rc1 constructor's arguments exactly, in its order; rc10's without the
     /// two rc1-only ones and with the special-token counts. Each reads back as the same model.
     #[test]
     fn the_original_constructor_arguments_are_written_exactly() {

@@ -14,16 +14,7 @@ pub fn write_scenes(scenes: &[Scene], out: &Path, progress: &dyn ProgressSink) -
     let jsonl = out.join("data.jsonl");
     let mut lines = std::io::BufWriter::new(std::fs::File::create(&jsonl).map_err(io(&jsonl))?);
     progress.start(scenes.len() as u64, "drawing scenes", "pictures");
-    for (i, scene) in scenes.iter().enumerate() {
-        let name = format!("{i:06}.png");
-        crate::image::save_image(&render::render(scene), &out.join(&name))?;
-        // Exactly the trainer's format; the caption states every attribute of the scene.
-        let line = serde_json::json!({ "image": name, "text": scene.caption() });
-        writeln!(lines, "{line}").map_err(io(&jsonl))?;
-        progress.advance(1);
-    }
-    progress.finish();
-    lines.flush().map_err(io(&jsonl))?;
+    draw(scenes, "", out, &mut lines, &jsonl, progress)?;
     Ok(jsonl)
 }
 
@@ -77,15 +68,30 @@ pub fn append_held_out(m: usize, seed: u64, out: &Path, progress: &dyn ProgressS
         .map_err(io(&jsonl))?;
     let mut lines = std::io::BufWriter::new(file);
     progress.start(m as u64, "drawing held-out scenes", "pictures");
-    for (i, scene) in sample(m, seed ^ 0x04e1_d0a7, true).iter().enumerate() {
-        let name = format!("held-out-{i:06}.png");
+    let scenes = sample(m, seed ^ 0x04e1_d0a7, true);
+    draw(&scenes, "held-out-", out, &mut lines, &jsonl, progress)
+}
+
+/// Renders each scene into `out` as `PREFIXNNNNNN.png` and writes its line of `data.jsonl`
+/// (exactly the trainer's format; the caption states every attribute of the scene), advancing
+/// `progress` once a picture and finishing it.
+fn draw(
+    scenes: &[Scene],
+    prefix: &str,
+    out: &Path,
+    lines: &mut impl Write,
+    jsonl: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<()> {
+    for (i, scene) in scenes.iter().enumerate() {
+        let name = format!("{prefix}{i:06}.png");
         crate::image::save_image(&render::render(scene), &out.join(&name))?;
         let line = serde_json::json!({ "image": name, "text": scene.caption() });
-        writeln!(lines, "{line}").map_err(io(&jsonl))?;
+        writeln!(lines, "{line}").map_err(io(jsonl))?;
         progress.advance(1);
     }
     progress.finish();
-    lines.flush().map_err(io(&jsonl))?;
+    lines.flush().map_err(io(jsonl))?;
     Ok(())
 }
 
