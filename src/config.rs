@@ -136,7 +136,7 @@ impl Config {
     /// Reads a `config.json` holding the original constructor arguments.
     pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = crate::text_file::read(path).map_err(|source| ConfigError::Io {
             path: shown.clone(),
             source,
         })?;

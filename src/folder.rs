@@ -191,7 +191,7 @@ impl GenerationConfig {
         if !path.is_file() {
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| crate::Error::Io {
+        let text = crate::text_file::read(&path).map_err(|source| crate::Error::Io {
             path: path.clone(),
             source,
         })?;

@@ -47,6 +47,7 @@ pub mod model;
 pub mod pipelines;
 pub mod progress;
 pub mod sampling;
+pub mod text_file;
 pub mod tokenizer;
 pub mod train;
 pub mod vae;

@@ -51,7 +51,7 @@ impl Vocabulary {
     /// A vocabulary file: one word a line (lowercased here, as the tokenizer would); blank lines
     /// are skipped, and a line of several words is an error naming it.
     pub fn read_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text = crate::text_file::read(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;

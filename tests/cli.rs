@@ -946,6 +946,11 @@ fn hostile_numbers_are_refused_with_their_limits() {
     }
     bpe.push_str("1 0 2 3\n");
     std::fs::write(p("doubling.model"), bpe).unwrap();
+    // A sparse 20 MiB config.json: never read whole.
+    std::fs::File::create(p("big.json"))
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
     // Sizes that wrap the sums derived from them, or allocate per layer.
     let builtin_config: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
@@ -1004,6 +1009,7 @@ fn hostile_numbers_are_refused_with_their_limits() {
             "250000 codes per picture make a 4000-pixel side",
         ),
         (vec!["caption".into(), p("huge.png")], "too large a picture"),
+        (vec!["config".into(), p("big.json")], "larger than 16 MiB"),
         (
             vec!["config".into(), p("l_text_seq_length.json")],
             "l_text_seq_length is 18446744073709551615, above the limit of 4096",

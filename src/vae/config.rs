@@ -82,7 +82,7 @@ impl VqganConfig {
     /// scheduler and loss sections are ignored). A bare mapping holding `embed_dim`, `n_embed`
     /// and `ddconfig` at the top level is accepted too. The result is validated.
     pub fn from_yaml_file(path: &Path) -> Result<Self, VaeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| VaeError::Io {
+        let text = crate::text_file::read(path).map_err(|source| VaeError::Io {
             path: path.display().to_string(),
             source,
         })?;
