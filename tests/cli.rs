@@ -89,6 +89,14 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The command `args` failed with an error containing `needle`, and did not panic.
+fn assert_refused(out: &Output, args: &[&str], needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     // Under target/, replaced on each run, so that runs do not pile folders up.
     let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rudolph-cli-{name}"));
@@ -295,10 +303,7 @@ fn bad_inputs_fail_with_a_message_and_no_panic() {
     ];
     for (args, needle) in cases {
         let out = run_with_model(&args);
-        let err = stderr(&out);
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_refused(&out, &args, needle);
     }
     let codes = dir.join("bad.json");
     std::fs::write(&codes, "[[1, 2, 3]]").unwrap();
@@ -665,10 +670,7 @@ fn flags_that_cannot_work_are_refused_before_any_work() {
     ];
     for (args, needle) in cases {
         let out = builtin_rudolph(&args);
-        let err = stderr(&out);
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_refused(&out, &args, needle);
         assert!(!std::path::Path::new(png).exists(), "{args:?} wrote {png}");
         assert!(!out.stdout.windows(5).any(|w| w == b"wrote"), "{args:?}");
     }
@@ -1053,10 +1055,7 @@ fn hostile_numbers_are_refused_with_their_limits() {
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = builtin_rudolph(&args);
-        let err = stderr(&out);
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_refused(&out, &args, needle);
     }
     let out = Command::new(env!("CARGO_BIN_EXE_rudolph"))
         .args(["text", "--texts", "1"])

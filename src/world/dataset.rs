@@ -33,11 +33,7 @@ pub fn append_recoloured(
 ) -> Result<()> {
     use rand::SeedableRng;
     let jsonl = out.join("data.jsonl");
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&jsonl)
-        .map_err(io(&jsonl))?;
-    let mut lines = std::io::BufWriter::new(file);
+    let mut lines = append_to(&jsonl)?;
     let stream = seed ^ 0x7ec0_10e5;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
     progress.start(m as u64, "drawing recoloured", "pictures");
@@ -62,11 +58,7 @@ pub fn append_recoloured(
 /// them beside seen scenes teaches a model those pairs without forgetting the others.
 pub fn append_held_out(m: usize, seed: u64, out: &Path, progress: &dyn ProgressSink) -> Result<()> {
     let jsonl = out.join("data.jsonl");
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&jsonl)
-        .map_err(io(&jsonl))?;
-    let mut lines = std::io::BufWriter::new(file);
+    let mut lines = append_to(&jsonl)?;
     progress.start(m as u64, "drawing held-out scenes", "pictures");
     let scenes = sample(m, seed ^ 0x04e1_d0a7, true);
     draw(&scenes, "held-out-", out, &mut lines, &jsonl, progress)
@@ -93,6 +85,15 @@ fn draw(
     progress.finish();
     lines.flush().map_err(io(jsonl))?;
     Ok(())
+}
+
+/// A writer that adds lines to the end of an existing `data.jsonl`.
+fn append_to(jsonl: &Path) -> Result<std::io::BufWriter<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(jsonl)
+        .map_err(io(jsonl))?;
+    Ok(std::io::BufWriter::new(file))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
