@@ -135,7 +135,7 @@ pub fn run(
             }
             Task::Image => {
                 images::generate_image_codes(
-                    &model, &left, images, None, 1.0, batch, &params, 0, &Silent,
+                    &model, &left, images, None, 1.0, &batch.into(), &params, 0, &Silent,
                 )?;
                 images * n
             }
@@ -150,7 +150,7 @@ pub fn run(
                     &codes,
                     &[2],
                     images,
-                    batch,
+                    &batch.into(),
                     &text_params,
                     0,
                     &Silent,

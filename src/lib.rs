@@ -35,6 +35,7 @@
 //! The user guide is the repository's README and `docs/`.
 
 pub mod atomic_file;
+pub mod batching;
 pub mod bench;
 pub mod builtin;
 pub mod config;

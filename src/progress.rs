@@ -19,6 +19,16 @@ pub trait ProgressSink: Send + Sync {
 
     /// The task is over.
     fn finish(&self) {}
+
+    /// A generation step was drawn: `rows` are the generated tokens so far of the items
+    /// `first..first + rows.len()` (what a server streams).
+    fn drawn(&self, _first: usize, _rows: &[Vec<u32>]) {}
+
+    /// Whether whoever asked for the work has gone: generation then stops with an error at the
+    /// next step.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Reports nothing.

@@ -7,6 +7,7 @@ use common::*;
 use rudolph::pipelines::images::{ImagePrompt, generate_image_codes};
 use rudolph::pipelines::rerank::{joint_nll, score_pairs, score_texts_by_image_rc1};
 use rudolph::pipelines::texts::{self, SpecialIds, generate_text_ids};
+use rudolph::pipelines::generate::Decoding;
 use rudolph::pipelines::{Fidelity, GenerateOptions, captions, classify};
 use rudolph::progress::Silent;
 use rudolph::sampling::SamplingParams;
@@ -54,6 +55,13 @@ fn appended_in_call_order(generated: &[Vec<u32>], batch: usize, skip: usize) -> 
     out
 }
 
+/// Chunks of the golden's batch size alone, and a shared batch of another size (a draw does not
+/// depend on the rows beside it).
+fn decodings(model: &rudolph::model::Rudolph, bs: usize) -> [Decoding; 2] {
+    let shared = rudolph::batching::Batcher::start(model.clone(), bs + 1).unwrap();
+    [Decoding::Chunks(bs), Decoding::Shared(shared)]
+}
+
 #[test]
 fn generate_codebooks_matches_with_and_without_cache() {
     let cfg = tiny_config();
@@ -67,19 +75,21 @@ fn generate_codebooks_matches_with_and_without_cache() {
         let left = &ids(&c["last_model_call_input_ids"][0])[..cfg.l_text_seq_length];
         let count = args["images_num"].as_u64().unwrap() as usize;
         let bs = args["bs"].as_u64().unwrap() as usize;
-        let got = generate_image_codes(
-            &model,
-            left,
-            count,
-            None,
-            1.0,
-            bs,
-            &params(args),
-            0,
-            &Silent,
-        )
-        .unwrap();
-        assert_eq!(got, rows(&c["result"]), "{name}");
+        for decoding in decodings(&model, bs) {
+            let got = generate_image_codes(
+                &model,
+                left,
+                count,
+                None,
+                1.0,
+                &decoding,
+                &params(args),
+                0,
+                &Silent,
+            )
+            .unwrap();
+            assert_eq!(got, rows(&c["result"]), "{name}, {decoding:?}");
+        }
     }
 }
 
@@ -98,19 +108,21 @@ fn image_prompts_are_continued_exactly() {
         };
         let count = args["images_num"].as_u64().unwrap() as usize;
         let bs = args["bs"].as_u64().unwrap() as usize;
-        let got = generate_image_codes(
-            &model,
-            left,
-            count,
-            Some(&prompt),
-            1.0,
-            bs,
-            &params(args),
-            0,
-            &Silent,
-        )
-        .unwrap();
-        assert_eq!(got, rows(&c["result"]), "{name}");
+        for decoding in decodings(&model, bs) {
+            let got = generate_image_codes(
+                &model,
+                left,
+                count,
+                Some(&prompt),
+                1.0,
+                &decoding,
+                &params(args),
+                0,
+                &Silent,
+            )
+            .unwrap();
+            assert_eq!(got, rows(&c["result"]), "{name}, {decoding:?}");
+        }
     }
 }
 
@@ -164,24 +176,28 @@ fn generate_texts_without_template_matches() {
     assert_eq!(args["template"], "");
     let count = args["texts_num"].as_u64().unwrap() as usize;
     let bs = args["bs"].as_u64().unwrap() as usize;
-    let generated = generate_text_ids(
-        &model,
-        &[texts::BOS],
-        count,
-        bs,
-        &params(args),
-        0,
-        SpecialIds::OriginalTexts,
-        &Silent,
-    )
-    .unwrap();
     let want: Vec<u32> = c["sampled_tokens"]["appended"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(ids)
         .collect();
-    assert_eq!(appended_in_call_order(&generated, bs, 1), want);
+    for decoding in decodings(&model, bs) {
+        let generated = generate_text_ids(
+            &model,
+            &[texts::BOS],
+            count,
+            &decoding,
+            &params(args),
+            0,
+            SpecialIds::OriginalTexts,
+            &Silent,
+        )
+        .unwrap();
+        // The rows in the order the original's batches of `bs` drew them.
+        let order = appended_in_call_order(&generated, bs, 1);
+        assert_eq!(order, want, "{decoding:?}");
+    }
     // The pipeline's last call re-scores the (one) unique text.
     let rescored = ids(&c["last_model_call_input_ids"][0]);
     let ppl = texts::left_text_perplexities(&model, &[rescored], 1).unwrap();
@@ -201,6 +217,7 @@ fn options(args: &Value, fidelity: Fidelity) -> GenerateOptions {
         fidelity,
         guidance: 1.0,
         progress: rudolph::progress::silent(),
+        shared: None,
     }
 }
 
@@ -369,25 +386,32 @@ fn generate_captions_reproduces_every_golden() {
         let model = tiny_model_with_bias(&c["logit_bias"]);
         let args = &c["args"];
         let count = args["captions_num"].as_u64().unwrap() as usize;
-        let got = captions::generate_captions(
-            &model,
-            &tok,
-            &recorded_codes(&c),
-            args["template"].as_str().unwrap(),
-            count,
-            captions::CaptionRank::Text,
-            &options(args, Fidelity::Original),
-        )
-        .unwrap();
-        let mut texts: Vec<String> = got.iter().map(|c| c.text.clone()).collect();
-        texts.sort();
-        let want: Vec<String> = serde_json::from_value(c["result"].clone()).unwrap();
-        assert_eq!(texts, want, "{name}");
-        assert!(
-            got.iter()
-                .all(|c| c.ppl_text.is_finite() && c.ppl_text > 0.0)
-        );
-        assert!(got.iter().all(|c| c.score == c.ppl_text));
+        let bs = args["bs"].as_u64().unwrap() as usize;
+        for decoding in decodings(&model, bs) {
+            let mut opts = options(args, Fidelity::Original);
+            if let Decoding::Shared(b) = &decoding {
+                opts.shared = Some(b.clone());
+            }
+            let got = captions::generate_captions(
+                &model,
+                &tok,
+                &recorded_codes(&c),
+                args["template"].as_str().unwrap(),
+                count,
+                captions::CaptionRank::Text,
+                &opts,
+            )
+            .unwrap();
+            let mut texts: Vec<String> = got.iter().map(|c| c.text.clone()).collect();
+            texts.sort();
+            let want: Vec<String> = serde_json::from_value(c["result"].clone()).unwrap();
+            assert_eq!(texts, want, "{name}, {decoding:?}");
+            assert!(
+                got.iter()
+                    .all(|c| c.ppl_text.is_finite() && c.ppl_text > 0.0)
+            );
+            assert!(got.iter().all(|c| c.score == c.ppl_text));
+        }
     }
 }
 
@@ -615,7 +639,7 @@ fn image_prompts_from_the_picture_match() {
             args["images_num"].as_u64().unwrap() as usize,
             Some(&prompt),
             1.0,
-            args["bs"].as_u64().unwrap() as usize,
+            &(args["bs"].as_u64().unwrap() as usize).into(),
             &params(args),
             0,
             &Silent,
@@ -650,14 +674,118 @@ fn sampling_is_reproducible_and_independent_of_the_batch_size() {
         top_p: 0.95,
         temperature: 1.3,
     };
-    let run =
-        |batch| generate_image_codes(&model, &left, 3, None, 1.0, batch, &p, 42, &Silent).unwrap();
+    let run = |batch: usize| {
+        generate_image_codes(&model, &left, 3, None, 1.0, &batch.into(), &p, 42, &Silent).unwrap()
+    };
     let one = run(1);
     assert_eq!(one, run(3));
     assert_eq!(one, run(2));
     assert_ne!(one[0], one[1], "different items draw differently");
-    let other = generate_image_codes(&model, &left, 3, None, 1.0, 3, &p, 43, &Silent).unwrap();
+    let other =
+        generate_image_codes(&model, &left, 3, None, 1.0, &3.into(), &p, 43, &Silent).unwrap();
     assert_ne!(one, other);
+}
+
+/// Callers on many threads that share one batch, each joining and leaving at its own time, at
+/// its own positions (pictures with and without guidance or an image prompt, captions, texts),
+/// draw exactly what each draws alone.
+#[test]
+fn a_shared_batch_draws_what_each_caller_draws_alone() {
+    use rudolph::batching::Batcher;
+    use rudolph::pipelines::captions::generate_caption_ids;
+    let cfg = tiny_config();
+    let model = tiny_model();
+    let (l, n) = (cfg.l_text_seq_length, cfg.image_seq_length());
+    let p = SamplingParams {
+        top_k: 16,
+        top_p: 0.95,
+        temperature: 1.3,
+    };
+    let mut known = vec![false; n];
+    known[..n / 2].iter_mut().for_each(|k| *k = true);
+    let prompt = ImagePrompt {
+        codes: (0..n as u32).map(|i| i % 7).collect(),
+        known,
+    };
+    let task = |i: usize, decoding: &Decoding| -> Vec<Vec<u32>> {
+        let mut left = vec![2u32, 5 + i as u32, 3];
+        left.resize(l, 0);
+        let seed = 100 + i as u64;
+        match i % 4 {
+            0 => generate_image_codes(&model, &left, 3, None, 1.0, decoding, &p, seed, &Silent),
+            1 => generate_image_codes(&model, &left, 2, None, 1.7, decoding, &p, seed, &Silent),
+            2 => generate_image_codes(
+                &model,
+                &left,
+                2,
+                Some(&prompt),
+                1.0,
+                decoding,
+                &p,
+                seed,
+                &Silent,
+            ),
+            _ => {
+                let codes: Vec<u32> = (0..n as u32).map(|c| (c * 3 + i as u32) % 11).collect();
+                let mut rows = generate_caption_ids(
+                    &model,
+                    &codes,
+                    &[texts::BOS, 7],
+                    2,
+                    decoding,
+                    &p,
+                    seed,
+                    &Silent,
+                )
+                .unwrap();
+                rows.extend(
+                    generate_text_ids(
+                        &model,
+                        &[texts::BOS],
+                        2,
+                        decoding,
+                        &p,
+                        seed,
+                        SpecialIds::AllPositionTokens,
+                        &Silent,
+                    )
+                    .unwrap(),
+                );
+                Ok(rows)
+            }
+        }
+        .unwrap()
+    };
+    let alone: Vec<Vec<Vec<u32>>> = (0..8).map(|i| task(i, &Decoding::Chunks(1))).collect();
+    let shared = Decoding::Shared(Batcher::start(model.clone(), 5).unwrap());
+    let together: Vec<Vec<Vec<u32>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let shared = &shared;
+                let task = &task;
+                scope.spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(3 * i as u64));
+                    task(i, shared)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    let Decoding::Shared(b) = &shared else {
+        unreachable!()
+    };
+    let stats = b.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    // The largest caller's session holds 4 rows (2 pictures with guidance).
+    let peak = stats.peak_step_rows.load(Relaxed);
+    assert!(peak > 4 && peak <= 5, "peak step rows {peak}");
+    // Sessions close as their callers drop them; the batcher hears it soon after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats.running_rows.load(Relaxed) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(stats.running_rows.load(Relaxed), 0, "every session left");
 }
 
 /// Classifier-free guidance samples from `u + s·(c − u)`: greedy decoding under it picks, at
@@ -679,7 +807,7 @@ fn guidance_mixes_the_conditional_and_unconditional_logits() {
     };
     let generate = |scale: f32, steps: usize| {
         let all =
-            generate_image_codes(&model, &left, 2, None, scale, 2, &greedy, 0, &Silent).unwrap();
+            generate_image_codes(&model, &left, 2, None, scale, &2.into(), &greedy, 0, &Silent).unwrap();
         assert_eq!(all[0], all[1], "greedy rows agree");
         all[0][..steps].to_vec()
     };

@@ -176,6 +176,7 @@ impl SampleArgs {
             },
             guidance: 1.0,
             progress: super::progress::progress(quiet),
+            shared: None,
         })
     }
 }

@@ -57,22 +57,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, sq, h) = x.dims3()?;
         let qkv = self.query_key_value.forward(x)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         if !ops.differentiable {
-            // Views of the projection's thirds, [B, nh, Sq, hd], for the fused kernels, which
-            // read them in place (the cache copies what it keeps).
-            let qkv = qkv.reshape((b, sq, 3, self.num_heads, self.head_dim))?;
-            let view = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
-            let q = view(0)?;
-            let (k, v) = append(&view(1)?, &view(2)?)?;
-            if let Some(context) = kernels::fused_attention(&q, &k, &v, &mask.keep, scale as f32)? {
-                return self.dense.forward(&context);
-            }
-            let (q, k) = (q.contiguous()?, gemm_operand(&k)?);
-            return self
-                .dense
-                .forward(&self.attend(&q, &k, &v, mask, ops, scale)?);
+            return self.dense.forward(&self.context(&qkv, mask, append)?);
         }
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
         // [B, Sq, H] → [B, nh, Sq, hd]; q, k, v are contiguous thirds of the projection.
         let heads = |i: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, i * h, h)?
@@ -85,6 +73,50 @@ impl Attention {
             self.dense
                 .forward(&self.attend(&heads(0)?, &k, &v, mask, ops, scale)?)?,
         )
+    }
+
+    /// Inference attention of projected rows `qkv` `[B, Sq, 3H]` → the context `[B, Sq, H]`,
+    /// before the output projection.
+    fn context(
+        &self,
+        qkv: &Tensor,
+        mask: &AdditiveMask,
+        append: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, sq, _) = qkv.dims3()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // Views of the projection's thirds, [B, nh, Sq, hd], for the fused kernels, which read
+        // them in place (the cache copies what it keeps).
+        let qkv = qkv.reshape((b, sq, 3, self.num_heads, self.head_dim))?;
+        let view = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let q = view(0)?;
+        let (k, v) = append(&view(1)?, &view(2)?)?;
+        if let Some(context) = kernels::fused_attention(&q, &k, &v, &mask.keep, scale as f32)? {
+            return Ok(context);
+        }
+        let (q, k) = (q.contiguous()?, gemm_operand(&k)?);
+        self.attend(&q, &k, &v, mask, Ops::default(), scale)
+    }
+
+    /// Inference over groups of rows that sit at different positions: `x` `[ΣB, Sq, H]` holds
+    /// the groups one after another, `sizes` their row counts. The projections run once for all
+    /// rows; each group attends to its own keys (`append(group, k, v)`) under its own mask.
+    pub fn forward_groups<'m>(
+        &self,
+        x: &Tensor,
+        sizes: &[usize],
+        mask: impl Fn(usize) -> &'m AdditiveMask,
+        mut append: impl FnMut(usize, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let qkv = self.query_key_value.forward(x)?;
+        let mut contexts = Vec::with_capacity(sizes.len());
+        let mut first = 0;
+        for (group, &rows) in sizes.iter().enumerate() {
+            let part = qkv.narrow(0, first, rows)?;
+            contexts.push(self.context(&part, mask(group), |k, v| append(group, k, v))?);
+            first += rows;
+        }
+        self.dense.forward(&Tensor::cat(&contexts, 0)?)
     }
 
     /// Attention by candle's ops, `[B, nh, Sq, hd]` each → the context `[B, Sq, H]`.

@@ -128,4 +128,23 @@ impl Layer {
         let y = ops.dropout(y)?;
         h + self.before_second_addition_layernorm.forward(&y, ops)?
     }
+
+    /// Inference over groups of rows at different positions (see
+    /// [`Attention::forward_groups`]): `h` `[ΣB, Sq, H]` → the same shape.
+    pub fn forward_groups<'m>(
+        &self,
+        h: &Tensor,
+        sizes: &[usize],
+        mask: impl Fn(usize) -> &'m AdditiveMask,
+        append: impl FnMut(usize, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let ops = Ops::default();
+        let x = self.input_layernorm.forward(h, ops)?;
+        let a = self.attention.forward_groups(&x, sizes, mask, append)?;
+        let h = (h + self.before_first_addition_layernorm.forward(&a, ops)?)?;
+        let y = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h, ops)?)?;
+        h + self.before_second_addition_layernorm.forward(&y, ops)?
+    }
 }

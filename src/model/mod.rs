@@ -383,6 +383,94 @@ impl Rudolph {
             .forward_columns(&self.head_layernorm.forward(&last, ops)?, classes)
     }
 
+    /// One decoding step for groups of rows that sit at different positions, as one batch: each
+    /// group's rows share a KV cache (so a position) and a pipeline mask, and read their logits
+    /// in the head's columns `classes`. The linear maps run once over all rows; attention runs
+    /// per group. Returns each group's logits `[b, classes]`, as
+    /// [`Rudolph::forward_cached_last`] gives them for the group alone.
+    pub fn forward_step_groups(&self, groups: &mut [StepGroup<'_>]) -> Result<Vec<Tensor>> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let device = groups[0].ids.device().clone();
+        if device.is_cpu() {
+            // On a worker of the kernels' pool, as `run_hidden` explains.
+            rayon::scope(|_| self.step_groups(groups))
+        } else {
+            let _uploads = crate::device::reuse_small_uploads(&device);
+            self.step_groups(groups)
+        }
+    }
+
+    fn step_groups(&self, groups: &mut [StepGroup<'_>]) -> Result<Vec<Tensor>> {
+        let ops = Ops::default();
+        let mut sizes = Vec::with_capacity(groups.len());
+        let mut masks = Vec::with_capacity(groups.len());
+        let mut embedded = Vec::with_capacity(groups.len());
+        for g in groups.iter() {
+            let ids = g.ids.to_dtype(DType::U32)?;
+            let (b, s) = ids.dims2()?;
+            if s != 1 {
+                bail!("a decoding step takes one new token per row, got {s}");
+            }
+            if g.classes.end > self.head.out_dim() {
+                bail!(
+                    "classes {:?} of a {}-class head",
+                    g.classes,
+                    self.head.out_dim()
+                );
+            }
+            let start = g.cache.len();
+            masks.push(self.effective_masks(g.mask, b, start, 1, 0)?);
+            embedded.push(self.embeddings.forward(&ids, start)?); // [b, 1, H]
+            sizes.push(b);
+        }
+        let mut h = Tensor::cat(&embedded, 0)?; // [ΣB, 1, H]
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers) as usize;
+            let mask = |g: usize| masks[g][kind].as_ref().expect("built above");
+            h = layer.forward_groups(&h, &sizes, mask, |g, k, v| {
+                groups[g].cache.append(i, k, v)
+            })?;
+        }
+        groups.iter_mut().for_each(|g| g.cache.advance(1));
+        let h = self.final_layernorm.forward(&h.squeeze(1)?, ops)?; // [ΣB, H]
+        let h = self.head_layernorm.forward(&h, ops)?;
+        // The head once per distinct column range, over the rows of every group reading it.
+        let firsts: Vec<usize> = sizes
+            .iter()
+            .scan(0, |row, &b| {
+                let first = *row;
+                *row += b;
+                Some(first)
+            })
+            .collect();
+        let mut out: Vec<Option<Tensor>> = vec![None; groups.len()];
+        for g in 0..groups.len() {
+            if out[g].is_some() {
+                continue;
+            }
+            let classes = groups[g].classes.clone();
+            let members: Vec<usize> = (g..groups.len())
+                .filter(|&j| groups[j].classes == classes)
+                .collect();
+            let rows: Vec<u32> = members
+                .iter()
+                .flat_map(|&j| (firsts[j]..firsts[j] + sizes[j]).map(|r| r as u32))
+                .collect();
+            let index = Tensor::new(rows, h.device())?;
+            let logits = self
+                .head
+                .forward_columns(&h.index_select(&index, 0)?, classes)?;
+            let mut row = 0;
+            for &j in &members {
+                out[j] = Some(logits.narrow(0, row, sizes[j])?);
+                row += sizes[j];
+            }
+        }
+        Ok(out.into_iter().map(|t| t.expect("every group")).collect())
+    }
+
     /// The three-part training loss of full sequences `[B, T]` (no dropout: evaluation mode).
     pub fn loss(
         &self,
@@ -478,42 +566,10 @@ impl Rudolph {
         let ids = ids.to_dtype(DType::U32)?;
         let (b, s) = ids.dims2()?;
         let start = cache.as_ref().map_or(first, |c| c.len());
-        let end = start + s;
         // The first key position: 0 with a cache (it holds every earlier position), else the
         // window's own start.
         let keys_from = if cache.is_some() { 0 } else { start };
-        let mask_dims = attention_mask.dims();
-        if mask_dims.len() != 4
-            || mask_dims[1] != 1
-            || (mask_dims[0] != b && mask_dims[0] != 1)
-            || mask_dims[2] < end
-            || mask_dims[3] < end
-        {
-            bail!(
-                "attention mask has shape {mask_dims:?}, expected [{b} (or 1), 1, ≥{end}, ≥{end}]"
-            );
-        }
-        let pipeline = attention_mask
-            .narrow(2, start, s)?
-            .narrow(3, keys_from, end - keys_from)?
-            .to_dtype(DType::F32)?;
-        // One effective mask per kind used; layers of the same kind share it.
-        let mut effective: [Option<AdditiveMask>; 4] = Default::default();
-        for i in 0..self.cfg.num_layers {
-            let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers);
-            if effective[kind as usize].is_none() {
-                let layer = self.masks.get(kind).narrow(0, start, s)?.narrow(
-                    1,
-                    keys_from,
-                    end - keys_from,
-                )?;
-                let keep = pipeline.broadcast_mul(&layer.unsqueeze(0)?.unsqueeze(0)?)?;
-                // Scores are computed in the weights' dtype (f16/bf16 on GPUs); so is the mask.
-                let keep = keep.to_dtype(self.dtype())?;
-                effective[kind as usize] = Some(AdditiveMask::new(keep)?);
-            }
-        }
-
+        let effective = self.effective_masks(attention_mask, b, start, s, keys_from)?;
         let mut h = self.embeddings.forward(&ids, start)?;
         let embeddings = keep_hidden.then(|| h.clone());
         let mut hidden_states = Vec::new();
@@ -537,6 +593,63 @@ impl Rudolph {
             final_hidden: self.final_layernorm.forward(&h, ops)?,
         })
     }
+
+    /// Each layer kind's effective mask for the queries `start..start + s` over the keys
+    /// `keys_from..start + s`: the pipeline mask `[B or 1, 1, ≥T, ≥T]` times the kind's layer
+    /// mask. Layers of the same kind share one.
+    fn effective_masks(
+        &self,
+        attention_mask: &Tensor,
+        b: usize,
+        start: usize,
+        s: usize,
+        keys_from: usize,
+    ) -> Result<[Option<AdditiveMask>; 4]> {
+        let end = start + s;
+        let mask_dims = attention_mask.dims();
+        if mask_dims.len() != 4
+            || mask_dims[1] != 1
+            || (mask_dims[0] != b && mask_dims[0] != 1)
+            || mask_dims[2] < end
+            || mask_dims[3] < end
+        {
+            bail!(
+                "attention mask has shape {mask_dims:?}, expected [{b} (or 1), 1, ≥{end}, ≥{end}]"
+            );
+        }
+        let pipeline = attention_mask
+            .narrow(2, start, s)?
+            .narrow(3, keys_from, end - keys_from)?
+            .to_dtype(DType::F32)?;
+        let mut effective: [Option<AdditiveMask>; 4] = Default::default();
+        for i in 0..self.cfg.num_layers {
+            let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers);
+            if effective[kind as usize].is_none() {
+                let layer = self.masks.get(kind).narrow(0, start, s)?.narrow(
+                    1,
+                    keys_from,
+                    end - keys_from,
+                )?;
+                let keep = pipeline.broadcast_mul(&layer.unsqueeze(0)?.unsqueeze(0)?)?;
+                // Scores are computed in the weights' dtype (f16/bf16 on GPUs); so is the mask.
+                let keep = keep.to_dtype(self.dtype())?;
+                effective[kind as usize] = Some(AdditiveMask::new(keep)?);
+            }
+        }
+        Ok(effective)
+    }
+}
+
+/// Rows of one decoding step of [`Rudolph::forward_step_groups`].
+pub struct StepGroup<'a> {
+    /// `[b, 1]`: each row's next token.
+    pub ids: &'a Tensor,
+    /// The pipeline mask, `[b or 1, 1, T, T]`.
+    pub mask: &'a Tensor,
+    /// The rows' keys and values so far; the step appends to it.
+    pub cache: &'a mut KvCache,
+    /// The head's columns to return.
+    pub classes: std::ops::Range<usize>,
 }
 
 struct Hidden {

@@ -1,6 +1,6 @@
 //! Image → text in the right-text segment (rc1 `generate_captions`).
 
-use super::generate::{TextPlan, generate_text};
+use super::generate::{Decoding, TextPlan, generate_text};
 use super::rerank::{joint_nll, score_pairs};
 use super::texts::{SpecialIds, decode_unique, special_to_eos, template_prefix};
 use super::{GenerateOptions, Ranked};
@@ -18,7 +18,7 @@ pub fn generate_caption_ids(
     codes: &[u32],
     prefix: &[u32],
     count: usize,
-    batch: usize,
+    decoding: &Decoding,
     params: &SamplingParams,
     seed: u64,
     progress: &dyn ProgressSink,
@@ -51,7 +51,7 @@ pub fn generate_caption_ids(
         mask: &mask,
         post: &post,
     };
-    generate_text(model, &plan, count, batch, params, seed, progress)
+    generate_text(model, &plan, count, decoding, params, seed, progress)
 }
 
 /// How [`generate_captions`] orders the distinct captions it drew.
@@ -133,7 +133,7 @@ pub fn generate_captions(
         codes,
         &prefix,
         count,
-        opts.batch_size,
+        &opts.decoding(),
         &opts.params,
         opts.seed,
         opts.progress.as_ref(),

@@ -1,17 +1,60 @@
-//! The autoregressive loop every generator shares: items are produced in chunks of `batch`,
-//! each chunk with a fresh KV cache; each step either appends a forced token (image prompts,
-//! without a model call, as the original does) or samples one from a slice of the logits.
+//! The autoregressive loop every generator shares: items are produced in chunks, each chunk
+//! with a fresh KV cache (its own, or a session of a shared [`Batcher`]); each step either
+//! appends a forced token (image prompts, without a model call, as the original does) or samples
+//! one from a slice of the logits.
 //!
 //! With classifier-free guidance every item runs twice, after its own prefix and after an
 //! unconditional one, and samples from the conditional logits pushed away from the
 //! unconditional ones: `u + scale · (c − u)`. Both rows then receive the drawn token.
 
-use crate::model::Rudolph;
+use crate::batching::{Batcher, Session};
+use crate::model::{KvCache, Rudolph};
 use crate::progress::ProgressSink;
 use crate::sampling::{Sampler, SamplingParams};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
+
+/// How the rows of a generation meet the model.
+#[derive(Clone)]
+pub enum Decoding {
+    /// In chunks of this many items, each chunk alone.
+    Chunks(usize),
+    /// In the shared batch of a [`Batcher`] (over the same model), beside other callers' rows,
+    /// in chunks as large as the batch holds.
+    Shared(Batcher),
+}
+
+impl Decoding {
+    /// Items per chunk when each item takes `rows_per_item` rows (two with guidance).
+    fn chunk(&self, rows_per_item: usize) -> Result<usize> {
+        match self {
+            Self::Chunks(0) => candle_core::bail!("batch size must be at least 1"),
+            Self::Chunks(batch) => Ok(*batch),
+            Self::Shared(b) if b.max_batch() < rows_per_item => candle_core::bail!(
+                "each item takes {rows_per_item} rows (guidance doubles them) but the batch \
+                 holds {}",
+                b.max_batch()
+            ),
+            Self::Shared(b) => Ok(b.max_batch() / rows_per_item),
+        }
+    }
+}
+
+impl std::fmt::Debug for Decoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Chunks(b) => write!(f, "Chunks({b})"),
+            Self::Shared(b) => write!(f, "Shared(max_batch {})", b.max_batch()),
+        }
+    }
+}
+
+impl From<usize> for Decoding {
+    fn from(batch: usize) -> Self {
+        Self::Chunks(batch)
+    }
+}
 
 /// What to generate after a shared prefix.
 pub struct Plan<'a> {
@@ -53,7 +96,7 @@ pub fn generate_text(
     model: &Rudolph,
     plan: &TextPlan,
     count: usize,
-    batch: usize,
+    decoding: &Decoding,
     params: &SamplingParams,
     seed: u64,
     progress: &dyn ProgressSink,
@@ -66,7 +109,7 @@ pub fn generate_text(
         mask: plan.mask,
         guidance: None,
     };
-    let rows = generate(model, &steps, count, batch, params, seed, progress)?;
+    let rows = generate(model, &steps, count, decoding, params, seed, progress)?;
     Ok(rows
         .into_iter()
         .map(|generated| [plan.template, &generated].concat())
@@ -74,21 +117,20 @@ pub fn generate_text(
 }
 
 /// Generates `count` items and returns each item's generated tokens (`plan.steps.len()` each).
-/// Item `i` draws from stream `(seed, i)`, so results do not depend on `batch`. Each sampled
-/// step advances `progress` by the items it drew.
+/// Item `i` draws from stream `(seed, i)`, so results do not depend on the chunks. Each sampled
+/// step advances `progress` by the items it drew and shows it their tokens; a cancelled
+/// `progress` stops the work with an error.
 pub fn generate(
     model: &Rudolph,
     plan: &Plan,
     count: usize,
-    batch: usize,
+    decoding: &Decoding,
     params: &SamplingParams,
     seed: u64,
     progress: &dyn ProgressSink,
 ) -> Result<Vec<Vec<u32>>> {
     params.validate().map_err(candle_core::Error::msg)?;
-    if batch == 0 {
-        candle_core::bail!("batch size must be at least 1");
-    }
+    let batch = decoding.chunk(if plan.guidance.is_some() { 2 } else { 1 })?;
     if count > super::defaults::MAX_COUNT {
         candle_core::bail!(
             "{count} sequences asked for; one call draws at most {}",
@@ -107,7 +149,6 @@ pub fn generate(
             candle_core::bail!("guidance scale must be finite, got {}", g.scale);
         }
     }
-    let device = model.device();
     let mut results = Vec::with_capacity(count);
     for chunk_start in (0..count).step_by(batch) {
         let rows = batch.min(count - chunk_start);
@@ -115,13 +156,13 @@ pub fn generate(
             .map(|i| Sampler::new(seed, i as u64))
             .collect();
         let mut generated = vec![Vec::with_capacity(plan.steps.len()); rows];
-        let mut cache = model.new_cache();
         // Tokens appended since the last model call: each item's row, then (with guidance) its
         // unconditional twin at `rows + r`.
         let mut pending: Vec<Vec<u32>> = vec![plan.prefix.to_vec(); rows];
         if let Some(g) = &plan.guidance {
             pending.extend(vec![g.prefix.to_vec(); rows]);
         }
+        let mut forward = Forward::new(model, plan, decoding, pending.len())?;
         for step in &plan.steps {
             if let Some(token) = step {
                 for row in &mut generated {
@@ -132,13 +173,10 @@ pub fn generate(
                 }
                 continue;
             }
-            let width = pending[0].len();
-            let flat: Vec<u32> = pending.concat();
-            let ids = Tensor::from_vec(flat, (pending.len(), width), device)?;
-            let mut logits = model
-                .forward_cached_last(&ids, plan.mask, &mut cache, plan.classes.clone())?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            if progress.cancelled() {
+                candle_core::bail!("cancelled");
+            }
+            let mut logits = forward.logits(&pending)?;
             if let Some(g) = &plan.guidance {
                 let unconditional = logits.split_off(rows);
                 for (c, u) in logits.iter_mut().zip(&unconditional) {
@@ -162,8 +200,50 @@ pub fn generate(
                 *p = vec![*row.last().expect("a token was just drawn")];
             }
             progress.advance(rows as u64);
+            progress.drawn(chunk_start, &generated);
         }
         results.extend(generated);
     }
     Ok(results)
+}
+
+/// Where a chunk's steps go: the model with a cache of the chunk's own, or a session of the
+/// shared batch.
+enum Forward<'a> {
+    Alone {
+        model: &'a Rudolph,
+        plan: &'a Plan<'a>,
+        cache: KvCache,
+    },
+    Shared(Session),
+}
+
+impl<'a> Forward<'a> {
+    fn new(model: &'a Rudolph, plan: &'a Plan, decoding: &Decoding, rows: usize) -> Result<Self> {
+        Ok(match decoding {
+            Decoding::Chunks(_) => Self::Alone {
+                model,
+                plan,
+                cache: model.new_cache(),
+            },
+            Decoding::Shared(b) => {
+                Self::Shared(b.open(rows, plan.mask.clone(), plan.classes.clone())?)
+            }
+        })
+    }
+
+    /// Each row's logits after appending its `pending` tokens.
+    fn logits(&mut self, pending: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Alone { model, plan, cache } => {
+                let width = pending[0].len();
+                let ids = Tensor::from_vec(pending.concat(), (pending.len(), width), model.device())?;
+                model
+                    .forward_cached_last(&ids, plan.mask, cache, plan.classes.clone())?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()
+            }
+            Self::Shared(session) => session.step(pending),
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Text → image codes (rc1 `generate_codebooks`), optionally continuing a picture's borders
 //! (ruDALL-E `ImagePrompts`).
 
-use super::generate::{Guidance, Plan, generate};
+use super::generate::{Decoding, Guidance, Plan, generate};
 use super::rerank::score_pairs;
 use super::{GenerateOptions, Ranked, Warning, add_warnings};
 use crate::error::invalid;
@@ -66,7 +66,7 @@ pub fn generate_image_codes(
     count: usize,
     prompt: Option<&ImagePrompt>,
     guidance: f32,
-    batch: usize,
+    decoding: &Decoding,
     params: &SamplingParams,
     seed: u64,
     progress: &dyn ProgressSink,
@@ -118,7 +118,7 @@ pub fn generate_image_codes(
             scale: guidance,
         }),
     };
-    generate(model, &plan, count, batch, params, seed, progress)
+    generate(model, &plan, count, decoding, params, seed, progress)
 }
 
 /// The pictures of code grids, `[B, 3, S, S]` in `[0, 1]`, decoded `batch` at a time.
@@ -269,7 +269,7 @@ pub fn generate_images(
         count,
         prompt,
         opts.guidance,
-        opts.batch_size,
+        &opts.decoding(),
         &opts.params,
         opts.seed,
         opts.progress.as_ref(),

@@ -304,6 +304,8 @@ pub struct GenerateOptions {
     pub guidance: f32,
     /// Hears each generated token (silent by default).
     pub progress: Arc<dyn ProgressSink>,
+    /// Decode in this shared batch rather than alone in chunks of `batch_size` (a server's).
+    pub shared: Option<crate::batching::Batcher>,
 }
 
 impl GenerateOptions {
@@ -317,6 +319,16 @@ impl GenerateOptions {
             fidelity: Fidelity::Fixed,
             guidance: 1.0,
             progress: silent(),
+            shared: None,
+        }
+    }
+
+    /// How generation meets the model: the shared batch if there is one, else chunks of
+    /// `batch_size`.
+    pub fn decoding(&self) -> generate::Decoding {
+        match &self.shared {
+            Some(b) => generate::Decoding::Shared(b.clone()),
+            None => generate::Decoding::Chunks(self.batch_size),
         }
     }
 }
@@ -329,6 +341,7 @@ impl std::fmt::Debug for GenerateOptions {
             .field("batch_size", &self.batch_size)
             .field("fidelity", &self.fidelity)
             .field("guidance", &self.guidance)
+            .field("shared", &self.shared.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -1,6 +1,6 @@
 //! Text generation in the left-text segment (rc1 `generate_texts`), ranked by perplexity.
 
-use super::generate::{TextPlan, generate_text};
+use super::generate::{Decoding, TextPlan, generate_text};
 use super::perplexity::{ce_to_ppl, token_cross_entropy};
 use super::{GenerateOptions, Ranked, Warning};
 use crate::model::{Rudolph, masks};
@@ -60,7 +60,7 @@ pub fn generate_text_ids(
     model: &Rudolph,
     prefix: &[u32],
     count: usize,
-    batch: usize,
+    decoding: &Decoding,
     params: &SamplingParams,
     seed: u64,
     rule: SpecialIds,
@@ -83,7 +83,7 @@ pub fn generate_text_ids(
         mask: &mask,
         post: &post,
     };
-    generate_text(model, &plan, count, batch, params, seed, progress)
+    generate_text(model, &plan, count, decoding, params, seed, progress)
 }
 
 /// Perplexity of left texts (each `l` ids, `[BOS, …, EOS, 0…]`), as generate_texts re-scores
@@ -138,7 +138,7 @@ pub fn generate_texts(
         model,
         &prefix,
         count,
-        opts.batch_size,
+        &opts.decoding(),
         &opts.params,
         opts.seed,
         opts.fidelity.special_ids(),

@@ -502,6 +502,7 @@ fn options(params: SamplingParams, seed: u64, batch: usize) -> GenerateOptions {
         fidelity: Fidelity::Fixed,
         guidance: 1.0,
         progress: silent(),
+        shared: None,
     }
 }
 
@@ -807,7 +808,7 @@ fn generated_texts(
         model,
         &prefix,
         opts.n,
-        opts.batch_size,
+        &opts.batch_size.into(),
         &defaults::TEXT,
         item_seed(opts.seed, 6, 0),
         SpecialIds::AllPositionTokens,
