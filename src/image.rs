@@ -65,6 +65,20 @@ pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
         .take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(open)?;
+    decode_image(&bytes, &shown)
+}
+
+/// As [`load_image`], for a picture already in memory; `shown` names it in errors (a file, a
+/// request's field).
+pub fn decode_image(bytes: &[u8], shown: &str) -> Result<RgbImage, ImageError> {
+    decode_image_within(bytes, shown, MAX_SIDE)
+}
+
+/// As [`decode_image`], refusing pictures more than `max_side` pixels wide or tall (at most
+/// [`MAX_SIDE`]).
+pub fn decode_image_within(bytes: &[u8], shown: &str, max_side: u32) -> Result<RgbImage, ImageError> {
+    let max_side = max_side.min(MAX_SIDE);
+    let shown = shown.to_string();
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(ImageError::TooLarge {
             path: shown,
@@ -72,18 +86,21 @@ pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
         });
     }
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(open)?;
+        .map_err(|source| ImageError::Open {
+            path: shown.clone(),
+            source,
+        })?;
     reader.limits(limits);
     let img = reader.decode().map_err(|source| match source {
         image::ImageError::Limits(e) => ImageError::TooLarge {
             path: shown.clone(),
             problem: format!(
-                "{e} (at most {MAX_SIDE} pixels a side and {} MiB to decode)",
+                "{e} (at most {max_side} pixels a side and {} MiB to decode)",
                 MAX_DECODE_BYTES >> 20
             ),
         },

@@ -48,6 +48,7 @@ pub mod model;
 pub mod pipelines;
 pub mod progress;
 pub mod sampling;
+pub mod serve;
 pub mod text_file;
 pub mod tokenizer;
 pub mod train;

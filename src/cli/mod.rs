@@ -9,6 +9,7 @@ mod image;
 mod inspect;
 mod progress;
 mod rerank;
+mod serve;
 mod text;
 mod tokenize;
 mod tokenizer_train;
@@ -44,6 +45,9 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Perplexity of a text given each candidate picture (or code grid), best first.
     Rerank(rerank::RerankArgs),
+    /// Serve the model over HTTP with an OpenAI-compatible API (pictures, captions, texts,
+    /// classification, reranking), batching concurrent requests.
+    Serve(serve::ServeArgs),
     /// The shapes world the built-in model knows: sample scenes with captions, train the
     /// built-in model's recipe, evaluate a model on it (`world sample|train|eval`).
     World(world::WorldArgs),
@@ -98,6 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Caption(args) => caption::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Rerank(args) => rerank::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Detokenize(args) => tokenize::detokenize(args),
         Command::Tokenizer(args) => tokenizer_train::run(args),

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 pub use bpe::{Bpe, SpecialIds};
 pub use lower::{lower_strip, python_strip};
 pub use train::{TrainOptions, TrainedBpe, bpe_from_merges, train_bpe};
-pub use wrapper::TextTokenizer;
+pub use wrapper::{MAX_TEXT_CHARS, TextTokenizer};
 
 /// Everything that can go wrong while loading a model or encoding/decoding with it.
 #[derive(Debug, thiserror::Error)]
