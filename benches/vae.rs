@@ -2,11 +2,9 @@
 //! 16 images of 16×16 codes (128×128 px), on the CPU. `VAE_BENCH_ITERS` sets the timed runs
 //! (default 2, after one warm-up).
 
-use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use rudolph::vae::{Vqgan, VqganConfig, VqganLayout};
+use candle_core::{Device, Tensor};
+use rudolph::vae::{Vqgan, VqganConfig};
 
 mod support;
 
@@ -16,23 +14,7 @@ fn main() -> anyhow::Result<()> {
     let iters = support::iterations("VAE_BENCH_ITERS", 2);
     let device = Device::Cpu;
     let config = VqganConfig::gumbelf8_sber();
-    // Random init through a VarMap, then detached copies: weights that are `Var`s would make
-    // candle record the autograd graph and keep every activation alive.
-    let varmap = VarMap::new();
-    Vqgan::new(
-        &config,
-        VqganLayout::Plain,
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-    )?;
-    let weights: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &device);
-    let vae = Vqgan::new(&config, VqganLayout::Plain, vb)?;
+    let vae = Vqgan::random(&config, &device)?;
 
     // Deterministic pseudo-random codes.
     let codes: Vec<u32> = (0..BATCH * SIDE * SIDE)

@@ -39,6 +39,12 @@ pub struct ServeArgs {
     /// Seconds running requests may still take after SIGINT or SIGTERM before they are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
+    /// Serve this configuration (a preset such as 350m, or a config.json) with random weights
+    /// and a random VQGAN of the real one's size, reading with the folder's tokenizer (the
+    /// built-in model's by default): a model to measure the server with, no download needed.
+    /// Its pictures are noise.
+    #[arg(long, value_name = "PRESET")]
+    pub random_weights: Option<String>,
     /// The model's name in /v1/models and in requests (default: the model folder's name, or
     /// rudolph-shapes for the built-in model).
     #[arg(long)]
@@ -68,6 +74,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             None => "rudolph-shapes".into(),
         }
     });
+    let model_id = match &args.random_weights {
+        Some(preset) if args.model_id.is_none() => format!("random-{preset}"),
+        _ => model_id,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -77,7 +87,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&address))
         .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e} (--host, --port)"))?;
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
+    if let Some(preset) = &args.random_weights {
+        let cfg = rudolph::config::Config::from_name_or_path(preset)
+            .map_err(|e| anyhow::anyhow!("--random-weights: {e}"))?;
+        let device = super::common::parse_device(&args.model.device)?;
+        let precision = super::common::parse_precision(&args.model.dtype)?;
+        loaded.model = rudolph::model::Rudolph::random(&cfg, 0, precision, &device)?;
+        let vae = rudolph::vae::VqganConfig::gumbelf8_sber();
+        loaded.vae = Some(rudolph::vae::Vqgan::random(&vae, &device)?);
+    }
     let options = ServeOptions {
         max_batch: args.max_batch,
         max_queue: args.max_queue,

@@ -159,6 +159,28 @@ impl Vqgan {
     }
 
     /// The hyper-parameters the model was built with.
+    /// A VQGAN of `config` with random weights (candle's default initialisation), for
+    /// benchmarks.
+    pub fn random(config: &VqganConfig, device: &Device) -> Result<Self, VaeError> {
+        // Random init through a VarMap, then detached copies: weights that are `Var`s would make
+        // candle record the autograd graph and keep every activation alive.
+        let varmap = candle_nn::VarMap::new();
+        Self::new(
+            config,
+            VqganLayout::Plain,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        let weights: std::collections::HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+        Self::new(config, VqganLayout::Plain, vb)
+    }
+
     pub fn config(&self) -> &VqganConfig {
         &self.config
     }
