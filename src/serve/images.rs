@@ -324,6 +324,9 @@ pub async fn generations(
     let mut body = serde_json::json!({
         "created": unix_now(),
         "data": data,
+        "usage": usage(&loaded, &drawing),
+        "output_format": "png",
+        "size": format!("{0}x{0}", loaded.model.config().image_size()),
         "seed": seed,
     });
     if !drawn.warnings.is_empty() {
@@ -367,6 +370,7 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
     let opts = server.generate_options(&job, drawing.params, drawing.seed);
     let size = format!("{0}x{0}", cfg.image_size());
     let seed = opts.seed;
+    let used = usage(&server.loaded, &drawing);
     let runner = server.clone();
     tokio::spawn(async move {
         let result = runner
@@ -381,7 +385,7 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
     let events = futures_util::stream::unfold(
         (rx, server, false),
         move |(mut rx, server, done)| {
-            let size = size.clone();
+            let (size, used) = (size.clone(), used.clone());
             async move {
                 if done {
                     return None;
@@ -408,6 +412,7 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
                                         "size": size,
                                         "output_format": "png",
                                         "background": "opaque",
+                                        "quality": "auto",
                                         "partial_image_index": index,
                                     }),
                                 ),
@@ -425,6 +430,8 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
                             "size": size,
                             "output_format": "png",
                             "background": "opaque",
+                            "quality": "auto",
+                            "usage": used,
                             "seed": seed,
                             "ppl_text": r.ppl_text,
                             "ppl_image": r.ppl_image,
@@ -444,6 +451,29 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
         },
     );
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// Tokens read and written, as OpenAI's images API counts them: the prompt's text tokens in, the
+/// drawn candidates' image codes out.
+fn usage(loaded: &Loaded, d: &Drawing) -> serde_json::Value {
+    let text = loaded
+        .tokenizer
+        .bpe()
+        .encode(&crate::tokenizer::lower_strip(&d.prompt))
+        .len()
+        + 2;
+    let image = if d.image.is_some() {
+        loaded.model.config().image_seq_length()
+    } else {
+        0
+    };
+    let output = d.candidates * loaded.model.config().image_seq_length();
+    serde_json::json!({
+        "input_tokens": text + image,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": image},
+        "output_tokens": output,
+        "total_tokens": text + image + output,
+    })
 }
 
 fn event_json(name: &str, data: serde_json::Value) -> Event {
