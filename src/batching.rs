@@ -32,6 +32,8 @@ pub struct Stats {
     pub steps: AtomicU64,
     /// Tokens computed (one per row and step, the prefixes' included).
     pub tokens: AtomicU64,
+    /// Rows summed over the steps (their mean per step is `rows / steps`).
+    pub rows: AtomicU64,
     /// Rows of the latest step.
     pub last_step_rows: AtomicUsize,
     /// The most rows of one step so far.
@@ -350,6 +352,7 @@ impl Engine {
             }
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.stats.last_step_rows.store(rows, Ordering::Relaxed);
         self.stats.peak_step_rows.fetch_max(rows, Ordering::Relaxed);
     }

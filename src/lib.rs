@@ -27,6 +27,8 @@
 //! | [`vae`] | the VQGAN that turns pictures into codes and back |
 //! | [`sampling`] | choosing the next token as the original does |
 //! | [`pipelines`] | the tasks: texts, pictures, captions, reranking, classification |
+//! | [`batching`] | many callers' generations decoded in one shared batch |
+//! | [`serve`] | the OpenAI-compatible HTTP server over the pipelines |
 //! | [`folder`] | a model folder of original files, loaded as a whole |
 //! | [`train`] | fine-tuning and training |
 //! | [`world`], [`builtin`] | the procedural shapes world and the built-in model trained on it |

@@ -18,20 +18,23 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Keep freed memory instead of handing it back to the kernel after 10 ms: tensors of a few
-    // MiB are freed and allocated again at every step, and each return meant the kernel zeroing
-    // fresh pages on the next touch (a tenth of a training step). Peak memory does not grow,
-    // since the kept pages are what the next step allocates.
-    // SAFETY: setting an allocator option, which mimalloc reads at its next purge.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-    }
     // SAFETY: setting a signal's disposition before any thread starts. A write past the file
     // size limit then fails with EFBIG, which the command reports, instead of killing it.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = cli::Cli::parse();
+    // Keep freed memory instead of handing it back to the kernel after 10 ms: tensors of a few
+    // MiB are freed and allocated again at every step, and each return meant the kernel zeroing
+    // fresh pages on the next touch (a tenth of a training step). Peak memory does not grow,
+    // since the kept pages are what the next step allocates. Not for the server: each of its
+    // many request threads has a heap of its own, and each would keep its peak for good.
+    if !cli.serves() {
+        // SAFETY: setting an allocator option, which mimalloc reads at its next purge.
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        }
+    }
     if let Some(problem) = rudolph::kernels::Cpu::setting_problem() {
         eprintln!("warning: {problem}");
     }

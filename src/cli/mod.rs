@@ -88,6 +88,13 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// Whether the command is the long-running server.
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Config(args) => {

@@ -94,6 +94,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let device = super::common::parse_device(&args.model.device)?;
         let precision = super::common::parse_precision(&args.model.dtype)?;
         loaded.model = rudolph::model::Rudolph::random(&cfg, 0, precision, &device)?;
+        // The folder's generation defaults are its own model's, not this one's.
+        loaded.generation = rudolph::folder::GenerationConfig::default();
         let vae = rudolph::vae::VqganConfig::gumbelf8_sber();
         loaded.vae = Some(rudolph::vae::Vqgan::random(&vae, &device)?);
     }

@@ -76,6 +76,7 @@ pub async fn metrics(State(server): State<Arc<Server>>) -> Response {
     let text = server.metrics.render(
         server.batcher.stats(),
         server.in_progress.load(std::sync::atomic::Ordering::Relaxed),
+        server.options.max_batch - server.running.available_permits(),
         server.options.max_batch,
     );
     (

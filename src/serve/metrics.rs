@@ -45,7 +45,13 @@ impl Metrics {
     }
 
     /// Everything, with the batcher's and the queue's state, in Prometheus' text format.
-    pub fn render(&self, batch: &Stats, in_progress: usize, max_batch: usize) -> String {
+    pub fn render(
+        &self,
+        batch: &Stats,
+        in_progress: usize,
+        running: usize,
+        max_batch: usize,
+    ) -> String {
         let mut out = String::from(
             "# HELP rudolph_requests_total Requests answered, by route and status.\n\
              # TYPE rudolph_requests_total counter\n",
@@ -67,8 +73,18 @@ impl Metrics {
                 in_progress as f64,
             ),
             (
+                "rudolph_requests_running",
+                "Requests whose work runs (at most --max-batch).",
+                running as f64,
+            ),
+            (
                 "rudolph_queue_depth",
-                "Generations waiting for room in the batch.",
+                "Requests waiting in the queue to run.",
+                in_progress.saturating_sub(running) as f64,
+            ),
+            (
+                "rudolph_batch_waiting",
+                "Running requests' generations waiting for rows in the batch.",
                 batch.waiting_sessions.load(Ordering::Relaxed) as f64,
             ),
             (
@@ -100,6 +116,11 @@ impl Metrics {
                 "rudolph_decoding_steps_total",
                 "Model steps the shared batch ran.",
                 batch.steps.load(Ordering::Relaxed),
+            ),
+            (
+                "rudolph_decoded_rows_total",
+                "Rows summed over the steps (divided by the steps: the mean batch).",
+                batch.rows.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {

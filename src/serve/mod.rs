@@ -89,6 +89,9 @@ pub struct Server {
     metrics: metrics::Metrics,
     files: files::Files,
     in_progress: AtomicUsize,
+    /// Places for requests whose work runs: as many as the batch has rows, since each running
+    /// request decodes at least one; the others wait in the queue, holding no memory.
+    running: Arc<tokio::sync::Semaphore>,
     next_request: AtomicU64,
     log: Log,
     started: SystemTime,
@@ -103,6 +106,7 @@ impl Server {
             return Err(crate::error::invalid("the server needs room for a request"));
         }
         let batcher = Batcher::start(loaded.model.clone(), options.max_batch)?;
+        let max_batch = options.max_batch;
         Ok(Arc::new(Self {
             loaded: Arc::new(loaded),
             batcher,
@@ -110,6 +114,7 @@ impl Server {
             metrics: metrics::Metrics::default(),
             files: files::Files::default(),
             in_progress: AtomicUsize::new(0),
+            running: Arc::new(tokio::sync::Semaphore::new(max_batch)),
             next_request: AtomicU64::new(1),
             log,
             started: SystemTime::now(),
@@ -207,14 +212,14 @@ impl Server {
     ) -> GenerateOptions {
         let mut opts = GenerateOptions::new(params);
         opts.seed = seed.unwrap_or_else(clock_seed);
-        opts.batch_size = self.options.max_batch.max(1);
+        opts.batch_size = 1;
         opts.progress = job.clone();
         opts.shared = Some(self.batcher.clone());
         opts
     }
 
-    /// Runs `work` on the blocking pool (it holds `permit` until done) and answers with its
-    /// result; a job stopped by its deadline is a 504, by the server's shutdown a 503. Dropping
+    /// Runs `work` on the blocking pool once a place among the running requests is free (it
+    /// holds `permit` until done) and answers with its result; a job stopped by its deadline is a 504, by the server's shutdown a 503. Dropping
     /// the future (the client went away) stops the work at its next step.
     fn run<T: Send + 'static>(
         &self,
@@ -222,11 +227,18 @@ impl Server {
         job: Arc<Job>,
         work: impl FnOnce(&Loaded) -> Result<T, ApiError> + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static {
-        let loaded = self.loaded.clone();
+        let server = job.server.clone();
         async move {
             let _cancel_when_dropped = CancelOnDrop(job.clone());
+            let Ok(place) = server.running.clone().acquire_owned().await else {
+                return Err(job.explain(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is shutting down",
+                )));
+            };
+            let loaded = server.loaded.clone();
             let handle = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
+                let _held = (permit, place);
                 work(&loaded)
             });
             match handle.await {
