@@ -2,7 +2,6 @@
 //! 16 images of 16×16 codes (128×128 px), on the CPU. `VAE_BENCH_ITERS` sets the timed runs
 //! (default 2, after one warm-up).
 
-
 use candle_core::{Device, Tensor};
 use rudolph::vae::{Vqgan, VqganConfig};
 

@@ -135,7 +135,15 @@ pub fn run(
             }
             Task::Image => {
                 images::generate_image_codes(
-                    &model, &left, images, None, 1.0, &batch.into(), &params, 0, &Silent,
+                    &model,
+                    &left,
+                    images,
+                    None,
+                    1.0,
+                    &batch.into(),
+                    &params,
+                    0,
+                    &Silent,
                 )?;
                 images * n
             }

@@ -76,7 +76,11 @@ pub fn decode_image(bytes: &[u8], shown: &str) -> Result<RgbImage, ImageError> {
 
 /// As [`decode_image`], refusing pictures more than `max_side` pixels wide or tall (at most
 /// [`MAX_SIDE`]).
-pub fn decode_image_within(bytes: &[u8], shown: &str, max_side: u32) -> Result<RgbImage, ImageError> {
+pub fn decode_image_within(
+    bytes: &[u8],
+    shown: &str,
+    max_side: u32,
+) -> Result<RgbImage, ImageError> {
     let max_side = max_side.min(MAX_SIDE);
     let shown = shown.to_string();
     if bytes.len() as u64 > MAX_FILE_BYTES {

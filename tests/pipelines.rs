@@ -4,10 +4,10 @@
 mod common;
 
 use common::*;
+use rudolph::pipelines::generate::Decoding;
 use rudolph::pipelines::images::{ImagePrompt, generate_image_codes};
 use rudolph::pipelines::rerank::{joint_nll, score_pairs, score_texts_by_image_rc1};
 use rudolph::pipelines::texts::{self, SpecialIds, generate_text_ids};
-use rudolph::pipelines::generate::Decoding;
 use rudolph::pipelines::{Fidelity, GenerateOptions, captions, classify};
 use rudolph::progress::Silent;
 use rudolph::sampling::SamplingParams;
@@ -806,8 +806,18 @@ fn guidance_mixes_the_conditional_and_unconditional_logits() {
         temperature: 1.0,
     };
     let generate = |scale: f32, steps: usize| {
-        let all =
-            generate_image_codes(&model, &left, 2, None, scale, &2.into(), &greedy, 0, &Silent).unwrap();
+        let all = generate_image_codes(
+            &model,
+            &left,
+            2,
+            None,
+            scale,
+            &2.into(),
+            &greedy,
+            0,
+            &Silent,
+        )
+        .unwrap();
         assert_eq!(all[0], all[1], "greedy rows agree");
         all[0][..steps].to_vec()
     };

@@ -48,7 +48,10 @@ impl Served {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| {
                 std::thread::sleep(Duration::from_millis(200));
-                panic!("no 'listening on' line: {line:?}; stderr: {}", log.lock().unwrap())
+                panic!(
+                    "no 'listening on' line: {line:?}; stderr: {}",
+                    log.lock().unwrap()
+                )
             })
             .to_string();
         Self { child, url, log }
@@ -67,7 +70,10 @@ impl Served {
             if let Some(s) = self.child.try_wait().unwrap() {
                 break s;
             }
-            assert!(Instant::now() < deadline, "the server did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "the server did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         std::thread::sleep(Duration::from_millis(100));
@@ -231,7 +237,10 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(together, alone, "a picture drawn beside others is the one drawn alone");
+    assert_eq!(
+        together, alone,
+        "a picture drawn beside others is the one drawn alone"
+    );
     assert!(metric(&s, "rudolph_decoding_steps_total") > 0.0);
 
     // As a URL, served for an hour.
@@ -265,7 +274,10 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
     for (i, (_, data)) in stream[..2].iter().enumerate() {
         let d: Value = serde_json::from_str(data).unwrap();
         assert_eq!(d["partial_image_index"], i);
-        assert_eq!(png_of(d["b64_json"].as_str().unwrap()).dimensions(), (64, 64));
+        assert_eq!(
+            png_of(d["b64_json"].as_str().unwrap()).dimensions(),
+            (64, 64)
+        );
     }
     let done: Value = serde_json::from_str(&stream[2].1).unwrap();
     let (_, plain) = post(
@@ -343,10 +355,25 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
 
     // Every malformed request is a 4xx naming its problem, and the server goes on.
     let images = "/v1/images/generations";
-    assert_error(post_raw(&s, images, "{nope"), 400, None, &["not valid JSON"]);
+    assert_error(
+        post_raw(&s, images, "{nope"),
+        400,
+        None,
+        &["not valid JSON"],
+    );
     assert_error(post_raw(&s, images, ""), 400, None, &["no body"]);
-    assert_error(post(&s, images, &json!({"n": 1})), 400, Some("prompt"), &["prompt"]);
-    assert_error(post(&s, images, &json!({"prompt": 5})), 400, Some("prompt"), &["string"]);
+    assert_error(
+        post(&s, images, &json!({"n": 1})),
+        400,
+        Some("prompt"),
+        &["prompt"],
+    );
+    assert_error(
+        post(&s, images, &json!({"prompt": 5})),
+        400,
+        Some("prompt"),
+        &["string"],
+    );
     assert_error(
         post(&s, images, &json!({"prompt": STAR, "colour": 1})),
         400,
@@ -366,7 +393,11 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
         &["tokens"],
     );
     assert_error(
-        post(&s, images, &json!({"prompt": STAR, "n": 5, "candidates": 2})),
+        post(
+            &s,
+            images,
+            &json!({"prompt": STAR, "n": 5, "candidates": 2}),
+        ),
         400,
         Some("n"),
         &["candidates"],
@@ -390,9 +421,7 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
         &["temperature"],
     );
     let chat = "/v1/chat/completions";
-    let picture = |url: &str| {
-        json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
-    };
+    let picture = |url: &str| json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]});
     let field = "messages[0].content[0].image_url.url";
     assert_error(
         post(&s, chat, &picture("https://example.com/a.png")),
@@ -407,19 +436,34 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
         &["base64"],
     );
     assert_error(
-        post(&s, chat, &picture(&format!("data:image/png;base64,{}", b64_png_header(100_000)))),
+        post(
+            &s,
+            chat,
+            &picture(&format!(
+                "data:image/png;base64,{}",
+                b64_png_header(100_000)
+            )),
+        ),
         400,
         Some(field),
         &["too large"],
     );
     assert_error(
-        post(&s, chat, &json!({"messages": [{"role": "system", "content": "x"}]})),
+        post(
+            &s,
+            chat,
+            &json!({"messages": [{"role": "system", "content": "x"}]}),
+        ),
         400,
         Some("messages"),
         &["user"],
     );
     assert_error(
-        post(&s, "/v1/classify", &json!({"inputs": star, "parameters": {"candidate_labels": []}})),
+        post(
+            &s,
+            "/v1/classify",
+            &json!({"inputs": star, "parameters": {"candidate_labels": []}}),
+        ),
         400,
         Some("parameters.candidate_labels"),
         &["empty"],
@@ -431,7 +475,11 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
         &["either"],
     );
     assert_error(
-        post(&s, "/v1/rerank", &json!({"text": STAR, "codes": [[1, 2, 3]]})),
+        post(
+            &s,
+            "/v1/rerank",
+            &json!({"text": STAR, "codes": [[1, 2, 3]]}),
+        ),
         400,
         Some("codes[0]"),
         &["64"],
@@ -444,9 +492,10 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
     assert_eq!(status, 200);
 
     let (_, metrics) = get(&s, "/metrics");
-    assert!(metrics.contains(
-        "rudolph_requests_total{route=\"/v1/images/generations\",status=\"400\"} 10"
-    ));
+    assert!(
+        metrics
+            .contains("rudolph_requests_total{route=\"/v1/images/generations\",status=\"400\"} 10")
+    );
     assert!(metrics.contains("rudolph_request_duration_seconds_bucket{route=\"/v1/classify\""));
     let (status, log) = s.stop();
     assert!(status.success(), "{status}: {log}");
@@ -548,7 +597,12 @@ fn keys_limits_backpressure_timeouts_and_departing_clients() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 413);
     let e: Value = r.json().unwrap();
-    assert!(e["error"]["message"].as_str().unwrap().contains("--max-body-mb"));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-body-mb")
+    );
 
     // Two long requests fill the batch and the (empty) queue; a third is told to come back.
     // Their clients then give up, and their rows are freed long before they would have ended.
@@ -561,7 +615,11 @@ fn keys_limits_backpressure_timeouts_and_departing_clients() {
         for _ in 0..2 {
             let (impatient, images, long) = (&impatient, &images, &long);
             scope.spawn(move || {
-                let r = impatient.post(images).bearer_auth("sesame").json(long).send();
+                let r = impatient
+                    .post(images)
+                    .bearer_auth("sesame")
+                    .json(long)
+                    .send();
                 assert!(r.is_err(), "the client gave up before the answer");
             });
         }
@@ -635,7 +693,10 @@ fn the_official_openai_python_client_draws_and_captions() {
     let s = Served::start(&[]);
     let out_dir = std::env::temp_dir().join(format!("rudolph-openai-{}", std::process::id()));
     let output = Command::new(&python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/openai_client.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/openai_client.py"
+        ))
         .arg(&s.url)
         .arg("--out")
         .arg(&out_dir)

@@ -64,16 +64,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::var("RUDOLPH_API_KEY").ok())
         .filter(|k| !k.is_empty());
-    let model_id = args.model_id.clone().unwrap_or_else(|| {
-        match &args.model.folder.model {
+    let model_id = args
+        .model_id
+        .clone()
+        .unwrap_or_else(|| match &args.model.folder.model {
             Some(dir) => dir
                 .canonicalize()
                 .ok()
                 .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "rudolph".into()),
             None => "rudolph-shapes".into(),
-        }
-    });
+        });
     let model_id = match &args.random_weights {
         Some(preset) if args.model_id.is_none() => format!("random-{preset}"),
         _ => model_id,

@@ -429,9 +429,8 @@ impl Rudolph {
         for (i, layer) in self.layers.iter().enumerate() {
             let kind = LayerMaskKind::for_layer(i, self.cfg.num_layers) as usize;
             let mask = |g: usize| masks[g][kind].as_ref().expect("built above");
-            h = layer.forward_groups(&h, &sizes, mask, |g, k, v| {
-                groups[g].cache.append(i, k, v)
-            })?;
+            h = layer
+                .forward_groups(&h, &sizes, mask, |g, k, v| groups[g].cache.append(i, k, v))?;
         }
         groups.iter_mut().for_each(|g| g.cache.advance(1));
         let h = self.final_layernorm.forward(&h.squeeze(1)?, ops)?; // [ΣB, H]

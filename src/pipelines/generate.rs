@@ -237,7 +237,8 @@ impl<'a> Forward<'a> {
         match self {
             Self::Alone { model, plan, cache } => {
                 let width = pending[0].len();
-                let ids = Tensor::from_vec(pending.concat(), (pending.len(), width), model.device())?;
+                let ids =
+                    Tensor::from_vec(pending.concat(), (pending.len(), width), model.device())?;
                 model
                     .forward_cached_last(&ids, plan.mask, cache, plan.classes.clone())?
                     .to_dtype(DType::F32)?

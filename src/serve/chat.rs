@@ -124,10 +124,8 @@ fn check(server: &Server, loaded: &Loaded, r: ChatRequest) -> Result<Asked, ApiE
             for (j, part) in parts.iter().enumerate() {
                 match part {
                     Part::Text { text } => texts.push(text.clone()),
-                    Part::ImageUrl { image_url } => pictures.push((
-                        format!("{field}[{j}].image_url.url"),
-                        image_url.url.clone(),
-                    )),
+                    Part::ImageUrl { image_url } => pictures
+                        .push((format!("{field}[{j}].image_url.url"), image_url.url.clone())),
                 }
             }
         }
@@ -156,7 +154,9 @@ fn check(server: &Server, loaded: &Loaded, r: ChatRequest) -> Result<Asked, ApiE
         {
             return Err(ApiError::invalid(
                 name,
-                format!("{name} = {limit} is less than the model's {slots} text tokens, which every answer may fill"),
+                format!(
+                    "{name} = {limit} is less than the model's {slots} text tokens, which every answer may fill"
+                ),
             ));
         }
     }
@@ -171,7 +171,9 @@ fn check(server: &Server, loaded: &Loaded, r: ChatRequest) -> Result<Asked, ApiE
             }
             let rank = match r.rank.as_deref() {
                 None => CaptionRank::default(),
-                Some(s) => s.parse().map_err(|e: String| ApiError::invalid("rank", e))?,
+                Some(s) => s
+                    .parse()
+                    .map_err(|e: String| ApiError::invalid("rank", e))?,
             };
             Task::Caption {
                 picture: Box::new(picture(&name, &url, server.options.max_image_side)?),
@@ -224,8 +226,8 @@ fn answer(loaded: &Loaded, asked: &Asked, opts: &GenerateOptions) -> Result<Answ
             rank,
         } => {
             warnings.extend(loaded.unknown_words("caption's beginning", template));
-            let codes = picture_codes(&loaded.model, loaded.vae()?, &[(**picture).clone()])?
-                .remove(0);
+            let codes =
+                picture_codes(&loaded.model, loaded.vae()?, &[(**picture).clone()])?.remove(0);
             let captions = generate_captions(
                 &loaded.model,
                 &loaded.tokenizer,

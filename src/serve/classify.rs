@@ -7,8 +7,7 @@ use super::request::{ApiJson, picture};
 use super::{Server, fits};
 use crate::folder::Loaded;
 use crate::pipelines::classify::{
-    CAPTION_TEMPLATE, CaptionClassify, Classification, classify as by_template,
-    classify_by_caption,
+    CAPTION_TEMPLATE, CaptionClassify, Classification, classify as by_template, classify_by_caption,
 };
 use crate::pipelines::images::picture_codes;
 use crate::pipelines::{Fidelity, GenerateOptions, defaults};
@@ -82,7 +81,12 @@ pub async fn classify(
     }
     let slots = loaded.model.config().r_text_seq_length;
     for (i, l) in labels.iter().enumerate() {
-        fits(&loaded, &format!("parameters.candidate_labels[{i}]"), l, slots)?;
+        fits(
+            &loaded,
+            &format!("parameters.candidate_labels[{i}]"),
+            l,
+            slots,
+        )?;
     }
     if r.parameters.multi_label == Some(true) {
         return Err(ApiError::invalid(
@@ -93,7 +97,12 @@ pub async fn classify(
     let template = loaded.classify_template(r.parameters.hypothesis_template.as_deref());
     let by_caption = template.trim() == CAPTION_TEMPLATE;
     if !by_caption {
-        fits(&loaded, "parameters.hypothesis_template", &template.replace("{}", " "), slots)?;
+        fits(
+            &loaded,
+            "parameters.hypothesis_template",
+            &template.replace("{}", " "),
+            slots,
+        )?;
     }
     if loaded.vae.is_none() {
         return Err(ApiError::invalid(

@@ -7,8 +7,7 @@ use super::request::{ApiJson, base64, picture};
 use super::{Permit, Server, count, fits, sampling, unix_now};
 use crate::folder::Loaded;
 use crate::pipelines::images::{
-    Borders, ImageRank, RankedCodes, check_guidance, decode_pictures, generate_images,
-    image_prompt,
+    Borders, ImageRank, RankedCodes, check_guidance, decode_pictures, generate_images, image_prompt,
 };
 use crate::pipelines::{GenerateOptions, Warning, add_warnings, defaults};
 use crate::sampling::SamplingParams;
@@ -163,7 +162,10 @@ fn check(server: &Server, loaded: &Loaded, r: ImageRequest) -> Result<Drawing, A
                 ));
             }
             if n != 1 {
-                return Err(ApiError::invalid("n", "a stream answers one picture: n must be 1"));
+                return Err(ApiError::invalid(
+                    "n",
+                    "a stream answers one picture: n must be 1",
+                ));
             }
             Some(k)
         }
@@ -227,7 +229,10 @@ fn draw(loaded: &Loaded, d: &Drawing, opts: &GenerateOptions) -> Result<Drawn, A
         }
         None => None,
     };
-    let mut warnings: Vec<Warning> = loaded.unknown_words("prompt", &d.prompt).into_iter().collect();
+    let mut warnings: Vec<Warning> = loaded
+        .unknown_words("prompt", &d.prompt)
+        .into_iter()
+        .collect();
     let ranked = generate_images(
         &loaded.model,
         &loaded.tokenizer,
@@ -260,17 +265,24 @@ fn draw(loaded: &Loaded, d: &Drawing, opts: &GenerateOptions) -> Result<Drawn, A
 
 fn png(img: &image::RgbImage) -> Result<Vec<u8>, ApiError> {
     let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot encode PNG: {e}"),
-        )
-    })?;
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode PNG: {e}"),
+            )
+        })?;
     Ok(out.into_inner())
 }
 
 /// One answered picture: its PNG (inline or as a URL) and its scores.
-fn datum(server: &Server, host: &str, d: &Drawing, r: &RankedCodes, png: Vec<u8>) -> serde_json::Value {
+fn datum(
+    server: &Server,
+    host: &str,
+    d: &Drawing,
+    r: &RankedCodes,
+    png: Vec<u8>,
+) -> serde_json::Value {
     let mut item = serde_json::json!({
         "revised_prompt": null,
         "ppl_text": r.ppl_text,
@@ -338,7 +350,10 @@ pub async fn generations(
 /// What the drawing thread tells the stream.
 enum Update {
     /// The first candidate's codes so far, the `index`th partial picture.
-    Partial { index: usize, codes: Vec<u32> },
+    Partial {
+        index: usize,
+        codes: Vec<u32>,
+    },
     Done(Result<Drawn, ApiError>),
 }
 
@@ -382,9 +397,8 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
             .await;
         let _ = tx.send(Update::Done(result));
     });
-    let events = futures_util::stream::unfold(
-        (rx, server, false),
-        move |(mut rx, server, done)| {
+    let events =
+        futures_util::stream::unfold((rx, server, false), move |(mut rx, server, done)| {
             let (size, used) = (size.clone(), used.clone());
             async move {
                 if done {
@@ -443,13 +457,9 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
                     }
                     Update::Done(Err(e)) => (event_json("error", e.body()), true),
                 };
-                Some((
-                    Ok::<_, std::convert::Infallible>(event),
-                    (rx, server, done),
-                ))
+                Some((Ok::<_, std::convert::Infallible>(event), (rx, server, done)))
             }
-        },
-    );
+        });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 

@@ -17,9 +17,7 @@ fn describe(server: &Server) -> serde_json::Value {
         .started
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let sampling = |p: crate::sampling::SamplingParams| {
-        serde_json::json!({"top_k": p.top_k, "top_p": p.top_p, "temperature": p.temperature})
-    };
+    let sampling = |p: crate::sampling::SamplingParams| serde_json::json!({"top_k": p.top_k, "top_p": p.top_p, "temperature": p.temperature});
     serde_json::json!({
         "id": server.options.model_id,
         "object": "model",
@@ -75,12 +73,17 @@ pub async fn health(State(server): State<Arc<Server>>) -> axum::Json<serde_json:
 pub async fn metrics(State(server): State<Arc<Server>>) -> Response {
     let text = server.metrics.render(
         server.batcher.stats(),
-        server.in_progress.load(std::sync::atomic::Ordering::Relaxed),
+        server
+            .in_progress
+            .load(std::sync::atomic::Ordering::Relaxed),
         server.options.max_batch - server.running.available_permits(),
         server.options.max_batch,
     );
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()

@@ -325,7 +325,11 @@ impl Job {
 
 impl ProgressSink for Job {
     fn drawn(&self, first: usize, rows: &[Vec<u32>]) {
-        if let Some(hook) = self.drawn.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+        if let Some(hook) = self
+            .drawn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
             && !hook(first, rows)
         {
             self.gone.store(true, Ordering::Relaxed);

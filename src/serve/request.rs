@@ -79,7 +79,10 @@ pub fn picture_bytes(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
     let value = value.trim();
     let data = if let Some(rest) = value.strip_prefix("data:") {
         let (kind, data) = rest.split_once(',').ok_or_else(|| {
-            ApiError::invalid(field, format!("{field}: a data URL needs a comma before its data"))
+            ApiError::invalid(
+                field,
+                format!("{field}: a data URL needs a comma before its data"),
+            )
         })?;
         if !kind.ends_with(";base64") {
             return Err(ApiError::invalid(

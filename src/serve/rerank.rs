@@ -97,8 +97,10 @@ pub async fn rerank(
             );
             let mut warnings: Vec<_> = loaded.unknown_words("text", &text).into_iter().collect();
             warnings.extend(warning);
-            let pairs: Vec<(&[u32], &[u32])> =
-                grids.iter().map(|g| (g.as_slice(), right.as_slice())).collect();
+            let pairs: Vec<(&[u32], &[u32])> = grids
+                .iter()
+                .map(|g| (g.as_slice(), right.as_slice()))
+                .collect();
             Ok((score_pairs(&loaded.model, &pairs, 1, batch)?, warnings))
         })
         .await?;
@@ -125,7 +127,10 @@ fn check_len(field: &str, n: usize) -> Result<(), ApiError> {
     if n == 0 || n > super::MAX_DRAWN {
         return Err(ApiError::invalid(
             field,
-            format!("{field} must hold 1 to {} candidates, got {n}", super::MAX_DRAWN),
+            format!(
+                "{field} must hold 1 to {} candidates, got {n}",
+                super::MAX_DRAWN
+            ),
         ));
     }
     Ok(())
