@@ -362,64 +362,56 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
         &["not valid JSON"],
     );
     assert_error(post_raw(&s, images, ""), 400, None, &["no body"]);
-    assert_error(
-        post(&s, images, &json!({"n": 1})),
-        400,
-        Some("prompt"),
-        &["prompt"],
-    );
-    assert_error(
-        post(&s, images, &json!({"prompt": 5})),
-        400,
-        Some("prompt"),
-        &["string"],
-    );
-    assert_error(
-        post(&s, images, &json!({"prompt": STAR, "colour": 1})),
-        400,
-        Some("colour"),
-        &["unknown field"],
-    );
-    assert_error(
-        post(&s, images, &json!({"prompt": STAR, "size": "1024x1024"})),
-        400,
-        Some("size"),
-        &["64x64"],
-    );
-    assert_error(
-        post(&s, images, &json!({"prompt": STAR.repeat(20)})),
-        400,
-        Some("prompt"),
-        &["tokens"],
-    );
-    assert_error(
-        post(
-            &s,
-            images,
-            &json!({"prompt": STAR, "n": 5, "candidates": 2}),
+    let cases: [(Value, u16, &str, &str); 10] = [
+        (json!({"n": 1}), 400, "prompt", "prompt"),
+        (json!({"prompt": 5}), 400, "prompt", "string"),
+        (
+            json!({"prompt": STAR, "colour": 1}),
+            400,
+            "colour",
+            "unknown field",
         ),
-        400,
-        Some("n"),
-        &["candidates"],
-    );
-    assert_error(
-        post(&s, images, &json!({"prompt": STAR, "partial_images": 2})),
-        400,
-        Some("partial_images"),
-        &["stream"],
-    );
-    assert_error(
-        post(&s, images, &json!({"prompt": STAR, "model": "dall-e-3"})),
-        404,
-        Some("model"),
-        &["rudolph-shapes"],
-    );
-    assert_error(
-        post(&s, images, &json!({"prompt": STAR, "temperature": -1})),
-        400,
-        Some("temperature"),
-        &["temperature"],
-    );
+        (
+            json!({"prompt": STAR, "size": "1024x1024"}),
+            400,
+            "size",
+            "64x64",
+        ),
+        (json!({"prompt": STAR.repeat(20)}), 400, "prompt", "tokens"),
+        (
+            json!({"prompt": STAR, "n": 5, "candidates": 2}),
+            400,
+            "n",
+            "candidates",
+        ),
+        (
+            json!({"prompt": STAR, "partial_images": 2}),
+            400,
+            "partial_images",
+            "stream",
+        ),
+        (
+            json!({"prompt": STAR, "model": "dall-e-3"}),
+            404,
+            "model",
+            "rudolph-shapes",
+        ),
+        (
+            json!({"prompt": STAR, "temperature": -1}),
+            400,
+            "temperature",
+            "temperature",
+        ),
+        (
+            json!({"prompt": STAR, "guidance_scale": 99}),
+            400,
+            "guidance_scale",
+            "10",
+        ),
+    ];
+    for (body, status, param, word) in cases {
+        assert_error(post(&s, images, &body), status, Some(param), &[word]);
+    }
     let chat = "/v1/chat/completions";
     let picture = |url: &str| json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]});
     let field = "messages[0].content[0].image_url.url";
@@ -494,7 +486,7 @@ fn the_api_answers_as_openai_does_and_batches_concurrent_requests() {
     let (_, metrics) = get(&s, "/metrics");
     assert!(
         metrics
-            .contains("rudolph_requests_total{route=\"/v1/images/generations\",status=\"400\"} 10")
+            .contains("rudolph_requests_total{route=\"/v1/images/generations\",status=\"400\"} 11")
     );
     assert!(metrics.contains("rudolph_request_duration_seconds_bucket{route=\"/v1/classify\""));
     let (status, log) = s.stop();

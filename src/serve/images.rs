@@ -417,19 +417,12 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
                                 .and_then(|r| r);
                         match picture {
                             Ok(png) => (
-                                event_json(
-                                    "image_generation.partial_image",
-                                    serde_json::json!({
-                                        "type": "image_generation.partial_image",
-                                        "b64_json": base64(&png),
-                                        "created_at": unix_now(),
-                                        "size": size,
-                                        "output_format": "png",
-                                        "background": "opaque",
-                                        "quality": "auto",
-                                        "partial_image_index": index,
-                                    }),
-                                ),
+                                {
+                                    let kind = "image_generation.partial_image";
+                                    let mut data = image_event(kind, &png, &size);
+                                    data["partial_image_index"] = index.into();
+                                    event_json(kind, data)
+                                },
                                 false,
                             ),
                             Err(e) => (event_json("error", e.body()), true),
@@ -437,23 +430,16 @@ fn stream(server: Arc<Server>, permit: Permit, drawing: Drawing) -> impl IntoRes
                     }
                     Update::Done(Ok(drawn)) => {
                         let (r, png) = drawn.pictures.into_iter().next()?;
-                        let mut data = serde_json::json!({
-                            "type": "image_generation.completed",
-                            "b64_json": base64(&png),
-                            "created_at": unix_now(),
-                            "size": size,
-                            "output_format": "png",
-                            "background": "opaque",
-                            "quality": "auto",
-                            "usage": used,
-                            "seed": seed,
-                            "ppl_text": r.ppl_text,
-                            "ppl_image": r.ppl_image,
-                        });
+                        let kind = "image_generation.completed";
+                        let mut data = image_event(kind, &png, &size);
+                        data["usage"] = used;
+                        data["seed"] = seed.into();
+                        data["ppl_text"] = r.ppl_text.into();
+                        data["ppl_image"] = r.ppl_image.into();
                         if let Some(p) = r.ppl_decoded {
                             data["ppl_decoded"] = p.into();
                         }
-                        (event_json("image_generation.completed", data), true)
+                        (event_json(kind, data), true)
                     }
                     Update::Done(Err(e)) => (event_json("error", e.body()), true),
                 };
@@ -483,6 +469,19 @@ fn usage(loaded: &Loaded, d: &Drawing) -> serde_json::Value {
         "input_tokens_details": {"text_tokens": text, "image_tokens": image},
         "output_tokens": output,
         "total_tokens": text + image + output,
+    })
+}
+
+/// The fields every picture event of a stream has, as OpenAI sends them.
+fn image_event(kind: &str, png: &[u8], size: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": kind,
+        "b64_json": base64(png),
+        "created_at": unix_now(),
+        "size": size,
+        "output_format": "png",
+        "background": "opaque",
+        "quality": "auto",
     })
 }
 
